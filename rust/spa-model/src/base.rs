@@ -1,0 +1,438 @@
+//! The frozen base model: GGUF loading and a forward pass that exposes per-layer taps.
+//!
+//! Follows the structure of candle's `quantized_llama` (QMatMul weights, interleaved RoPE for
+//! GGUF llama files) with three additions SPA needs: the hidden state after every layer is
+//! returned ("taps"), the KV cache can be truncated (rollback), and Gemma-3 runs through the
+//! same code with its differences switched on by [`Arch`].
+
+use crate::config::{Arch, BaseConfig};
+use crate::error::{Result, SpaError};
+use crate::kv_cache::KvCache;
+use crate::linear::Linear;
+use crate::tokenizer::SpaTokenizer;
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor, D};
+use sha2::{Digest, Sha256};
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Per-position outputs of a base forward pass.
+#[derive(Debug, Clone)]
+pub struct BaseOutput {
+    /// Residual stream after each layer, `n_layers` tensors of shape `[seq, hidden]`.
+    pub taps: Vec<Tensor>,
+    /// Final normed hidden state `[seq, hidden]` (the LM head's input).
+    pub hidden: Tensor,
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    post_attn_norm: Option<Tensor>,
+    ffn_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    post_ffn_norm: Option<Tensor>,
+}
+
+/// The frozen base language model.
+#[derive(Debug)]
+pub struct BaseModel {
+    cfg: BaseConfig,
+    tokenizer: SpaTokenizer,
+    identity: String,
+    path: PathBuf,
+    embed: Arc<QTensor>,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    head: Linear,
+    rope_global: (Tensor, Tensor),
+    rope_local: (Tensor, Tensor),
+}
+
+fn rope_tables(theta: f32, head_dim: usize, len: usize) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32))
+        .collect();
+    let inv = Tensor::from_vec(inv, (1, half), &Device::Cpu)?;
+    let pos = Tensor::arange(0u32, len as u32, &Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .reshape((len, 1))?;
+    let f = pos.broadcast_mul(&inv)?;
+    Ok((f.cos()?, f.sin()?))
+}
+
+/// sha256 of a byte slice as lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn rms(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?)
+}
+
+impl BaseModel {
+    /// Loads a GGUF base model (weights stay quantized; norms are f32).
+    ///
+    /// Fails with [`SpaError::MissingFile`], [`SpaError::CorruptGguf`] (bad magic, truncated,
+    /// inconsistent header), [`SpaError::Unsupported`] or [`SpaError::WrongShape`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| SpaError::MissingFile {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// Loads and checks the file's sha256 first: a flipped byte anywhere is reported as corrupt.
+    pub fn load_verified(path: impl AsRef<Path>, sha256: &str) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| SpaError::MissingFile {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let got = sha256_hex(&bytes);
+        if got != sha256 {
+            return Err(SpaError::gguf(
+                path,
+                format!("sha256 {got} != expected {sha256}"),
+            ));
+        }
+        Self::from_bytes(path, &bytes)
+    }
+
+    fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let identity = sha256_hex(bytes);
+        let mut cur = Cursor::new(bytes);
+        let content = Content::read(&mut cur).map_err(|e| SpaError::gguf(path, e))?;
+        // Every tensor's data must lie inside the file (truncation check before any read).
+        for (name, info) in content.tensor_infos.iter() {
+            let n = info.shape.elem_count();
+            let bs = info.ggml_dtype.block_size();
+            if n % bs != 0 {
+                return Err(SpaError::gguf(
+                    path,
+                    format!("tensor {name}: {n} elements not a multiple of block {bs}"),
+                ));
+            }
+            let size = (n / bs) as u64 * info.ggml_dtype.type_size() as u64;
+            let end = content
+                .tensor_data_offset
+                .checked_add(info.offset)
+                .and_then(|x| x.checked_add(size));
+            match end {
+                Some(end) if end <= bytes.len() as u64 => {}
+                _ => {
+                    return Err(SpaError::gguf(
+                        path,
+                        format!(
+                            "tensor {name} extends past the end of the file ({} bytes): truncated?",
+                            bytes.len()
+                        ),
+                    ))
+                }
+            }
+        }
+        let cfg = BaseConfig::from_gguf(&content)?;
+        let tokenizer = SpaTokenizer::from_gguf(&content)?;
+        let dev = Device::Cpu;
+        let mut load = |name: &str, expected: &[usize]| -> Result<QTensor> {
+            let t = content
+                .tensor(&mut cur, name, &dev)
+                .map_err(|e| SpaError::gguf(path, format!("tensor {name}: {e}")))?;
+            if t.shape().dims() != expected {
+                return Err(SpaError::WrongShape {
+                    name: name.to_string(),
+                    expected: expected.to_vec(),
+                    got: t.shape().dims().to_vec(),
+                });
+            }
+            Ok(t)
+        };
+        let (d, hd) = (cfg.hidden, cfg.head_dim);
+        let f32t = |q: QTensor| -> Result<Tensor> { Ok(q.dequantize(&Device::Cpu)?) };
+        let embed = load("token_embd.weight", &[cfg.vocab, d])?;
+        let gemma = cfg.arch == Arch::Gemma3;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let p = |s: &str| format!("blk.{i}.{s}.weight");
+            let lin = |q: QTensor| Linear::from_qtensor(q);
+            layers.push(Layer {
+                attn_norm: f32t(load(&p("attn_norm"), &[d])?)?,
+                q: lin(load(&p("attn_q"), &[cfg.n_heads * hd, d])?)?,
+                k: lin(load(&p("attn_k"), &[cfg.n_kv_heads * hd, d])?)?,
+                v: lin(load(&p("attn_v"), &[cfg.n_kv_heads * hd, d])?)?,
+                o: lin(load(&p("attn_output"), &[d, cfg.n_heads * hd])?)?,
+                q_norm: if gemma {
+                    Some(f32t(load(&p("attn_q_norm"), &[hd])?)?)
+                } else {
+                    None
+                },
+                k_norm: if gemma {
+                    Some(f32t(load(&p("attn_k_norm"), &[hd])?)?)
+                } else {
+                    None
+                },
+                post_attn_norm: if gemma {
+                    Some(f32t(load(&p("post_attention_norm"), &[d])?)?)
+                } else {
+                    None
+                },
+                ffn_norm: f32t(load(&p("ffn_norm"), &[d])?)?,
+                gate: lin(load(&p("ffn_gate"), &[cfg.ffn, d])?)?,
+                up: lin(load(&p("ffn_up"), &[cfg.ffn, d])?)?,
+                down: lin(load(&p("ffn_down"), &[d, cfg.ffn])?)?,
+                post_ffn_norm: if gemma {
+                    Some(f32t(load(&p("post_ffw_norm"), &[d])?)?)
+                } else {
+                    None
+                },
+            });
+        }
+        let norm = f32t(load("output_norm.weight", &[d])?)?;
+        let head = if content.tensor_infos.contains_key("output.weight") {
+            Linear::from_qtensor(load("output.weight", &[cfg.vocab, d])?)?
+        } else {
+            Linear::from_qtensor(load("token_embd.weight", &[cfg.vocab, d])?)?
+        };
+        let rope_len = cfg.context.min(32_768);
+        let rope_global = rope_tables(cfg.rope_theta, hd, rope_len)?;
+        let rope_local = rope_tables(cfg.rope_theta_local, hd, rope_len)?;
+        log::info!(
+            "loaded {:?} base: {} layers, hidden {}, vocab {}, sha256 {}",
+            cfg.arch,
+            cfg.n_layers,
+            cfg.hidden,
+            cfg.vocab,
+            &identity[..12]
+        );
+        Ok(Self {
+            cfg,
+            tokenizer,
+            identity,
+            path: path.to_path_buf(),
+            embed: Arc::new(embed),
+            layers,
+            norm,
+            head,
+            rope_global,
+            rope_local,
+        })
+    }
+
+    /// Model hyper-parameters.
+    pub fn config(&self) -> &BaseConfig {
+        &self.cfg
+    }
+
+    /// The tokenizer built from the GGUF metadata.
+    pub fn tokenizer(&self) -> &SpaTokenizer {
+        &self.tokenizer
+    }
+
+    /// Identity of the base: sha256 of the GGUF file (hex).
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// Path the model was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Context window usable with this model (RoPE tables are built up to 32k).
+    pub fn max_positions(&self) -> usize {
+        self.rope_global.0.dim(0).unwrap_or(0)
+    }
+
+    /// A fresh KV cache sized for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.n_layers, self.max_positions())
+    }
+
+    /// The (tied) LM head weights dequantized to f32, `[vocab, hidden]`.
+    pub fn head_weight_f32(&self) -> Result<Tensor> {
+        self.head.weight_f32()
+    }
+
+    /// Runs `tokens` at positions `cache.len()..` and appends them to the cache.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<BaseOutput> {
+        if tokens.is_empty() {
+            return Err(SpaError::InvalidConfig(
+                "forward called with no tokens".into(),
+            ));
+        }
+        self.tokenizer.check_ids(tokens)?;
+        cache.check_room(tokens.len())?;
+        let cfg = &self.cfg;
+        let seq = tokens.len();
+        let pos = cache.len();
+        let ids = Tensor::new(tokens, &Device::Cpu)?;
+        let mut x = self.embed.embedding(&ids)?; // [seq, d]
+        if cfg.embed_scale != 1.0 {
+            x = (x * cfg.embed_scale as f64)?;
+        }
+        let mut taps = Vec::with_capacity(cfg.n_layers);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = rms(&x, &layer.attn_norm, cfg.rms_eps)?;
+            let mut attn = self.attention(i, layer, &h, pos, seq, cache)?;
+            if let Some(n) = &layer.post_attn_norm {
+                attn = rms(&attn, n, cfg.rms_eps)?;
+            }
+            x = (x + attn)?;
+            let h = rms(&x, &layer.ffn_norm, cfg.rms_eps)?;
+            let g = layer.gate.forward(&h)?;
+            let g = match cfg.arch {
+                Arch::Llama => candle_nn::ops::silu(&g)?,
+                Arch::Gemma3 => g.gelu()?,
+            };
+            let mut f = layer.down.forward(&(g * layer.up.forward(&h)?)?)?;
+            if let Some(n) = &layer.post_ffn_norm {
+                f = rms(&f, n, cfg.rms_eps)?;
+            }
+            x = (x + f)?;
+            taps.push(x.clone());
+        }
+        let hidden = rms(&x, &self.norm, cfg.rms_eps)?;
+        Ok(BaseOutput { taps, hidden })
+    }
+
+    fn attention(
+        &self,
+        i: usize,
+        layer: &Layer,
+        h: &Tensor,
+        pos: usize,
+        seq: usize,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let q = layer
+            .q
+            .forward(h)?
+            .reshape((1, seq, nh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = layer
+            .k
+            .forward(h)?
+            .reshape((1, seq, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = layer
+            .v
+            .forward(h)?
+            .reshape((1, seq, nkv, hd))?
+            .transpose(1, 2)?;
+        let (q, k) = match (&layer.q_norm, &layer.k_norm) {
+            (Some(qn), Some(kn)) => (rms(&q, qn, cfg.rms_eps)?, rms(&k, kn, cfg.rms_eps)?),
+            _ => (q, k),
+        };
+        let global = cfg.is_global_layer(i);
+        let (cos, sin) = if global {
+            &self.rope_global
+        } else {
+            &self.rope_local
+        };
+        let (cos, sin) = (cos.narrow(0, pos, seq)?, sin.narrow(0, pos, seq)?);
+        let (q, k) = match cfg.arch {
+            Arch::Llama => (
+                candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
+                candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
+            ),
+            Arch::Gemma3 => (
+                candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
+                candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
+            ),
+        };
+        let max_len = cache.max_len();
+        let (k_all, v_all) = cache.layer_mut(i).append(&k, &v, max_len)?;
+        let total = pos + seq;
+        let rep = nh / nkv;
+        // Grouped-query attention without copying K/V: fold the query heads of a group into rows.
+        let q = q.reshape((1, nkv, rep * seq, hd))?;
+        let scores = (q.matmul(&k_all.t()?)? * cfg.attn_scale as f64)?; // [1, nkv, rep*seq, total]
+        let window = if global { None } else { cfg.sliding_window };
+        let scores = match attn_mask(seq, pos, total, window)? {
+            Some(mask) => scores
+                .reshape((1, nkv, rep, seq, total))?
+                .broadcast_add(&mask)?
+                .reshape((1, nkv, rep * seq, total))?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v_all)?; // [1, nkv, rep*seq, hd]
+        let out = out
+            .reshape((1, nh, seq, hd))?
+            .transpose(1, 2)?
+            .reshape((seq, nh * hd))?;
+        layer.o.forward(&out)
+    }
+
+    /// LM head logits for hidden states `[seq, hidden]` -> `[seq, vocab]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.head.forward(hidden)
+    }
+
+    /// Logits of the last position of `hidden` as a vector.
+    pub fn last_logits(&self, hidden: &Tensor) -> Result<Vec<f32>> {
+        let seq = hidden.dim(0)?;
+        Ok(self
+            .logits(&hidden.narrow(0, seq - 1, 1)?)?
+            .flatten_all()?
+            .to_vec1()?)
+    }
+}
+
+/// Additive mask `[seq, total]` (0 or -inf) for queries at `pos..pos+seq`; `None` when every
+/// query may see every cached key.
+fn attn_mask(
+    seq: usize,
+    pos: usize,
+    total: usize,
+    window: Option<usize>,
+) -> Result<Option<Tensor>> {
+    let needs_window = window.is_some_and(|w| total > w);
+    if seq == 1 && !needs_window {
+        return Ok(None);
+    }
+    let mut m = vec![0f32; seq * total];
+    for i in 0..seq {
+        let qpos = pos + i;
+        for j in 0..total {
+            let future = j > qpos;
+            let outside = window.is_some_and(|w| qpos >= w && j <= qpos - w);
+            if future || outside {
+                m[i * total + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(m, (seq, total), &Device::Cpu)?))
+}
+
+/// Index of the largest value (first on ties). `None` for an empty slice.
+pub fn argmax(xs: &[f32]) -> Option<usize> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &x) in xs.iter().enumerate() {
+        if best.is_none_or(|(_, b)| x > b) {
+            best = Some((i, x));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// Dim helper re-exported for callers that index the last dimension.
+pub const LAST: D = D::Minus1;

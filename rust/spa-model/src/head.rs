@@ -1,0 +1,110 @@
+//! The LM head on the device: full vocabulary, or only a candidate shortlist.
+//!
+//! The full SmolLM2 head is 49,152 x 576 (~28M MACs per position), far more than the side
+//! blocks. The server sends the base's top-k ids per position; the device scores only those
+//! plus a personal vocabulary (the user's frequent tokens) with the head rows it holds.
+
+use crate::base::{argmax, BaseModel};
+use crate::error::Result;
+use crate::linear::QuantMode;
+use crate::qmat::QRows;
+use std::collections::HashMap;
+
+/// Tied LM head weights held on the device (`[vocab, hidden]`, f32 / q8_0 / q4_0).
+#[derive(Debug, Clone)]
+pub struct DeviceHead {
+    rows: QRows,
+}
+
+impl DeviceHead {
+    /// Builds the device head from the base's (tied) head weights.
+    pub fn from_base(base: &BaseModel, mode: QuantMode) -> Result<Self> {
+        let w = base.head_weight_f32()?;
+        let (v, d) = w.dims2()?;
+        let data: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        Ok(Self {
+            rows: QRows::new(&data, v, d, mode)?,
+        })
+    }
+
+    /// Vocabulary size.
+    pub fn vocab(&self) -> usize {
+        self.rows.rows()
+    }
+
+    /// Bytes of weights.
+    pub fn bytes(&self) -> usize {
+        self.rows.bytes()
+    }
+
+    /// Logits over the whole vocabulary.
+    pub fn full(&self, hidden: &[f32]) -> Result<Vec<f32>> {
+        self.rows.matvec(hidden)
+    }
+
+    /// Logits of the candidate ids only (same order as `ids`).
+    pub fn shortlist(&self, ids: &[u32], hidden: &[f32]) -> Result<Vec<f32>> {
+        self.rows.dot_rows(ids, hidden)
+    }
+
+    /// The best candidate id by shortlist logits; `None` for an empty shortlist.
+    pub fn shortlist_argmax(&self, ids: &[u32], hidden: &[f32]) -> Result<Option<u32>> {
+        let l = self.shortlist(ids, hidden)?;
+        Ok(argmax(&l).map(|i| ids[i]))
+    }
+}
+
+/// The user's frequent tokens, always added to the candidate shortlist.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PersonalVocab {
+    ids: Vec<u32>,
+}
+
+impl PersonalVocab {
+    /// The `size` most frequent ids of the user's token sequences (ties by id).
+    pub fn from_tokens<'a>(seqs: impl IntoIterator<Item = &'a [u32]>, size: usize) -> Self {
+        let mut freq: HashMap<u32, usize> = HashMap::new();
+        for s in seqs {
+            for &t in s {
+                *freq.entry(t).or_default() += 1;
+            }
+        }
+        let mut v: Vec<(u32, usize)> = freq.into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        Self {
+            ids: v.into_iter().take(size).map(|x| x.0).collect(),
+        }
+    }
+
+    /// The ids.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// Union of `base_topk` (kept first, in order) and this vocabulary, without duplicates.
+    pub fn candidates(&self, base_topk: &[u32]) -> Vec<u32> {
+        let mut out = base_topk.to_vec();
+        let mut seen: std::collections::HashSet<u32> = base_topk.iter().copied().collect();
+        for &id in &self.ids {
+            if seen.insert(id) {
+                out.push(id);
+            }
+        }
+        out
+    }
+}
+
+/// The `k` ids with the largest logits, in decreasing order.
+pub fn top_k(logits: &[f32], k: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(idx.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    idx.select_nth_unstable_by(k - 1, |&a, &b| {
+        logits[b as usize].total_cmp(&logits[a as usize])
+    });
+    idx.truncate(k);
+    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    idx
+}

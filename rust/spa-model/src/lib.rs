@@ -1,0 +1,43 @@
+//! # spa-model
+//!
+//! The core of spa-mobile (Side Plugin Adaptation): a frozen base language model that exposes
+//! the hidden state after every layer ("taps"), a KV cache with rollback, the personal side
+//! network (ladder side-tuning) with its gate classifier, and the device-side LM head over a
+//! candidate shortlist. Device components run in f32 (reference) or candle q8_0 / q4_0.
+//!
+//! ```no_run
+//! use spa_model::{BaseModel, GenerateParams};
+//! # fn main() -> spa_model::Result<()> {
+//! let base = BaseModel::load("SmolLM2-135M-Instruct.Q4_1.gguf")?;
+//! let ids = base.tokenizer().encode("The capital of France is")?;
+//! let out = spa_model::generate(&mut base.decoder(), &ids, &GenerateParams::greedy(8), |_| true)?;
+//! println!("{}", base.tokenizer().decode(&out)?);
+//! # Ok(()) }
+//! ```
+
+pub mod base;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod head;
+pub mod io;
+pub mod kv_cache;
+pub mod linear;
+pub mod projection;
+pub mod qmat;
+pub mod side;
+pub mod spa;
+pub mod tokenizer;
+
+pub use base::{argmax, sha256_hex, BaseModel, BaseOutput};
+pub use config::{Arch, BaseConfig};
+pub use error::{Result, SpaError};
+pub use generate::{generate, BaseDecoder, Decoder, GenerateParams, Sampling};
+pub use head::{top_k, DeviceHead, PersonalVocab};
+pub use kv_cache::KvCache;
+pub use linear::{Linear, QuantMode};
+pub use projection::{DownProjection, ProjectionMeta, PROJECTION_VERSION};
+pub use qmat::QRows;
+pub use side::{SideCache, SideConfig, SideNetwork, SideStep, SideWeights};
+pub use spa::{side_network, GateMode, SideMeta, SidePlugin, SpaCounters, SpaDecoder};
+pub use tokenizer::SpaTokenizer;

@@ -1,0 +1,196 @@
+//! Row-addressable quantized matrices built on candle's GGML block types.
+//!
+//! candle's `QMatMul` computes whole matrix products; the device head also needs *selected rows*
+//! (a candidate shortlist). [`QRows`] keeps the rows as candle `BlockQ8_0` / `BlockQ4_0` blocks and
+//! uses candle's SIMD `vec_dot` kernels (AVX2 / NEON) for each row.
+
+use crate::error::{Result, SpaError};
+use crate::linear::QuantMode;
+use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ8_0, GgmlType};
+use rayon::prelude::*;
+
+const BLOCK: usize = 32;
+
+#[derive(Debug, Clone)]
+enum Store {
+    F32(Vec<f32>),
+    Q8(Vec<BlockQ8_0>),
+    Q4(Vec<BlockQ4_0>),
+}
+
+/// A `[rows, cols]` matrix stored per row in f32, q8_0 or q4_0.
+#[derive(Debug, Clone)]
+pub struct QRows {
+    store: Store,
+    rows: usize,
+    cols: usize,
+}
+
+fn quantize<T: GgmlType>(w: &[f32], rows: usize, cols: usize) -> Vec<T> {
+    let per_row = cols / BLOCK;
+    let mut out = vec![T::zeros(); rows * per_row];
+    out.par_chunks_mut(per_row)
+        .zip(w.par_chunks(cols))
+        .for_each(|(o, r)| T::from_float(r, o));
+    out
+}
+
+impl QRows {
+    /// Quantizes a row-major f32 matrix.
+    pub fn new(w: &[f32], rows: usize, cols: usize, mode: QuantMode) -> Result<Self> {
+        if w.len() != rows * cols {
+            return Err(SpaError::WrongShape {
+                name: "matrix".into(),
+                expected: vec![rows, cols],
+                got: vec![w.len()],
+            });
+        }
+        if mode != QuantMode::F32 && cols % BLOCK != 0 {
+            return Err(SpaError::InvalidConfig(format!(
+                "{cols} columns is not a multiple of {BLOCK} (quantization block)"
+            )));
+        }
+        let store = match mode {
+            QuantMode::F32 => Store::F32(w.to_vec()),
+            QuantMode::Q8 => Store::Q8(quantize(w, rows, cols)),
+            QuantMode::Q4 => Store::Q4(quantize(w, rows, cols)),
+        };
+        Ok(Self { store, rows, cols })
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes of storage.
+    pub fn bytes(&self) -> usize {
+        match &self.store {
+            Store::F32(v) => v.len() * 4,
+            Store::Q8(v) => v.len() * std::mem::size_of::<BlockQ8_0>(),
+            Store::Q4(v) => v.len() * std::mem::size_of::<BlockQ4_0>(),
+        }
+    }
+
+    fn check_x(&self, x: &[f32]) -> Result<()> {
+        if x.len() != self.cols {
+            return Err(SpaError::WrongShape {
+                name: "input vector".into(),
+                expected: vec![self.cols],
+                got: vec![x.len()],
+            });
+        }
+        Ok(())
+    }
+
+    fn q8_x(&self, x: &[f32]) -> Vec<BlockQ8_0> {
+        let mut xq = vec![BlockQ8_0::zeros(); self.cols / BLOCK];
+        BlockQ8_0::from_float(x, &mut xq);
+        xq
+    }
+
+    /// `y[i] = row(ids[i]) . x` for the selected rows only. Ids must be `< rows`.
+    pub fn dot_rows(&self, ids: &[u32], x: &[f32]) -> Result<Vec<f32>> {
+        self.check_x(x)?;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.rows) {
+            return Err(SpaError::BadTokenId {
+                id: bad,
+                vocab: self.rows,
+            });
+        }
+        let per_row = self.cols / BLOCK;
+        Ok(match &self.store {
+            Store::F32(w) => ids
+                .iter()
+                .map(|&i| {
+                    let r = &w[i as usize * self.cols..(i as usize + 1) * self.cols];
+                    r.iter().zip(x).map(|(a, b)| a * b).sum()
+                })
+                .collect(),
+            Store::Q8(w) => {
+                let xq = self.q8_x(x);
+                ids.iter()
+                    .map(|&i| {
+                        BlockQ8_0::vec_dot(
+                            self.cols,
+                            &w[i as usize * per_row..(i as usize + 1) * per_row],
+                            &xq,
+                        )
+                    })
+                    .collect()
+            }
+            Store::Q4(w) => {
+                let xq = self.q8_x(x);
+                ids.iter()
+                    .map(|&i| {
+                        BlockQ4_0::vec_dot(
+                            self.cols,
+                            &w[i as usize * per_row..(i as usize + 1) * per_row],
+                            &xq,
+                        )
+                    })
+                    .collect()
+            }
+        })
+    }
+
+    /// Full matrix-vector product `W x` (all rows), parallel over row chunks.
+    pub fn matvec(&self, x: &[f32]) -> Result<Vec<f32>> {
+        self.check_x(x)?;
+        let mut y = vec![0f32; self.rows];
+        let per_row = self.cols.div_ceil(BLOCK);
+        let chunk = 256;
+        let par = self.rows * self.cols > 1 << 16;
+        let xq = match &self.store {
+            Store::F32(_) => Vec::new(),
+            _ => self.q8_x(x),
+        };
+        let run = |(ci, ys): (usize, &mut [f32])| {
+            let r0 = ci * chunk;
+            for (j, y) in ys.iter_mut().enumerate() {
+                let r = r0 + j;
+                *y = match &self.store {
+                    Store::F32(w) => w[r * self.cols..(r + 1) * self.cols]
+                        .iter()
+                        .zip(x)
+                        .map(|(a, b)| a * b)
+                        .sum(),
+                    Store::Q8(w) => {
+                        BlockQ8_0::vec_dot(self.cols, &w[r * per_row..(r + 1) * per_row], &xq)
+                    }
+                    Store::Q4(w) => {
+                        BlockQ4_0::vec_dot(self.cols, &w[r * per_row..(r + 1) * per_row], &xq)
+                    }
+                };
+            }
+        };
+        if par {
+            y.par_chunks_mut(chunk).enumerate().for_each(run);
+        } else {
+            y.chunks_mut(chunk).enumerate().for_each(run);
+        }
+        Ok(y)
+    }
+
+    /// Dequantized f32 copy (row-major).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match &self.store {
+            Store::F32(w) => w.clone(),
+            Store::Q8(w) => {
+                let mut o = vec![0f32; self.rows * self.cols];
+                BlockQ8_0::to_float(w, &mut o);
+                o
+            }
+            Store::Q4(w) => {
+                let mut o = vec![0f32; self.rows * self.cols];
+                BlockQ4_0::to_float(w, &mut o);
+                o
+            }
+        }
+    }
+}

@@ -1,1 +1,149 @@
-fn main() {}
+//! `spa`: the spa-mobile command line.
+
+mod assets;
+mod bench;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use spa_model::{generate, BaseModel, Decoder, GenerateParams, Sampling};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "spa", version, about = "spa-mobile: Side Plugin Adaptation, cloud base + on-device side network")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Download assets (model, gemma, data, personal, all) into $SPA_HOME.
+    Fetch {
+        /// What to fetch.
+        #[arg(default_value = "model")]
+        what: Vec<String>,
+    },
+    /// Generate text with the base model, streaming tokens to stdout.
+    Generate(GenerateArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// The prompt.
+    prompt: String,
+    /// Maximum new tokens.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// GGUF model (default: $SPA_MODEL or the fetched SmolLM2-135M-Instruct).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Wrap the prompt in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Sampling temperature (omit for greedy).
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Top-k filter when sampling.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Top-p (nucleus) filter when sampling.
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// RNG seed when sampling.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Beam search with this many beams.
+    #[arg(long)]
+    beam: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Base decode/prefill speed, side step, heads, shortlist agreement, sizes.
+    Model(bench::ModelBenchArgs),
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Fetch { what } => {
+            let what: Vec<&str> = what.iter().map(String::as_str).collect();
+            for (k, v) in assets::fetch(&what)? {
+                println!("{k}={}", v.display());
+            }
+            Ok(())
+        }
+        Cmd::Generate(a) => generate_cmd(a),
+        Cmd::Bench { what } => match what {
+            BenchCmd::Model(a) => bench::model(a),
+        },
+    }
+}
+
+fn generate_cmd(a: GenerateArgs) -> Result<()> {
+    let path = assets::model_path(a.model.as_deref())?;
+    let base = BaseModel::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let tok = base.tokenizer();
+    let text = if a.chat { tok.chat_prompt(&a.prompt) } else { a.prompt.clone() };
+    let ids = tok.encode(&text)?;
+    let sampling = match (a.beam, a.temperature) {
+        (Some(width), _) => Sampling::Beam {
+            width,
+            length_penalty: 1.0,
+        },
+        (None, Some(temperature)) => Sampling::Sample {
+            temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        (None, None) => Sampling::Greedy,
+    };
+    let params = GenerateParams {
+        max_tokens: a.max_tokens,
+        sampling,
+        stop_tokens: tok.eos_ids().to_vec(),
+    };
+    let mut stream = tok.stream();
+    let mut stdout = std::io::stdout().lock();
+    let mut dec = base.decoder();
+    let t0 = std::time::Instant::now();
+    let mut err = None;
+    let out = generate(&mut dec, &ids, &params, |t| match stream.push(t) {
+        Ok(s) => {
+            let _ = write!(stdout, "{s}");
+            let _ = stdout.flush();
+            true
+        }
+        Err(e) => {
+            err = Some(e);
+            false
+        }
+    })?;
+    if let Some(e) = err {
+        return Err(e.into());
+    }
+    writeln!(stdout)?;
+    let dt = t0.elapsed().as_secs_f64();
+    log::info!(
+        "{} prompt + {} new tokens in {dt:.2}s ({:.1} tok/s), position {}",
+        ids.len(),
+        out.len(),
+        out.len() as f64 / dt,
+        dec.position()
+    );
+    Ok(())
+}

@@ -38,6 +38,10 @@ struct Layer {
     k_norm: Option<Tensor>,
     post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
+    /// q, k, v stacked (one kernel call), when the weights allow it.
+    qkv: Option<Linear>,
+    /// gate and up stacked.
+    gate_up: Option<Linear>,
     gate: Linear,
     up: Linear,
     down: Linear,
@@ -169,7 +173,7 @@ impl BaseModel {
         for i in 0..cfg.n_layers {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
             let lin = |q: QTensor| Linear::from_qtensor(q);
-            layers.push(Layer {
+            let mut layer = Layer {
                 attn_norm: f32t(load(&p("attn_norm"), &[d])?)?,
                 q: lin(load(&p("attn_q"), &[cfg.n_heads * hd, d])?)?,
                 k: lin(load(&p("attn_k"), &[cfg.n_kv_heads * hd, d])?)?,
@@ -199,7 +203,12 @@ impl BaseModel {
                 } else {
                     None
                 },
-            });
+                qkv: None,
+                gate_up: None,
+            };
+            layer.qkv = Linear::fuse(&[&layer.q, &layer.k, &layer.v])?;
+            layer.gate_up = Linear::fuse(&[&layer.gate, &layer.up])?;
+            layers.push(layer);
         }
         let norm = f32t(load("output_norm.weight", &[d])?)?;
         let head = if content.tensor_infos.contains_key("output.weight") {
@@ -293,12 +302,18 @@ impl BaseModel {
             }
             x = (x + attn)?;
             let h = rms(&x, &layer.ffn_norm, cfg.rms_eps)?;
-            let g = layer.gate.forward(&h)?;
+            let (g, u) = match &layer.gate_up {
+                Some(gu) => {
+                    let gu = gu.forward(&h)?;
+                    (gu.narrow(1, 0, cfg.ffn)?, gu.narrow(1, cfg.ffn, cfg.ffn)?)
+                }
+                None => (layer.gate.forward(&h)?, layer.up.forward(&h)?),
+            };
             let g = match cfg.arch {
                 Arch::Llama => candle_nn::ops::silu(&g)?,
                 Arch::Gemma3 => g.gelu()?,
             };
-            let mut f = layer.down.forward(&(g * layer.up.forward(&h)?)?)?;
+            let mut f = layer.down.forward(&(g * u)?)?;
             if let Some(n) = &layer.post_ffn_norm {
                 f = rms(&f, n, cfg.rms_eps)?;
             }

@@ -21,6 +21,7 @@ pub mod error;
 pub mod generate;
 pub mod head;
 pub mod io;
+pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
 pub mod projection;

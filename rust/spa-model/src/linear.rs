@@ -4,6 +4,7 @@ use crate::error::{Result, SpaError};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use serde::{Deserialize, Serialize};
+use crate::kernels::Q41Matrix;
 use std::sync::Arc;
 
 /// Weight format of the on-device components (side blocks, gate, head).
@@ -50,10 +51,19 @@ impl QuantMode {
     }
 }
 
+#[derive(Debug, Clone)]
+enum Inner {
+    Candle(QMatMul),
+    Q41(Arc<Q41Matrix>),
+}
+
 /// `y = x W^T` with `W` of shape `[out, in]`, stored as f32 or as a candle quantized tensor.
+///
+/// Q4_1 and Q8_0 weights of a GGUF base (SmolLM2) run on [`crate::kernels`] (f32 activations, SIMD) unless
+/// `SPA_CANDLE_Q4_1=1` selects candle's own `QMatMul` (8-bit activations; kept for comparison).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: QMatMul,
+    inner: Inner,
     out_dim: usize,
     in_dim: usize,
     bytes: usize,
@@ -64,8 +74,25 @@ impl Linear {
     pub fn from_qtensor(q: QTensor) -> Result<Self> {
         let (out_dim, in_dim) = q.shape().dims2()?;
         let bytes = q.storage_size_in_bytes();
+        let own = match q.dtype() {
+            GgmlDType::Q4_1 | GgmlDType::Q8_0 => std::env::var_os("SPA_CANDLE_Q4_1").is_none(),
+            _ => false,
+        };
+        if own {
+            let m = if q.dtype() == GgmlDType::Q4_1 {
+                Q41Matrix::from_ggml_bytes(&q.data()?, out_dim, in_dim)?
+            } else {
+                Q41Matrix::from_ggml_q8_0(&q.data()?, out_dim, in_dim)?
+            };
+            return Ok(Self {
+                inner: Inner::Q41(Arc::new(m)),
+                out_dim,
+                in_dim,
+                bytes,
+            });
+        }
         Ok(Self {
-            inner: QMatMul::from_arc(Arc::new(q))?,
+            inner: Inner::Candle(QMatMul::from_arc(Arc::new(q))?),
             out_dim,
             in_dim,
             bytes,
@@ -78,7 +105,7 @@ impl Linear {
         let w = w.to_dtype(candle_core::DType::F32)?.contiguous()?;
         match mode.ggml() {
             None => Ok(Self {
-                inner: QMatMul::Tensor(w),
+                inner: Inner::Candle(QMatMul::Tensor(w)),
                 out_dim,
                 in_dim,
                 bytes: out_dim * in_dim * 4,
@@ -95,17 +122,53 @@ impl Linear {
         }
     }
 
+    /// Stacks layers with the same input size into one (`out` = sum of outs), so one kernel
+    /// call computes e.g. q, k and v. Only for layers on the crate's own kernels; returns `None`
+    /// for others (the caller then keeps them separate).
+    pub fn fuse(parts: &[&Linear]) -> Result<Option<Linear>> {
+        let mats: Option<Vec<&Q41Matrix>> = parts
+            .iter()
+            .map(|p| match &p.inner {
+                Inner::Q41(m) => Some(m.as_ref()),
+                Inner::Candle(_) => None,
+            })
+            .collect();
+        let Some(mats) = mats else { return Ok(None) };
+        let m = Q41Matrix::concat_rows(&mats)?;
+        Ok(Some(Self {
+            out_dim: m.rows(),
+            in_dim: m.cols(),
+            bytes: parts.iter().map(|p| p.bytes).sum(),
+            inner: Inner::Q41(Arc::new(m)),
+        }))
+    }
+
     /// Applies the layer to `x` (`[..., in]`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.inner.forward(x)?)
+        match &self.inner {
+            Inner::Candle(m) => Ok(m.forward(x)?),
+            Inner::Q41(m) => {
+                let dims = x.dims().to_vec();
+                let n = x.elem_count() / self.in_dim.max(1);
+                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                let mut y = vec![0f32; n * self.out_dim];
+                m.matmul(&xs, n, &mut y)?;
+                let mut out_dims = dims;
+                if let Some(last) = out_dims.last_mut() {
+                    *last = self.out_dim;
+                }
+                Ok(Tensor::from_vec(y, out_dims, x.device())?)
+            }
+        }
     }
 
     /// The weights as f32 `[out, in]` (dequantized if needed).
     pub fn weight_f32(&self) -> Result<Tensor> {
         Ok(match &self.inner {
-            QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
-            QMatMul::Tensor(t) => t.clone(),
-            QMatMul::TensorF16(t) => t.to_dtype(candle_core::DType::F32)?,
+            Inner::Candle(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu)?,
+            Inner::Candle(QMatMul::Tensor(t)) => t.clone(),
+            Inner::Candle(QMatMul::TensorF16(t)) => t.to_dtype(candle_core::DType::F32)?,
+            Inner::Q41(m) => Tensor::from_vec(m.to_f32(), (self.out_dim, self.in_dim), &Device::Cpu)?,
         })
     }
 

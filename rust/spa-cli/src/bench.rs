@@ -1,0 +1,218 @@
+//! `spa bench model`: speed and size figures of the base and the device components, measured
+//! in one run. With `--json` the last line of stdout is one JSON object.
+
+use crate::assets;
+use anyhow::Result;
+use serde_json::json;
+use spa_model::{
+    argmax, top_k, BaseModel, DeviceHead, DownProjection, PersonalVocab, QuantMode, SidePlugin, SideNetwork,
+};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Benchmark text (public-domain style English prose).
+pub const TEXT: &str = "The sea was calm that morning, and the old harbour lay quiet under a pale sky. \
+Fishermen mended their nets along the stone wall while gulls circled above the masts. \
+A small boat drifted past the lighthouse, its sail folded, its captain asleep at the tiller. \
+In the town, bakers opened their shutters and the smell of bread spread through the narrow streets. \
+Children ran down to the water to count the ships that had come in during the night. \
+There were eleven of them, some with torn sails, some heavy with salt and cod from the northern banks. \
+The harbour master walked slowly along the quay, writing each name in his black book, \
+as his father had done before him and his grandfather before that. \
+When the bell of the church rang nine, the market began, and the quiet morning was over.";
+
+#[derive(clap::Args)]
+pub struct ModelBenchArgs {
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    json: bool,
+    /// GGUF model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Decode tokens to time.
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    /// Side width.
+    #[arg(long, default_value_t = 64)]
+    width: usize,
+    /// Timed repetitions of the small kernels.
+    #[arg(long, default_value_t = 200)]
+    reps: usize,
+}
+
+fn time_us(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?; // warm-up
+    let t = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e6 / reps as f64)
+}
+
+fn llamacpp_decode_tok_s(model: &std::path::Path, tokens: usize) -> Option<f64> {
+    let script = format!(
+        "import time,sys\nfrom llama_cpp import Llama\nm=Llama(model_path=sys.argv[1],n_threads=2,n_ctx=512,verbose=False)\n\
+ids=m.tokenize(b'The capital of France is',add_bos=False)\nm.eval(ids)\nt=time.time();n=0\n\
+for i in range({tokens}):\n    tok=m.sample(temp=0.0)\n    m.eval([tok]);n+=1\nprint(n/(time.time()-t))\n"
+    );
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(model)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        log::info!("llama.cpp not available: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+pub fn model(a: ModelBenchArgs) -> Result<()> {
+    let path = assets::model_path(a.model.as_deref())?;
+    let base = BaseModel::load(&path)?;
+    let cfg = base.config().clone();
+    let tok = base.tokenizer();
+    let text_ids = tok.encode(TEXT)?;
+
+    // Base prefill: the whole text at once.
+    let n_prefill = text_ids.len().min(256);
+    let t = Instant::now();
+    let mut cache = base.new_cache();
+    let out = base.forward(&text_ids[..n_prefill], &mut cache)?;
+    let prefill_tok_s = n_prefill as f64 / t.elapsed().as_secs_f64();
+
+    // Base decode: greedy, one token at a time after a short prompt.
+    let prompt = tok.encode("The capital of France is")?;
+    let mut c = base.new_cache();
+    let o = base.forward(&prompt, &mut c)?;
+    let mut next = argmax(&base.last_logits(&o.hidden)?).unwrap_or(0) as u32;
+    let t = Instant::now();
+    for _ in 0..a.tokens {
+        let o = base.forward(&[next], &mut c)?;
+        next = argmax(&base.last_logits(&o.hidden)?).unwrap_or(0) as u32;
+    }
+    let decode_tok_s = a.tokens as f64 / t.elapsed().as_secs_f64();
+    eprintln!("base: prefill {prefill_tok_s:.1} tok/s ({n_prefill} tokens), decode {decode_tok_s:.1} tok/s");
+
+    // Side network (width, all taps) at each quantization, stepping at a context of 64 positions.
+    let taps: Vec<usize> = (0..cfg.n_layers).collect();
+    let proj = DownProjection::random(&base, a.width, &taps, 1)?;
+    let plugin = SidePlugin::init(&base, &proj, 7, 0.1)?;
+    let z = proj.apply_taps(&out.taps)?;
+    let hidden: Vec<Vec<f32>> = out.hidden.to_vec2()?;
+    let ctx = 64.min(z.len() - 1);
+    let mut side_us = Vec::new();
+    let mut sides = Vec::new();
+    for mode in [QuantMode::F32, QuantMode::Q8, QuantMode::Q4] {
+        let side = SideNetwork::new(&plugin.weights, mode, base.max_positions())?;
+        let mut sc = side.new_cache();
+        for p in 0..ctx {
+            side.step(&z[p], &hidden[p], &mut sc)?;
+        }
+        let us = time_us(a.reps, || {
+            side.step(&z[ctx], &hidden[ctx], &mut sc)?;
+            sc.truncate(ctx);
+            Ok(())
+        })?;
+        side_us.push(us);
+        sides.push(side);
+    }
+    let mut head_us = Vec::new();
+    let mut heads = Vec::new();
+    for mode in [QuantMode::F32, QuantMode::Q8, QuantMode::Q4] {
+        let head = DeviceHead::from_base(&base, mode)?;
+        let h = &hidden[0];
+        head_us.push(time_us(a.reps.min(50), || {
+            head.full(h)?;
+            Ok(())
+        })?);
+        heads.push(head);
+    }
+    let head_q8 = &heads[1];
+    let base_logits: Vec<Vec<f32>> = base.logits(&out.hidden)?.to_vec2()?;
+    let personal = PersonalVocab::from_tokens([text_ids.as_slice()], 64);
+    let cands128 = personal.candidates(&top_k(&base_logits[0], 64));
+    let shortlist_us = time_us(a.reps, || {
+        head_q8.shortlist(&cands128[..cands128.len().min(128)], &hidden[0])?;
+        Ok(())
+    })?;
+    // Shortlist agreement on the side path (q8 side + q8 head) over every position of the text.
+    let side_q8 = &sides[1];
+    let mut sc = side_q8.new_cache();
+    let (mut agree, mut total) = (0usize, 0usize);
+    for p in 0..z.len() {
+        let step = side_q8.step(&z[p], &hidden[p], &mut sc)?;
+        let cands = personal.candidates(&top_k(&base_logits[p], 64));
+        let short = head_q8.shortlist_argmax(&cands, &step.hidden)?;
+        let full = argmax(&head_q8.full(&step.hidden)?).map(|i| i as u32);
+        agree += (short == full) as usize;
+        total += 1;
+    }
+    let agreement = agree as f64 / total as f64;
+    let side_cfg = side_q8.config();
+    let side_macs = side_cfg.macs_per_position(ctx);
+    let ratio = side_macs as f64 / cfg.layer_macs_per_token() as f64;
+    let device_q4 = sides[2].bytes() + heads[2].bytes();
+    let llamacpp = llamacpp_decode_tok_s(&path, a.tokens);
+    eprintln!(
+        "side step (width {}, {} taps, ctx {ctx}): f32 {:.0} us, q8 {:.0} us, q4 {:.0} us",
+        a.width,
+        taps.len(),
+        side_us[0],
+        side_us[1],
+        side_us[2]
+    );
+    eprintln!(
+        "full head: f32 {:.0} us, q8 {:.0} us, q4 {:.0} us; shortlist ({} cands, q8) {:.1} us; agreement {:.4} over {total} positions",
+        head_us[0],
+        head_us[1],
+        head_us[2],
+        cands128.len().min(128),
+        shortlist_us,
+        agreement
+    );
+    eprintln!(
+        "side/base FLOPs {:.4}; device weights at q4 {:.1} MB; llama.cpp decode {}",
+        ratio,
+        device_q4 as f64 / 1e6,
+        llamacpp.map(|x| format!("{x:.1} tok/s")).unwrap_or_else(|| "not installed".into())
+    );
+    let mut j = json!({
+        "model": path.file_name().map(|f| f.to_string_lossy().to_string()),
+        "threads": rayon_threads(),
+        "base_prefill_tok_s": prefill_tok_s,
+        "base_decode_tok_s": decode_tok_s,
+        "side_width": a.width,
+        "side_taps": taps.len(),
+        "side_step_us_f32": side_us[0],
+        "side_step_us_q8": side_us[1],
+        "side_step_us_q4": side_us[2],
+        "head_us_f32": head_us[0],
+        "head_us_q8": head_us[1],
+        "head_us_q4": head_us[2],
+        "shortlist_head_us_q8": shortlist_us,
+        "shortlist_candidates": cands128.len().min(128),
+        "shortlist_argmax_agreement": agreement,
+        "shortlist_positions": total,
+        "side_params": side_cfg.param_count(),
+        "base_params": cfg.param_count(),
+        "side_to_base_flops_ratio": ratio,
+        "device_weights_bytes_q4": device_q4,
+        "device_weights_bytes_q8": sides[1].bytes() + heads[1].bytes(),
+    });
+    if let Some(x) = llamacpp {
+        j["llamacpp_decode_tok_s"] = json!(x);
+        j["decode_vs_llamacpp"] = json!(decode_tok_s / x);
+    }
+    if a.json {
+        println!("{j}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    }
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every check of the project: formatting, clippy, and the whole test suite (unit,
+# integration against the real SmolLM2 model, doc tests). Fetches the model first if needed.
+# Usage: scripts/test.sh            (what CI runs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== fetch assets (model) =="
+bash scripts/fetch-assets.sh model
+
+echo "== cargo fmt --check =="
+cargo fmt --all -- --check
+
+echo "== cargo clippy =="
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== cargo test =="
+cargo test --workspace 2>&1 | tee /tmp/spa-test.log

@@ -42,7 +42,8 @@ fn find_script() -> Option<PathBuf> {
 
 /// Runs the fetch script for `what` (model, gemma, data, personal, all); returns NAME=PATH pairs.
 pub fn fetch(what: &[&str]) -> Result<Vec<(String, PathBuf)>> {
-    let script = find_script().context("scripts/fetch-assets.sh not found (set SPA_FETCH_SCRIPT)")?;
+    let script =
+        find_script().context("scripts/fetch-assets.sh not found (set SPA_FETCH_SCRIPT)")?;
     log::info!("fetching {what:?} with {}", script.display());
     let out = Command::new("bash")
         .arg(&script)
@@ -59,7 +60,10 @@ pub fn fetch(what: &[&str]) -> Result<Vec<(String, PathBuf)>> {
     }
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), PathBuf::from(v))))
+        .filter_map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), PathBuf::from(v)))
+        })
         .collect())
 }
 
@@ -73,7 +77,10 @@ pub fn model_path(explicit: Option<&Path>) -> Result<PathBuf> {
     }
     let p = spa_home().join("models").join(MODEL_FILE);
     if !p.is_file() {
-        eprintln!("model not found at {}; fetching it (one time, ~93 MB)", p.display());
+        eprintln!(
+            "model not found at {}; fetching it (one time, ~93 MB)",
+            p.display()
+        );
         let got = fetch(&["model"])?;
         if let Some((_, path)) = got.into_iter().find(|(k, _)| k == "model") {
             return Ok(path);

@@ -5,7 +5,8 @@ use crate::assets;
 use anyhow::Result;
 use serde_json::json;
 use spa_model::{
-    argmax, top_k, BaseModel, DeviceHead, DownProjection, PersonalVocab, QuantMode, SidePlugin, SideNetwork,
+    argmax, top_k, BaseModel, DeviceHead, DownProjection, PersonalVocab, QuantMode, SideNetwork,
+    SidePlugin,
 };
 use std::path::PathBuf;
 use std::time::Instant;
@@ -62,7 +63,13 @@ for i in range({tokens}):\n    tok=m.sample(temp=0.0)\n    m.eval([tok]);n+=1\np
         .output()
         .ok()?;
     if !out.status.success() {
-        log::info!("llama.cpp not available: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
+        log::info!(
+            "llama.cpp not available: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
         return None;
     }
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
@@ -176,7 +183,9 @@ pub fn model(a: ModelBenchArgs) -> Result<()> {
         "side/base FLOPs {:.4}; device weights at q4 {:.1} MB; llama.cpp decode {}",
         ratio,
         device_q4 as f64 / 1e6,
-        llamacpp.map(|x| format!("{x:.1} tok/s")).unwrap_or_else(|| "not installed".into())
+        llamacpp
+            .map(|x| format!("{x:.1} tok/s"))
+            .unwrap_or_else(|| "not installed".into())
     );
     let mut j = json!({
         "model": path.file_name().map(|f| f.to_string_lossy().to_string()),
@@ -214,5 +223,7 @@ pub fn model(a: ModelBenchArgs) -> Result<()> {
 }
 
 fn rayon_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }

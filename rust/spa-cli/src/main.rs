@@ -10,7 +10,11 @@ use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "spa", version, about = "spa-mobile: Side Plugin Adaptation, cloud base + on-device side network")]
+#[command(
+    name = "spa",
+    version,
+    about = "spa-mobile: Side Plugin Adaptation, cloud base + on-device side network"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -97,7 +101,11 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     let path = assets::model_path(a.model.as_deref())?;
     let base = BaseModel::load(&path).with_context(|| format!("loading {}", path.display()))?;
     let tok = base.tokenizer();
-    let text = if a.chat { tok.chat_prompt(&a.prompt) } else { a.prompt.clone() };
+    let text = if a.chat {
+        tok.chat_prompt(&a.prompt)
+    } else {
+        a.prompt.clone()
+    };
     let ids = tok.encode(&text)?;
     let sampling = match (a.beam, a.temperature) {
         (Some(width), _) => Sampling::Beam {

@@ -8,10 +8,10 @@
 use crate::config::{Arch, BaseConfig};
 use crate::error::{Result, SpaError};
 use crate::kv_cache::KvCache;
-use crate::linear::Linear;
+use crate::linear::{Linear, QuantMode};
 use crate::tokenizer::SpaTokenizer;
 use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor, D};
 use sha2::{Digest, Sha256};
 use std::io::Cursor;
@@ -80,6 +80,23 @@ fn rope_tables(theta: f32, head_dim: usize, len: usize) -> Result<(Tensor, Tenso
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let d = Sha256::digest(bytes);
     d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Gemma-3 GGUFs mix Q5_0, Q4_K, Q6_K and Q8_0 matrices. candle multiplies those with
+/// activations rounded to 8 bits (Q8_0 / Q8_K blocks); Gemma's residual stream has large
+/// outliers, so that rounding costs ~2% relative error in the hidden states (~0.3 in the
+/// logits) and moves greedy output away from the float reference after a few tokens. Such
+/// matrices are therefore re-quantized once at load to Q8_0 and run on the crate's own
+/// f32-activation kernels (as SmolLM2 does), which also lets q/k/v and gate/up be fused:
+/// error ~0.6%, ~0.07 in the logits, for ~40 MB more weight memory. `SPA_GEMMA_NATIVE_QUANT=1`
+/// keeps the GGUF formats on candle's kernels instead.
+fn gemma_linear(q: QTensor) -> Result<Linear> {
+    let native = matches!(q.dtype(), GgmlDType::Q8_0 | GgmlDType::Q4_1)
+        || std::env::var_os("SPA_GEMMA_NATIVE_QUANT").is_some();
+    if native {
+        return Linear::from_qtensor(q);
+    }
+    Linear::from_f32(&q.dequantize(&Device::Cpu)?, QuantMode::Q8)
 }
 
 fn rms(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -172,7 +189,13 @@ impl BaseModel {
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
-            let lin = |q: QTensor| Linear::from_qtensor(q);
+            let lin = |q: QTensor| {
+                if gemma {
+                    gemma_linear(q)
+                } else {
+                    Linear::from_qtensor(q)
+                }
+            };
             let mut layer = Layer {
                 attn_norm: f32t(load(&p("attn_norm"), &[d])?)?,
                 q: lin(load(&p("attn_q"), &[cfg.n_heads * hd, d])?)?,
@@ -283,45 +306,74 @@ impl BaseModel {
                 "forward called with no tokens".into(),
             ));
         }
-        self.tokenizer.check_ids(tokens)?;
         cache.check_room(tokens.len())?;
         let cfg = &self.cfg;
-        let seq = tokens.len();
         let pos = cache.len();
-        let ids = Tensor::new(tokens, &Device::Cpu)?;
-        let mut x = self.embed.embedding(&ids)?; // [seq, d]
-        if cfg.embed_scale != 1.0 {
-            x = (x * cfg.embed_scale as f64)?;
-        }
+        let mut x = self.embed(tokens)?;
         let mut taps = Vec::with_capacity(cfg.n_layers);
-        for (i, layer) in self.layers.iter().enumerate() {
-            let h = rms(&x, &layer.attn_norm, cfg.rms_eps)?;
-            let mut attn = self.attention(i, layer, &h, pos, seq, cache)?;
-            if let Some(n) = &layer.post_attn_norm {
-                attn = rms(&attn, n, cfg.rms_eps)?;
-            }
-            x = (x + attn)?;
-            let h = rms(&x, &layer.ffn_norm, cfg.rms_eps)?;
-            let (g, u) = match &layer.gate_up {
-                Some(gu) => {
-                    let gu = gu.forward(&h)?;
-                    (gu.narrow(1, 0, cfg.ffn)?, gu.narrow(1, cfg.ffn, cfg.ffn)?)
-                }
-                None => (layer.gate.forward(&h)?, layer.up.forward(&h)?),
-            };
-            let g = match cfg.arch {
-                Arch::Llama => candle_nn::ops::silu(&g)?,
-                Arch::Gemma3 => g.gelu()?,
-            };
-            let mut f = layer.down.forward(&(g * u)?)?;
-            if let Some(n) = &layer.post_ffn_norm {
-                f = rms(&f, n, cfg.rms_eps)?;
-            }
-            x = (x + f)?;
+        for i in 0..cfg.n_layers {
+            x = self.layer_forward(i, &x, pos, cache)?;
             taps.push(x.clone());
         }
-        let hidden = rms(&x, &self.norm, cfg.rms_eps)?;
+        let hidden = self.final_norm(&x)?;
         Ok(BaseOutput { taps, hidden })
+    }
+
+    /// Token embeddings `[seq, hidden]` (scaled for Gemma). Ids must be valid.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        self.tokenizer.check_ids(tokens)?;
+        let ids = Tensor::new(tokens, &Device::Cpu)?;
+        let x = self.embed.embedding(&ids)?;
+        if self.cfg.embed_scale != 1.0 {
+            return Ok((x * self.cfg.embed_scale as f64)?);
+        }
+        Ok(x)
+    }
+
+    /// Runs layer `i` on the residual stream `x` (`[seq, hidden]`) of positions
+    /// `pos..pos+seq`, appending to layer `i` of `cache`. Used by [`BaseModel::forward`] and by
+    /// the layer-split baseline, which interleaves device-side adapters between layers.
+    pub fn layer_forward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        pos: usize,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let layer = self
+            .layers
+            .get(i)
+            .ok_or_else(|| SpaError::InvalidConfig(format!("layer {i} of {}", cfg.n_layers)))?;
+        let seq = x.dim(0)?;
+        let h = rms(x, &layer.attn_norm, cfg.rms_eps)?;
+        let mut attn = self.attention(i, layer, &h, pos, seq, cache)?;
+        if let Some(n) = &layer.post_attn_norm {
+            attn = rms(&attn, n, cfg.rms_eps)?;
+        }
+        let x = (x + attn)?;
+        let h = rms(&x, &layer.ffn_norm, cfg.rms_eps)?;
+        let (g, u) = match &layer.gate_up {
+            Some(gu) => {
+                let gu = gu.forward(&h)?;
+                (gu.narrow(1, 0, cfg.ffn)?, gu.narrow(1, cfg.ffn, cfg.ffn)?)
+            }
+            None => (layer.gate.forward(&h)?, layer.up.forward(&h)?),
+        };
+        let g = match cfg.arch {
+            Arch::Llama => candle_nn::ops::silu(&g)?,
+            Arch::Gemma3 => g.gelu()?,
+        };
+        let mut f = layer.down.forward(&(g * u)?)?;
+        if let Some(n) = &layer.post_ffn_norm {
+            f = rms(&f, n, cfg.rms_eps)?;
+        }
+        Ok((x + f)?)
+    }
+
+    /// The final norm: residual stream -> LM head input.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        rms(x, &self.norm, self.cfg.rms_eps)
     }
 
     fn attention(
@@ -451,3 +503,55 @@ pub fn argmax(xs: &[f32]) -> Option<usize> {
 
 /// Dim helper re-exported for callers that index the last dimension.
 pub const LAST: D = D::Minus1;
+
+/// What the device needs from a base GGUF without holding the base: the tokenizer, the tied
+/// LM head rows (for [`crate::DeviceHead`]) and the base identity. Reads only `token_embd`.
+#[derive(Debug)]
+pub struct DeviceAssets {
+    /// Tokenizer.
+    pub tokenizer: SpaTokenizer,
+    /// Model configuration.
+    pub config: BaseConfig,
+    /// Base identity (sha256 of the GGUF).
+    pub identity: String,
+    /// LM head `[vocab, hidden]` in f32 (dequantized).
+    pub head: Tensor,
+}
+
+impl DeviceAssets {
+    /// Loads tokenizer + head from a base GGUF.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| SpaError::MissingFile {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let identity = sha256_hex(&bytes);
+        let mut cur = Cursor::new(&bytes[..]);
+        let content = Content::read(&mut cur).map_err(|e| SpaError::gguf(path, e))?;
+        let config = BaseConfig::from_gguf(&content)?;
+        let tokenizer = SpaTokenizer::from_gguf(&content)?;
+        let name = if content.tensor_infos.contains_key("output.weight") {
+            "output.weight"
+        } else {
+            "token_embd.weight"
+        };
+        let q = content
+            .tensor(&mut cur, name, &Device::Cpu)
+            .map_err(|e| SpaError::gguf(path, format!("tensor {name}: {e}")))?;
+        if q.shape().dims() != [config.vocab, config.hidden] {
+            return Err(SpaError::WrongShape {
+                name: name.into(),
+                expected: vec![config.vocab, config.hidden],
+                got: q.shape().dims().to_vec(),
+            });
+        }
+        let head = q.dequantize(&Device::Cpu)?;
+        Ok(Self {
+            tokenizer,
+            config,
+            identity,
+            head,
+        })
+    }
+}

@@ -19,7 +19,11 @@ pub struct DeviceHead {
 impl DeviceHead {
     /// Builds the device head from the base's (tied) head weights.
     pub fn from_base(base: &BaseModel, mode: QuantMode) -> Result<Self> {
-        let w = base.head_weight_f32()?;
+        Self::from_weights(&base.head_weight_f32()?, mode)
+    }
+
+    /// Builds the device head from f32 head weights `[vocab, hidden]`.
+    pub fn from_weights(w: &candle_core::Tensor, mode: QuantMode) -> Result<Self> {
         let (v, d) = w.dims2()?;
         let data: Vec<f32> = w.flatten_all()?.to_vec1()?;
         Ok(Self {

@@ -98,8 +98,13 @@ impl Q41Matrix {
         let first = parts
             .first()
             .ok_or_else(|| SpaError::InvalidConfig("concat of no matrices".into()))?;
-        if parts.iter().any(|p| p.cols != first.cols || p.is_q8() != first.is_q8()) {
-            return Err(SpaError::InvalidConfig("concat of incompatible matrices".into()));
+        if parts
+            .iter()
+            .any(|p| p.cols != first.cols || p.is_q8() != first.is_q8())
+        {
+            return Err(SpaError::InvalidConfig(
+                "concat of incompatible matrices".into(),
+            ));
         }
         Ok(Self {
             rows: parts.iter().map(|p| p.rows).sum(),
@@ -188,7 +193,14 @@ impl Q41Matrix {
         Ok(())
     }
 
-    fn row_dot(&self, blocks: std::ops::Range<usize>, x: &[f32], xsum: &[f32], n: usize, out: &mut [f32]) {
+    fn row_dot(
+        &self,
+        blocks: std::ops::Range<usize>,
+        x: &[f32],
+        xsum: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) {
         #[cfg(target_arch = "x86_64")]
         {
             if avx2_available() {
@@ -202,7 +214,14 @@ impl Q41Matrix {
     }
 }
 
-fn row_dot_scalar(w: &Q41Matrix, blocks: std::ops::Range<usize>, x: &[f32], xsum: &[f32], n: usize, out: &mut [f32]) {
+fn row_dot_scalar(
+    w: &Q41Matrix,
+    blocks: std::ops::Range<usize>,
+    x: &[f32],
+    xsum: &[f32],
+    n: usize,
+    out: &mut [f32],
+) {
     let nb = w.cols / QK;
     for (i, o) in out.iter_mut().enumerate().take(n) {
         let xr = &x[i * w.cols..(i + 1) * w.cols];
@@ -210,7 +229,12 @@ fn row_dot_scalar(w: &Q41Matrix, blocks: std::ops::Range<usize>, x: &[f32], xsum
         for (k, b) in blocks.clone().enumerate() {
             let xb = &xr[k * QK..(k + 1) * QK];
             if w.is_q8() {
-                acc += w.d[b] * w.q8[b].iter().zip(xb).map(|(&q, x)| q as f32 * x).sum::<f32>();
+                acc += w.d[b]
+                    * w.q8[b]
+                        .iter()
+                        .zip(xb)
+                        .map(|(&q, x)| q as f32 * x)
+                        .sum::<f32>();
                 continue;
             }
             let q = &w.qs[b];
@@ -345,15 +369,22 @@ mod tests {
     fn matches_dequantized_f32_matmul() {
         for &(rows, cols, n) in &[(7, 64, 1), (96, 576, 1), (200, 576, 5), (33, 1536, 3)] {
             let (_, w) = random_matrix(rows, cols, rows as u32);
-            let x: Vec<f32> = (0..n * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+            let x: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                .collect();
             let mut y = vec![0f32; n * rows];
             w.matmul(&x, n, &mut y).unwrap();
             let wf = w.to_f32();
             for i in 0..n {
                 for r in 0..rows {
-                    let want: f64 = (0..cols).map(|c| wf[r * cols + c] as f64 * x[i * cols + c] as f64).sum();
+                    let want: f64 = (0..cols)
+                        .map(|c| wf[r * cols + c] as f64 * x[i * cols + c] as f64)
+                        .sum();
                     let got = y[i * rows + r] as f64;
-                    assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "{rows}x{cols} n={n} [{i},{r}] {got} vs {want}");
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{rows}x{cols} n={n} [{i},{r}] {got} vs {want}"
+                    );
                 }
             }
             // the portable path agrees with the SIMD path
@@ -376,13 +407,17 @@ mod tests {
             bytes.extend((0..32).map(|j| ((b * 7 + j * 13) % 255) as u8));
         }
         let w = Q41Matrix::from_ggml_q8_0(&bytes, rows, cols).unwrap();
-        let x: Vec<f32> = (0..n * cols).map(|i| ((i * 17 % 29) as f32 - 14.0) / 7.0).collect();
+        let x: Vec<f32> = (0..n * cols)
+            .map(|i| ((i * 17 % 29) as f32 - 14.0) / 7.0)
+            .collect();
         let mut y = vec![0f32; n * rows];
         w.matmul(&x, n, &mut y).unwrap();
         let wf = w.to_f32();
         for i in 0..n {
             for r in 0..rows {
-                let want: f64 = (0..cols).map(|c| wf[r * cols + c] as f64 * x[i * cols + c] as f64).sum();
+                let want: f64 = (0..cols)
+                    .map(|c| wf[r * cols + c] as f64 * x[i * cols + c] as f64)
+                    .sum();
                 assert!((y[i * rows + r] as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()));
             }
         }

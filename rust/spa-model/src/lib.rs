@@ -30,7 +30,7 @@ pub mod side;
 pub mod spa;
 pub mod tokenizer;
 
-pub use base::{argmax, sha256_hex, BaseModel, BaseOutput};
+pub use base::{argmax, sha256_hex, BaseModel, BaseOutput, DeviceAssets};
 pub use config::{Arch, BaseConfig};
 pub use error::{Result, SpaError};
 pub use generate::{generate, BaseDecoder, Decoder, GenerateParams, Sampling};
@@ -42,3 +42,6 @@ pub use qmat::QRows;
 pub use side::{SideCache, SideConfig, SideNetwork, SideStep, SideWeights};
 pub use spa::{side_network, GateMode, SideMeta, SidePlugin, SpaCounters, SpaDecoder};
 pub use tokenizer::SpaTokenizer;
+
+/// candle's tensor type, re-exported so dependants need not depend on candle directly.
+pub use candle_core::{Device as CandleDevice, Tensor as CandleTensor};

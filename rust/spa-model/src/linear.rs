@@ -1,10 +1,10 @@
 //! Linear layers in f32 or candle-quantized form, with one forward for all of them.
 
 use crate::error::{Result, SpaError};
+use crate::kernels::Q41Matrix;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use serde::{Deserialize, Serialize};
-use crate::kernels::Q41Matrix;
 use std::sync::Arc;
 
 /// Weight format of the on-device components (side blocks, gate, head).
@@ -168,7 +168,9 @@ impl Linear {
             Inner::Candle(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu)?,
             Inner::Candle(QMatMul::Tensor(t)) => t.clone(),
             Inner::Candle(QMatMul::TensorF16(t)) => t.to_dtype(candle_core::DType::F32)?,
-            Inner::Q41(m) => Tensor::from_vec(m.to_f32(), (self.out_dim, self.in_dim), &Device::Cpu)?,
+            Inner::Q41(m) => {
+                Tensor::from_vec(m.to_f32(), (self.out_dim, self.in_dim), &Device::Cpu)?
+            }
         })
     }
 

@@ -1,0 +1,311 @@
+//! Quantized device components (side network + LM head in q8_0 / q4_0) against the f32
+//! reference over more than 1,000 positions of real English text run through the real base,
+//! and the candidate shortlist (base top-64 + personal vocabulary) against the full head.
+
+mod common;
+use candle_core::{Device, Tensor};
+use spa_model::{
+    argmax, top_k, DeviceHead, DownProjection, PersonalVocab, QuantMode, SideNetwork, SidePlugin,
+    SideStep,
+};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// Plain English written for this test (no third-party text).
+const TEXT: &str = "\
+The sea has always been a road as much as a barrier. Long before there were maps of any \
+accuracy, people living along the coast learned to read the colour of the water, the shape of \
+the clouds and the flight of birds, and they used what they learned to guess where land might \
+lie beyond the horizon. A small boat with a patched sail could carry a family, a few goats and a \
+basket of seed grain to an island that no one in their village had ever seen. Many of those \
+journeys ended in failure, but enough of them succeeded that almost every habitable island in \
+the world was eventually reached by sailors in open boats.
+
+Shipbuilding grew out of that long habit of risk. The first hulls were hollowed logs or frames \
+of wood covered with hides, light enough to drag onto a beach at night. Later builders learned \
+to fit planks edge to edge and to fasten them with wooden pegs, and later still they raised a \
+keel and ribs first and nailed the planks to that skeleton. Each change made ships larger and \
+stronger, and each larger ship needed a bigger crew, more food, more fresh water and a deeper \
+harbour. Towns grew up around the best anchorages, and the merchants who lived there became \
+rich by moving grain, wine, timber, salt and cloth from places where these things were cheap to \
+places where they were scarce.
+
+Life on board a sailing ship was hard and often dull. The crew worked in watches of four hours, \
+day and night, so that someone was always at the helm and someone was always looking out for \
+rocks, shoals and other vessels. Between storms there were long days of mending ropes, scraping \
+the deck, pumping out the water that leaked through the seams and hauling on lines whenever the \
+wind shifted. The food was salted meat, hard biscuit, dried peas and whatever fish could be \
+caught over the side. When the weather turned bad, everyone was called on deck to take in sail, \
+and men climbed high into the rigging while the masts swung through the sky like the arms of a \
+clock that had gone mad.
+
+Navigation was a matter of patience and arithmetic. A navigator who could not see the coast \
+estimated the ship's position by keeping careful track of its speed, its heading and the time \
+that had passed. Speed was measured by throwing a log over the stern on a line with knots tied \
+at regular intervals and counting how many knots ran out while a small sand glass emptied. The \
+heading came from the compass, and the time from the ship's bell, which was struck every half \
+hour. At noon on a clear day the navigator measured the height of the sun above the horizon to \
+find the latitude, but for centuries there was no reliable way to find the longitude, and many \
+ships were lost because their officers believed they were far from land when they were not.
+
+The problem of longitude was finally solved by a clock. If a ship carried a timepiece that kept \
+the time of its home port accurately for months, the navigator could compare that time with \
+the local time found from the sun and work out how far east or west the ship had travelled. \
+Building such a clock was extremely difficult, because the motion of the ship, the changes of \
+temperature and the damp salt air all disturbed the delicate mechanism. A carpenter who had \
+taught himself to make clocks spent most of his life on the task, and his fourth attempt, a \
+large watch no bigger than a saucer, lost only a few seconds on a voyage across the ocean.
+
+Steam changed everything again. A ship driven by an engine could keep a schedule, sail against \
+the wind and pass through calm seas where a sailing vessel would have drifted for weeks. The \
+first steamships burned enormous amounts of coal and still carried masts and sails in case the \
+engine failed, but within a few decades iron hulls, screw propellers and better boilers made \
+them faster and cheaper than any clipper. Coaling stations were built on remote islands along \
+the main routes, and telegraph cables were laid across the sea floor, so that a merchant in one \
+country could order a cargo from another and know within days that it had been loaded.
+
+Today most of the goods that people buy travel for part of their journey in steel boxes stacked \
+on the decks of enormous container ships. A single vessel can carry thousands of those boxes, \
+and it is run by a crew smaller than that of an old fishing schooner. The captain plans the \
+route with satellite positions, weather forecasts and electronic charts, and the engine room is \
+watched by computers that raise an alarm at the first sign of trouble. Yet the sea itself has \
+not changed. Waves still rise in winter storms higher than a house, fog still hides the coast, \
+and every sailor still keeps a careful watch, because the water that carries the ship can also \
+break it.
+
+On a quiet evening in harbour, an old sailor might sit on the wall by the lighthouse and watch \
+the small boats come home. He would notice which of them rode low with a good catch and which \
+came in light, which skipper cut the corner too fine by the rocks and which waited for the \
+tide. He had learned all of that slowly, over many years and many voyages, and he would tell \
+anyone who asked that the sea teaches patience to those who listen and punishes those who \
+think they have nothing left to learn.";
+
+const WIDTH: usize = 64;
+const CHUNK: usize = 256;
+
+/// The base pass over TEXT, shared by the tests of this binary.
+struct Corpus {
+    ids: Vec<u32>,
+    /// Final normed base hidden per position.
+    hidden: Vec<Vec<f32>>,
+    /// Projected taps (random projection, seed 1, all 30 layers) per position.
+    z: Vec<Vec<Vec<f32>>>,
+    /// Top-64 ids of the base logits (what the server sends) per position.
+    base_top: Vec<Vec<u32>>,
+    proj: DownProjection,
+}
+
+fn corpus() -> &'static Corpus {
+    static C: OnceLock<Corpus> = OnceLock::new();
+    C.get_or_init(|| {
+        let base = common::base();
+        let t0 = Instant::now();
+        let ids = base.tokenizer().encode(TEXT).unwrap();
+        let taps: Vec<usize> = (0..base.config().n_layers).collect();
+        let proj = DownProjection::random(base, WIDTH, &taps, 1).unwrap();
+        let (mut hidden, mut z, mut base_top) = (Vec::new(), Vec::new(), Vec::new());
+        for chunk in ids.chunks(CHUNK) {
+            let mut cache = base.new_cache();
+            let out = base.forward(chunk, &mut cache).unwrap();
+            z.extend(proj.apply_taps(&out.taps).unwrap());
+            let logits: Vec<Vec<f32>> = base.logits(&out.hidden).unwrap().to_vec2().unwrap();
+            base_top.extend(logits.iter().map(|l| top_k(l, 64)));
+            hidden.extend(out.hidden.to_vec2::<f32>().unwrap());
+        }
+        eprintln!(
+            "base pass over {} tokens in chunks of {CHUNK}: {:.1?}",
+            ids.len(),
+            t0.elapsed()
+        );
+        Corpus {
+            ids,
+            hidden,
+            z,
+            base_top,
+            proj,
+        }
+    })
+}
+
+/// Runs the side network over the corpus, restarting the side cache at every base chunk (the
+/// base chunks are independent sequences).
+fn side_steps(net: &SideNetwork, c: &Corpus) -> Vec<SideStep> {
+    let mut out = Vec::with_capacity(c.ids.len());
+    let mut cache = net.new_cache();
+    for (p, (zp, hp)) in c.z.iter().zip(&c.hidden).enumerate() {
+        if p % CHUNK == 0 {
+            cache.clear();
+        }
+        out.push(net.step(zp, hp, &mut cache).unwrap());
+    }
+    out
+}
+
+/// Full-vocabulary f32 logits for a batch of hidden states via one matmul with the
+/// dequantized head `[vocab, hidden]` (the same numbers as `DeviceHead::full` in f32, checked
+/// below, but batched: the per-vector f32 path costs ~35 ms per position in this profile).
+fn f32_logits(w: &Tensor, rows: &[&[f32]]) -> Vec<Vec<f32>> {
+    let d = rows[0].len();
+    let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+    let x = Tensor::from_vec(flat, (rows.len(), d), &Device::Cpu).unwrap();
+    x.matmul(&w.t().unwrap()).unwrap().to_vec2().unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn quantized_side_and_head_track_f32() {
+    let base = common::base();
+    let c = corpus();
+    let n = c.ids.len();
+    assert!(n >= 1000, "need >= 1,000 positions, got {n}");
+    let t0 = Instant::now();
+    let plugin = SidePlugin::init(base, &c.proj, 1, 1.0).unwrap();
+    let side = |m| SideNetwork::new(&plugin.weights, m, base.max_positions()).unwrap();
+    let steps_f32 = side_steps(&side(QuantMode::F32), c);
+    let steps_q8 = side_steps(&side(QuantMode::Q8), c);
+    let steps_q4 = side_steps(&side(QuantMode::Q4), c);
+    // The side path is non-trivial: it moves the hidden state.
+    let moved = steps_f32
+        .iter()
+        .zip(&c.hidden)
+        .map(|(s, h)| max_abs_diff(&s.hidden, h))
+        .fold(0.0, f32::max);
+    assert!(moved > 0.1, "side path should change the hidden ({moved})");
+
+    let w = base.head_weight_f32().unwrap();
+    let head_f32 = DeviceHead::from_base(base, QuantMode::F32).unwrap();
+    let head_q8 = DeviceHead::from_base(base, QuantMode::Q8).unwrap();
+    let head_q4 = DeviceHead::from_base(base, QuantMode::Q4).unwrap();
+    assert!(head_q4.bytes() < head_q8.bytes() && head_q8.bytes() < head_f32.bytes());
+
+    // The batched f32 reference equals DeviceHead::full in f32 (spot checks).
+    for p in [0, n / 2, n - 1] {
+        let want = f32_logits(&w, &[&steps_f32[p].hidden]).pop().unwrap();
+        let got = head_f32.full(&steps_f32[p].hidden).unwrap();
+        let d = max_abs_diff(&want, &got);
+        assert!(d < 1e-3, "f32 head vs batched reference at {p}: {d}");
+    }
+
+    #[derive(Default)]
+    struct Stats {
+        max_err: f32,
+        sum_err: f64,
+        agree: usize,
+        hidden_err: f32,
+    }
+    let (mut s8, mut s4) = (Stats::default(), Stats::default());
+    for start in (0..n).step_by(128) {
+        let end = (start + 128).min(n);
+        let rows: Vec<&[f32]> = steps_f32[start..end]
+            .iter()
+            .map(|s| s.hidden.as_slice())
+            .collect();
+        let reference = f32_logits(&w, &rows);
+        for (i, r) in reference.iter().enumerate() {
+            let p = start + i;
+            let best = argmax(r);
+            for (st, steps, head) in [
+                (&mut s8, &steps_q8, &head_q8),
+                (&mut s4, &steps_q4, &head_q4),
+            ] {
+                let l = head.full(&steps[p].hidden).unwrap();
+                let e = max_abs_diff(&l, r);
+                st.max_err = st.max_err.max(e);
+                st.sum_err += l
+                    .iter()
+                    .zip(r)
+                    .map(|(a, b)| (a - b).abs() as f64)
+                    .sum::<f64>()
+                    / l.len() as f64;
+                st.agree += usize::from(argmax(&l) == best);
+                st.hidden_err = st
+                    .hidden_err
+                    .max(max_abs_diff(&steps[p].hidden, &steps_f32[p].hidden));
+            }
+        }
+    }
+    let report = |name: &str, s: &Stats| {
+        let agree = s.agree as f64 / n as f64;
+        eprintln!(
+            "{name} (side + head) vs f32 over {n} positions: max |logit err| {:.3}, mean |logit err| \
+             {:.4}, argmax agreement {:.4} ({}/{n}), max |side hidden err| {:.4}",
+            s.max_err,
+            s.sum_err / n as f64,
+            agree,
+            s.agree,
+            s.hidden_err
+        );
+        agree
+    };
+    let a8 = report("q8_0", &s8);
+    let a4 = report("q4_0", &s4);
+    eprintln!("side + heads + comparison: {:.1?}", t0.elapsed());
+    // Measured (1,1xx positions, width 64, all 30 taps, up_scale 1.0): q8_0 max error 0.10,
+    // agreement 0.996; q4_0 max error 0.96, agreement 0.96. Bounds: ~2x the measured errors.
+    assert!(a8 >= 0.98, "q8 argmax agreement {a8}");
+    assert!(a4 >= 0.90, "q4 argmax agreement {a4}");
+    assert!(s8.max_err < 0.2, "q8 max logit error {}", s8.max_err);
+    assert!(s4.max_err < 2.0, "q4 max logit error {}", s4.max_err);
+    assert!(
+        s8.max_err < s4.max_err,
+        "q8 should be more accurate than q4"
+    );
+}
+
+#[test]
+fn shortlist_finds_the_full_head_argmax() {
+    let base = common::base();
+    let c = corpus();
+    let n = c.ids.len();
+    let personal = PersonalVocab::from_tokens([c.ids.as_slice()], 64);
+    assert_eq!(personal.ids().len(), 64);
+    let w = base.head_weight_f32().unwrap();
+    let head = DeviceHead::from_base(base, QuantMode::F32).unwrap();
+    let mut rates = Vec::new();
+    for up_scale in [0.0f32, 1.0] {
+        let plugin = SidePlugin::init(base, &c.proj, 1, up_scale).unwrap();
+        let net = SideNetwork::new(&plugin.weights, QuantMode::F32, base.max_positions()).unwrap();
+        let steps = side_steps(&net, c);
+        let mut hits = 0usize;
+        let mut in_base_top = 0usize;
+        for start in (0..n).step_by(128) {
+            let end = (start + 128).min(n);
+            let rows: Vec<&[f32]> = steps[start..end]
+                .iter()
+                .map(|s| s.hidden.as_slice())
+                .collect();
+            for (i, full) in f32_logits(&w, &rows).iter().enumerate() {
+                let p = start + i;
+                let cands = personal.candidates(&c.base_top[p]);
+                assert!(cands.len() >= 64 && cands.len() <= 128);
+                assert_eq!(&cands[..64], c.base_top[p].as_slice());
+                let best = argmax(full).unwrap() as u32;
+                let got = head.shortlist_argmax(&cands, &steps[p].hidden).unwrap();
+                hits += usize::from(got == Some(best));
+                in_base_top += usize::from(c.base_top[p].contains(&best));
+            }
+        }
+        let rate = hits as f64 / n as f64;
+        eprintln!(
+            "shortlist (base top-64 + 64 personal ids), up_scale {up_scale}: shortlist argmax == \
+             full argmax at {rate:.4} ({hits}/{n}); full argmax inside base top-64 alone: {:.4}",
+            in_base_top as f64 / n as f64
+        );
+        rates.push(rate);
+    }
+    // up_scale 0: the side hidden IS the base hidden, so the shortlist is built for exactly
+    // this distribution and must almost always contain its argmax.
+    assert!(
+        rates[0] >= 0.99,
+        "up_scale 0 shortlist agreement {}",
+        rates[0]
+    );
+    // A random (untrained) side with up_scale 1 moves the logits far from the base's; its
+    // figure is reported only (a trained side stays close to the base's top-k).
+}

@@ -1,0 +1,195 @@
+//! Tensor codec: int8 rows with an f16 scale each, or plain f16. Decoding validates every
+//! declared size against the actual bytes and the limits before allocating.
+
+use crate::{Limits, ProtocolError, Tensor, TensorEncoding};
+use half::f16;
+
+/// A decoded 2-D tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorData {
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+impl TensorData {
+    /// Row `r`.
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// Encodes a `[rows, cols]` matrix as int8 with one f16 scale per row (`scale = max|x| / 127`).
+pub fn encode_i8_rows(data: &[f32], rows: usize, cols: usize) -> Tensor {
+    debug_assert_eq!(data.len(), rows * cols);
+    let mut q = Vec::with_capacity(rows * cols);
+    let mut scales = Vec::with_capacity(rows * 2);
+    for r in 0..rows {
+        let row = &data[r * cols..(r + 1) * cols];
+        let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let scale = f16::from_f32(amax / 127.0);
+        let s = scale.to_f32();
+        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        q.extend(
+            row.iter()
+                .map(|x| (x * inv).round().clamp(-127.0, 127.0) as i8 as u8),
+        );
+        scales.extend(scale.to_le_bytes());
+    }
+    Tensor {
+        shape: vec![rows as u32, cols as u32],
+        encoding: TensorEncoding::I8RowF16Scale as i32,
+        data: q,
+        scales,
+    }
+}
+
+/// Encodes a `[rows, cols]` matrix as f16.
+pub fn encode_f16(data: &[f32], rows: usize, cols: usize) -> Tensor {
+    debug_assert_eq!(data.len(), rows * cols);
+    Tensor {
+        shape: vec![rows as u32, cols as u32],
+        encoding: TensorEncoding::F16 as i32,
+        data: data
+            .iter()
+            .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+            .collect(),
+        scales: Vec::new(),
+    }
+}
+
+fn bad(reason: impl Into<String>) -> ProtocolError {
+    ProtocolError::Malformed {
+        what: "tensor",
+        reason: reason.into(),
+    }
+}
+
+/// Decodes a wire tensor, checking shape, byte counts, limits and finiteness.
+pub fn decode_tensor(t: &Tensor, limits: &Limits) -> Result<TensorData, ProtocolError> {
+    let [rows, cols] = t.shape[..] else {
+        return Err(bad(format!("expected 2 dims, got {}", t.shape.len())));
+    };
+    let (rows, cols) = (rows as usize, cols as usize);
+    let n = rows
+        .checked_mul(cols)
+        .filter(|&n| n <= limits.max_tensor_elems)
+        .ok_or_else(|| ProtocolError::Limit(format!("tensor [{rows}, {cols}] too large")))?;
+    let data = match TensorEncoding::try_from(t.encoding) {
+        Ok(TensorEncoding::I8RowF16Scale) => {
+            if t.data.len() != n || t.scales.len() != rows * 2 {
+                return Err(bad(format!(
+                    "int8 tensor [{rows}, {cols}] with {} data / {} scale bytes",
+                    t.data.len(),
+                    t.scales.len()
+                )));
+            }
+            let mut out = Vec::with_capacity(n);
+            for r in 0..rows {
+                let s = f16::from_le_bytes([t.scales[2 * r], t.scales[2 * r + 1]]).to_f32();
+                if !s.is_finite() {
+                    return Err(bad("non-finite scale"));
+                }
+                out.extend(
+                    t.data[r * cols..(r + 1) * cols]
+                        .iter()
+                        .map(|&q| q as i8 as f32 * s),
+                );
+            }
+            out
+        }
+        Ok(TensorEncoding::F16) => {
+            if t.data.len() != n * 2 {
+                return Err(bad(format!(
+                    "f16 tensor [{rows}, {cols}] with {} bytes",
+                    t.data.len()
+                )));
+            }
+            let out: Vec<f32> = t
+                .data
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect();
+            if out.iter().any(|x| !x.is_finite()) {
+                return Err(bad("non-finite value"));
+            }
+            out
+        }
+        _ => return Err(bad(format!("unknown encoding {}", t.encoding))),
+    };
+    Ok(TensorData { rows, cols, data })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int8_round_trip_error_is_bounded_by_half_a_step() {
+        let (rows, cols) = (5, 64);
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 37.0)
+            .collect();
+        let t = encode_i8_rows(&data, rows, cols);
+        assert_eq!(t.data.len(), rows * cols);
+        let back = decode_tensor(&t, &Limits::default()).unwrap();
+        for r in 0..rows {
+            let row = &data[r * cols..(r + 1) * cols];
+            let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let step = amax / 127.0;
+            for (a, b) in row.iter().zip(back.row(r)) {
+                assert!((a - b).abs() <= 0.51 * step + 1e-3 * amax, "{a} vs {b}");
+            }
+        }
+        // all-zero row
+        let z = decode_tensor(&encode_i8_rows(&[0.0; 32], 1, 32), &Limits::default()).unwrap();
+        assert!(z.data.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn f16_round_trip() {
+        let data = vec![1.0, -2.5, 1e-3, 65000.0];
+        let back = decode_tensor(&encode_f16(&data, 2, 2), &Limits::default()).unwrap();
+        for (a, b) in data.iter().zip(&back.data) {
+            assert!((a - b).abs() <= 1e-3 * a.abs().max(1.0) * 2.0);
+        }
+    }
+
+    #[test]
+    fn rejects_inconsistent_or_huge_tensors() {
+        let l = Limits::default();
+        let mut t = encode_i8_rows(&[1.0; 64], 2, 32);
+        t.data.pop();
+        assert!(decode_tensor(&t, &l).is_err());
+        let mut t = encode_i8_rows(&[1.0; 64], 2, 32);
+        t.scales.clear();
+        assert!(decode_tensor(&t, &l).is_err());
+        let t = Tensor {
+            shape: vec![u32::MAX, u32::MAX],
+            encoding: TensorEncoding::F16 as i32,
+            data: vec![],
+            scales: vec![],
+        };
+        assert!(matches!(
+            decode_tensor(&t, &l),
+            Err(ProtocolError::Limit(_))
+        ));
+        let t = Tensor {
+            shape: vec![1, 2, 3],
+            ..Default::default()
+        };
+        assert!(decode_tensor(&t, &l).is_err());
+        let t = Tensor {
+            shape: vec![1, 1],
+            encoding: 9,
+            data: vec![0],
+            scales: vec![],
+        };
+        assert!(decode_tensor(&t, &l).is_err());
+        let nan = encode_f16(&[f32::NAN], 1, 1);
+        assert!(decode_tensor(&nan, &l).is_err());
+    }
+}

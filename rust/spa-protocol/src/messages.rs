@@ -1,0 +1,206 @@
+//! prost definitions mirroring `proto/spa.proto` (same field numbers).
+#![allow(missing_docs)]
+
+/// Envelope of every HTTP body.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Frame {
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    #[prost(int32, tag = "2")]
+    pub kind: i32,
+    #[prost(bytes = "vec", tag = "3")]
+    pub payload: Vec<u8>,
+    #[prost(uint32, tag = "4")]
+    pub crc32: u32,
+}
+
+/// Payload kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum FrameKind {
+    Unspecified = 0,
+    Manifest = 1,
+    CreateSessionRequest = 2,
+    CreateSessionResponse = 3,
+    StepRequest = 4,
+    StepResponse = 5,
+    Error = 6,
+    LayerRequest = 7,
+    LayerResponse = 8,
+}
+
+/// Tensor encodings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum TensorEncoding {
+    Unspecified = 0,
+    I8RowF16Scale = 1,
+    F16 = 2,
+}
+
+/// A 2-D tensor on the wire.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Tensor {
+    #[prost(uint32, repeated, tag = "1")]
+    pub shape: Vec<u32>,
+    #[prost(enumeration = "TensorEncoding", tag = "2")]
+    pub encoding: i32,
+    #[prost(bytes = "vec", tag = "3")]
+    pub data: Vec<u8>,
+    #[prost(bytes = "vec", tag = "4")]
+    pub scales: Vec<u8>,
+}
+
+/// GET /v1/model.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Manifest {
+    #[prost(uint32, tag = "1")]
+    pub protocol_version: u32,
+    #[prost(string, tag = "2")]
+    pub base_identity: String,
+    #[prost(uint32, tag = "3")]
+    pub layers: u32,
+    #[prost(uint32, tag = "4")]
+    pub hidden: u32,
+    #[prost(uint32, repeated, tag = "5")]
+    pub taps: Vec<u32>,
+    #[prost(uint32, tag = "6")]
+    pub side_width: u32,
+    #[prost(uint32, tag = "7")]
+    pub projection_version: u32,
+    #[prost(string, tag = "8")]
+    pub projection_fingerprint: String,
+    #[prost(uint32, tag = "9")]
+    pub vocab: u32,
+    #[prost(string, tag = "10")]
+    pub tokenizer_hash: String,
+    #[prost(uint32, tag = "11")]
+    pub context: u32,
+    #[prost(uint32, tag = "12")]
+    pub max_draft: u32,
+    #[prost(uint32, tag = "13")]
+    pub max_positions_per_round: u32,
+    #[prost(uint32, tag = "14")]
+    pub max_frame_bytes: u32,
+    #[prost(uint32, tag = "15")]
+    pub top_k: u32,
+}
+
+/// Session modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Mode {
+    Spa = 0,
+    Lst = 1,
+    LayerSplit = 2,
+}
+
+/// POST /v1/sessions.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CreateSessionRequest {
+    #[prost(enumeration = "Mode", tag = "1")]
+    pub mode: i32,
+}
+
+/// Answer to POST /v1/sessions.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CreateSessionResponse {
+    #[prost(string, tag = "1")]
+    pub session_id: String,
+}
+
+/// POST /v1/sessions/{id}/step.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StepRequest {
+    #[prost(uint64, tag = "1")]
+    pub position: u64,
+    #[prost(uint32, repeated, tag = "2")]
+    pub tokens: Vec<u32>,
+    #[prost(uint32, tag = "3")]
+    pub draft: u32,
+    #[prost(uint32, tag = "4")]
+    pub top_k: u32,
+}
+
+/// Base-side data of one position.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PositionState {
+    #[prost(uint64, tag = "1")]
+    pub position: u64,
+    #[prost(message, optional, tag = "2")]
+    pub taps: Option<Tensor>,
+    #[prost(message, optional, tag = "3")]
+    pub hidden: Option<Tensor>,
+    #[prost(uint32, tag = "4")]
+    pub draft_token: u32,
+    #[prost(uint32, repeated, tag = "5")]
+    pub topk_ids: Vec<u32>,
+    #[prost(message, optional, tag = "6")]
+    pub topk_logits: Option<Tensor>,
+    #[prost(bool, tag = "7")]
+    pub is_draft: bool,
+}
+
+/// Answer to a step.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StepResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub states: Vec<PositionState>,
+    #[prost(uint64, tag = "2")]
+    pub compute_us: u64,
+    #[prost(uint64, tag = "3")]
+    pub cache_len: u64,
+}
+
+/// POST /v1/sessions/{id}/layer (layer-split baseline).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LayerRequest {
+    #[prost(uint64, tag = "1")]
+    pub position: u64,
+    #[prost(uint32, tag = "2")]
+    pub token: u32,
+    #[prost(uint32, tag = "3")]
+    pub layer: u32,
+    #[prost(message, optional, tag = "4")]
+    pub delta: Option<Tensor>,
+}
+
+/// Answer to a layer request.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LayerResponse {
+    #[prost(message, optional, tag = "1")]
+    pub activation: Option<Tensor>,
+    #[prost(uint32, tag = "2")]
+    pub layer: u32,
+    #[prost(bool, tag = "3")]
+    pub done: bool,
+    #[prost(uint32, tag = "4")]
+    pub next_token: u32,
+    #[prost(uint64, tag = "5")]
+    pub compute_us: u64,
+}
+
+/// Error codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum ErrorCode {
+    Unspecified = 0,
+    BadRequest = 1,
+    Unauthorized = 2,
+    NotFound = 3,
+    SessionGone = 4,
+    PositionAhead = 5,
+    Limit = 6,
+    Internal = 7,
+}
+
+/// A typed error body (message `Error` in the .proto).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ErrorFrame {
+    #[prost(enumeration = "ErrorCode", tag = "1")]
+    pub code: i32,
+    #[prost(string, tag = "2")]
+    pub message: String,
+    #[prost(uint64, tag = "3")]
+    pub retry_after_ms: u64,
+}

@@ -1,0 +1,121 @@
+//! The device half: side network + gate + LM head (quantized), the personal vocabulary, and
+//! the per-position decision rule shared by the speculative runtime and the local reference.
+
+use crate::error::{Result, RuntimeError};
+use spa_model::{DeviceHead, GateMode, PersonalVocab, SideCache, SideNetwork, SpaTokenizer};
+use spa_protocol::{decode_tensor, Limits, Manifest, PositionState};
+
+/// Everything that runs on the phone.
+#[derive(Debug)]
+pub struct DeviceModel {
+    /// Side network + gate.
+    pub side: SideNetwork,
+    /// Device LM head.
+    pub head: DeviceHead,
+    /// Personal vocabulary (always in the shortlist).
+    pub personal: PersonalVocab,
+    /// Gate policy (SPA, LST = always side, or base only).
+    pub gate: GateMode,
+    /// Tokenizer.
+    pub tokenizer: SpaTokenizer,
+    /// Base identity the side weights were made for.
+    pub base_identity: String,
+    /// Projection fingerprint the side weights were made for.
+    pub projection: String,
+}
+
+/// The device's decision at one draft position.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decision {
+    /// Token to emit.
+    pub token: u32,
+    /// The gate chose the side path.
+    pub side: bool,
+    /// Probability of the side path.
+    pub p_side: f32,
+}
+
+impl DeviceModel {
+    /// Checks that a server's manifest matches the weights held here.
+    pub fn check_manifest(&self, m: &Manifest) -> Result<()> {
+        let c = self.side.config();
+        let taps: Vec<u32> = c.taps.iter().map(|&t| t as u32).collect();
+        if m.base_identity != self.base_identity
+            || m.projection_fingerprint != self.projection
+            || m.side_width as usize != c.width
+            || m.taps != taps
+            || m.vocab as usize != self.head.vocab()
+        {
+            return Err(RuntimeError::Incompatible(format!(
+                "server base {}../projection {} (width {}), device weights for {}../{} (width {})",
+                &m.base_identity[..m.base_identity.len().min(12)],
+                m.projection_fingerprint,
+                m.side_width,
+                &self.base_identity[..self.base_identity.len().min(12)],
+                self.projection,
+                c.width
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs the side network over one position state from the server (appending to `cache`)
+    /// and, for draft positions, decides the token. Non-draft (prompt) positions only extend the
+    /// side cache and return `None`.
+    pub fn process(
+        &self,
+        s: &PositionState,
+        cache: &mut SideCache,
+        limits: &Limits,
+    ) -> Result<Option<Decision>> {
+        let c = self.side.config();
+        let taps_t = s
+            .taps
+            .as_ref()
+            .ok_or_else(|| RuntimeError::Protocol("position state without taps".into()))?;
+        let taps = decode_tensor(taps_t, limits)?;
+        if taps.rows != c.taps.len() || taps.cols != c.width {
+            return Err(RuntimeError::Protocol(format!(
+                "taps [{}, {}], expected [{}, {}]",
+                taps.rows,
+                taps.cols,
+                c.taps.len(),
+                c.width
+            )));
+        }
+        let z: Vec<Vec<f32>> = (0..taps.rows).map(|r| taps.row(r).to_vec()).collect();
+        if !s.is_draft {
+            let zeros = vec![0f32; c.base_hidden];
+            self.side.step(&z, &zeros, cache)?;
+            return Ok(None);
+        }
+        let hidden = decode_tensor(
+            s.hidden
+                .as_ref()
+                .ok_or_else(|| RuntimeError::Protocol("draft state without hidden".into()))?,
+            limits,
+        )?;
+        if hidden.data.len() != c.base_hidden {
+            return Err(RuntimeError::Protocol("hidden state of wrong size".into()));
+        }
+        let step = self.side.step(&z, &hidden.data, cache)?;
+        let side = match self.gate {
+            GateMode::Learned => step.p_side > 0.5,
+            GateMode::AlwaysSide => true,
+            GateMode::AlwaysBase => false,
+        };
+        let token = if side {
+            let cands = self.personal.candidates(&s.topk_ids);
+            self.head
+                .shortlist_argmax(&cands, &step.hidden)?
+                .ok_or_else(|| RuntimeError::Protocol("empty candidate list".into()))?
+        } else {
+            s.draft_token
+        };
+        Ok(Some(Decision {
+            token,
+            side,
+            p_side: step.p_side,
+        }))
+    }
+}

@@ -1,0 +1,64 @@
+//! The local reference: plain token-by-token SPA decoding with the base in-process and the same
+//! side network, wire quantization and decision rule as the speculative runtime. Used to check
+//! that speculative rounds (any K) produce exactly the same tokens.
+
+use crate::device::DeviceModel;
+use crate::error::Result;
+use spa_model::{argmax, top_k, BaseModel, DownProjection};
+use spa_protocol::{encode_i8_rows, Limits, PositionState};
+
+/// Greedy SPA decoding, one token per step, no network. Returns the generated ids.
+pub fn generate_local(
+    base: &BaseModel,
+    proj: &DownProjection,
+    device: &DeviceModel,
+    prompt: &[u32],
+    max_tokens: usize,
+    top: usize,
+    stop: &[u32],
+) -> Result<Vec<u32>> {
+    let limits = Limits::default();
+    let mut cache = base.new_cache();
+    let mut side_cache = device.side.new_cache();
+    let (n_taps, width) = (proj.meta().taps.len(), proj.meta().width);
+    let hidden_dim = base.config().hidden;
+    let mut out = Vec::new();
+    let mut feed: Vec<u32> = prompt.to_vec();
+    while out.len() < max_tokens {
+        let pos0 = cache.len();
+        let o = base.forward(&feed, &mut cache)?;
+        let z = proj.apply_taps(&o.taps)?;
+        let mut decision = None;
+        for (i, zp) in z.iter().enumerate() {
+            let flat: Vec<f32> = zp.iter().flatten().copied().collect();
+            let mut s = PositionState {
+                position: (pos0 + i) as u64,
+                taps: Some(encode_i8_rows(&flat, n_taps, width)),
+                ..Default::default()
+            };
+            if i + 1 == z.len() {
+                let h = o
+                    .hidden
+                    .narrow(0, i, 1)
+                    .map_err(spa_model::SpaError::from)?;
+                let hv: Vec<f32> = h
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1())
+                    .map_err(spa_model::SpaError::from)?;
+                let logits = base.last_logits(&h)?;
+                s.is_draft = true;
+                s.draft_token = argmax(&logits).unwrap_or(0) as u32;
+                s.topk_ids = top_k(&logits, top);
+                s.hidden = Some(encode_i8_rows(&hv, 1, hidden_dim));
+            }
+            decision = device.process(&s, &mut side_cache, &limits)?;
+        }
+        let Some(d) = decision else { break };
+        if stop.contains(&d.token) {
+            break;
+        }
+        out.push(d.token);
+        feed = vec![d.token];
+    }
+    Ok(out)
+}

@@ -1,0 +1,266 @@
+//! A generation session over speculative rounds (DESIGN.md section 2).
+//!
+//! Round: the device sends `(position, tokens)`; the server truncates its cache to `position`,
+//! appends `tokens` and drafts K tokens; the device runs side + gate over every returned
+//! position, accepts drafts until the first position where the gate picks the side path and the
+//! side token differs, emits that token, rolls its side cache back, and the next round carries it.
+//! Position `q`'s state predicts the token at `q + 1`, so after a correction at `q + 1` the side
+//! state up to `q` stays valid. Every round re-sends its absolute position, so a retried round
+//! never duplicates or loses a token; an evicted or restarted server session is re-prefilled
+//! from the token history kept here.
+
+use crate::client::Client;
+use crate::device::DeviceModel;
+use crate::error::{Result, RuntimeError};
+use spa_model::SideCache;
+use spa_protocol::{Limits, Mode, StepRequest};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Per-generation statistics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationStats {
+    /// Tokens emitted.
+    pub tokens: usize,
+    /// Step round trips (including re-prefills, excluding retries of the same round).
+    pub rounds: usize,
+    /// Request bytes sent (including retries).
+    pub bytes_up: u64,
+    /// Response bytes received.
+    pub bytes_down: u64,
+    /// Time spent in the side network, gate and head on the device.
+    pub t_device: Duration,
+    /// Wall time of requests minus the server's compute time.
+    pub t_net: Duration,
+    /// Server compute time reported in responses (T_pretrained).
+    pub t_pretrained: Duration,
+    /// Total wall time.
+    pub t_total: Duration,
+    /// Draft positions decided.
+    pub decisions: usize,
+    /// Decisions where the gate chose the side path.
+    pub side_chosen: usize,
+    /// Emitted tokens that differ from the base's draft.
+    pub overrides: usize,
+    /// Times the session was re-created and re-prefilled.
+    pub reprefills: usize,
+}
+
+impl GenerationStats {
+    /// Round trips per generated token (the paper's M).
+    pub fn rounds_per_token(&self) -> f64 {
+        self.rounds as f64 / self.tokens.max(1) as f64
+    }
+    /// Fraction of decisions that used the side path.
+    pub fn side_usage(&self) -> f64 {
+        self.side_chosen as f64 / self.decisions.max(1) as f64
+    }
+    /// Fraction of emitted tokens that overrode the base draft.
+    pub fn override_rate(&self) -> f64 {
+        self.overrides as f64 / self.tokens.max(1) as f64
+    }
+}
+
+/// Decoding settings of the runtime.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeParams {
+    /// Maximum new tokens.
+    pub max_tokens: usize,
+    /// Drafts per round (K).
+    pub draft: u32,
+    /// Candidates per draft position requested from the server (0 = server default).
+    pub top_k: u32,
+    /// Token ids that end generation (not emitted).
+    pub stop_tokens: Vec<u32>,
+}
+
+impl Default for RuntimeParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 64,
+            draft: 8,
+            top_k: 0,
+            stop_tokens: Vec::new(),
+        }
+    }
+}
+
+/// A conversation with the server: keeps the token history and the side KV cache.
+#[derive(Debug)]
+pub struct SpaSession {
+    client: Client,
+    device: Arc<DeviceModel>,
+    mode: Mode,
+    id: Option<String>,
+    history: Vec<u32>,
+    /// Number of history tokens the server has been sent and whose states the side cache holds,
+    /// except the last one, which the next round carries.
+    synced: usize,
+    cache: SideCache,
+    limits: Limits,
+}
+
+impl SpaSession {
+    /// A new session (the server session is created lazily on the first round).
+    pub fn new(client: Client, device: Arc<DeviceModel>, mode: Mode) -> Self {
+        let cache = device.side.new_cache();
+        Self {
+            client,
+            device,
+            mode,
+            id: None,
+            history: Vec::new(),
+            synced: 0,
+            cache,
+            limits: Limits::default(),
+        }
+    }
+
+    /// Every token of the conversation so far (prompts and generations).
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    /// The server session id, once created.
+    pub fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+
+    /// Forgets the conversation (the server session is deleted best-effort).
+    pub async fn reset(&mut self) {
+        if let Some(id) = self.id.take() {
+            let _ = self.client.delete_session(&id).await;
+        }
+        self.history.clear();
+        self.synced = 0;
+        self.cache = self.device.side.new_cache();
+    }
+
+    async fn ensure_session(&mut self) -> Result<String> {
+        if let Some(id) = &self.id {
+            return Ok(id.clone());
+        }
+        let id = self.client.create_session(self.mode).await?;
+        self.id = Some(id.clone());
+        Ok(id)
+    }
+
+    /// Appends `prompt` to the conversation and generates up to `params.max_tokens` tokens,
+    /// calling `on_token` for each accepted token in order (return `false` to stop early: the
+    /// tokens so far are returned). `cancel` is checked between rounds and ends the call with
+    /// [`RuntimeError::Cancelled`]. Returns the new tokens and statistics.
+    pub async fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: &RuntimeParams,
+        cancel: Option<Arc<AtomicBool>>,
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<(Vec<u32>, GenerationStats)> {
+        if prompt.is_empty() {
+            return Err(RuntimeError::Config("empty prompt".into()));
+        }
+        if params.draft == 0 {
+            return Err(RuntimeError::Config("draft K must be >= 1".into()));
+        }
+        self.device.tokenizer.check_ids(prompt)?;
+        let t_start = Instant::now();
+        let up0 = self.client.traffic.up.load(Relaxed);
+        let down0 = self.client.traffic.down.load(Relaxed);
+        let mut st = GenerationStats::default();
+        let mut out = Vec::new();
+        // The next round sends history[self.synced..] at position self.synced.
+        self.history.extend_from_slice(prompt);
+        let mut done = params.max_tokens == 0;
+        while !done {
+            if cancel.as_ref().is_some_and(|c| c.load(Relaxed)) {
+                return Err(RuntimeError::Cancelled);
+            }
+            let id = self.ensure_session().await?;
+            let req = StepRequest {
+                position: self.synced as u64,
+                tokens: self.history[self.synced..].to_vec(),
+                draft: params.draft,
+                top_k: params.top_k,
+            };
+            let t0 = Instant::now();
+            let resp = match self.client.step(&id, &req).await {
+                Ok(r) => r,
+                Err(
+                    RuntimeError::SessionGone
+                    | RuntimeError::NotFound
+                    | RuntimeError::PositionAhead,
+                ) => {
+                    log::info!(
+                        "server lost the session; re-prefilling {} tokens",
+                        self.history.len()
+                    );
+                    self.id = None;
+                    self.synced = 0;
+                    self.cache.clear();
+                    self.cache = self.device.side.new_cache();
+                    st.reprefills += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let wall = t0.elapsed();
+            let server = Duration::from_micros(resp.compute_us);
+            st.t_pretrained += server;
+            st.t_net += wall.saturating_sub(server);
+            st.rounds += 1;
+            // Validate positions before touching any state.
+            let n_new = req.tokens.len();
+            let expected = n_new + params.draft as usize - 1;
+            if resp.states.len() != expected
+                || resp.states.iter().enumerate().any(|(i, s)| {
+                    s.position != req.position + i as u64 || s.is_draft != (i + 1 >= n_new)
+                })
+            {
+                return Err(RuntimeError::Protocol(format!(
+                    "step answered {} states, expected {expected} from position {}",
+                    resp.states.len(),
+                    req.position
+                )));
+            }
+            let td = Instant::now();
+            self.cache.truncate(req.position as usize);
+            let mut accepted_all = true;
+            for s in &resp.states {
+                let Some(d) = self.device.process(s, &mut self.cache, &self.limits)? else {
+                    continue;
+                };
+                st.decisions += 1;
+                st.side_chosen += d.side as usize;
+                if params.stop_tokens.contains(&d.token) {
+                    done = true;
+                    break;
+                }
+                self.history.push(d.token);
+                out.push(d.token);
+                st.tokens += 1;
+                let keep_going = on_token(d.token);
+                if d.token != s.draft_token {
+                    st.overrides += 1;
+                    // Side state up to s.position stays valid; later drafts assumed the base token.
+                    self.cache.truncate(s.position as usize + 1);
+                    accepted_all = false;
+                }
+                if !keep_going || out.len() >= params.max_tokens {
+                    done = true;
+                }
+                if !accepted_all || done {
+                    break;
+                }
+            }
+            st.t_device += td.elapsed();
+            // The last history token has not been fed to the server; everything before has.
+            self.synced = self.history.len() - 1;
+            self.cache.truncate(self.synced);
+        }
+        st.t_total = t_start.elapsed();
+        st.bytes_up = self.client.traffic.up.load(Relaxed) - up0;
+        st.bytes_down = self.client.traffic.down.load(Relaxed) - down0;
+        Ok((out, st))
+    }
+}

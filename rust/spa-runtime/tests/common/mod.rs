@@ -1,0 +1,97 @@
+//! Test harness: the real SmolLM2 base, a real HTTPS server on loopback with a dev certificate,
+//! and a device model with a random (non-trivial) side network.
+#![allow(dead_code)]
+
+use spa_model::{
+    BaseModel, DeviceHead, DownProjection, GateMode, PersonalVocab, QuantMode, SideNetwork,
+    SidePlugin,
+};
+use spa_runtime::{Client, ClientConfig, DeviceModel};
+use spa_server::{tls, AppState, Keys, RunningServer, ServerConfig};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+pub const KEY: &str = "test-key-1";
+pub const OTHER_KEY: &str = "test-key-2";
+
+pub fn model_path() -> PathBuf {
+    if let Ok(p) = std::env::var("SPA_MODEL") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("SPA_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/spa-mobile")
+        });
+    let p = home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "model not found at {}: run scripts/fetch-assets.sh model",
+        p.display()
+    );
+    p
+}
+
+pub struct World {
+    pub base: Arc<BaseModel>,
+    pub proj: Arc<DownProjection>,
+    pub plugin: SidePlugin,
+    pub cert: tls::CertPair,
+}
+
+pub fn world() -> &'static World {
+    static W: OnceLock<World> = OnceLock::new();
+    W.get_or_init(|| {
+        let base = Arc::new(BaseModel::load(model_path()).expect("load base"));
+        let taps: Vec<usize> = (0..base.config().n_layers).collect();
+        let proj = Arc::new(DownProjection::random(&base, 64, &taps, 11).unwrap());
+        let mut plugin = SidePlugin::init(&base, &proj, 5, 2.0).unwrap();
+        // A gate that picks the side path at some positions and not others.
+        let g = plugin.weights.tensors.get_mut("gate.weight").unwrap();
+        for (i, v) in g.data.iter_mut().enumerate() {
+            *v = ((i * 7919 % 97) as f32 / 97.0 - 0.5) * 3.0;
+        }
+        World {
+            base,
+            proj,
+            plugin,
+            cert: tls::dev_cert().unwrap(),
+        }
+    })
+}
+
+pub fn device(gate: GateMode, personal_from: &[u32]) -> DeviceModel {
+    let w = world();
+    DeviceModel {
+        side: SideNetwork::new(&w.plugin.weights, QuantMode::Q8, w.base.max_positions()).unwrap(),
+        head: DeviceHead::from_base(&w.base, QuantMode::Q8).unwrap(),
+        personal: PersonalVocab::from_tokens([personal_from], 32),
+        gate,
+        tokenizer: w.base.tokenizer().clone(),
+        base_identity: w.base.identity().to_string(),
+        projection: w.proj.fingerprint().to_string(),
+    }
+}
+
+pub fn server_config() -> ServerConfig {
+    ServerConfig {
+        keys: Keys::new(&[KEY, OTHER_KEY]),
+        ..ServerConfig::default()
+    }
+}
+
+pub async fn start_server(cfg: ServerConfig) -> (RunningServer, Arc<AppState>) {
+    let w = world();
+    let state = Arc::new(AppState::new(w.base.clone(), w.proj.clone(), cfg));
+    let srv = spa_server::start(state.clone(), "127.0.0.1:0".parse().unwrap(), Some(&w.cert))
+        .await
+        .unwrap();
+    (srv, state)
+}
+
+pub fn client(url: &str, key: &str) -> Client {
+    let mut c = ClientConfig::new(url, key);
+    c.extra_root_pem = Some(world().cert.cert_pem.clone());
+    Client::new(c).unwrap()
+}

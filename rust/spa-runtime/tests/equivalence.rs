@@ -1,0 +1,64 @@
+//! Speculative rounds (K = 1, 4, 16) over real HTTPS produce exactly the tokens of plain
+//! token-by-token SPA decoding with the same side network run locally.
+
+mod common;
+use spa_model::GateMode;
+use spa_runtime::reference::generate_local;
+use spa_runtime::{Mode, RuntimeParams, SpaSession};
+use std::sync::Arc;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speculative_rounds_equal_local_decoding() {
+    let w = common::world();
+    let (srv, _state) = common::start_server(common::server_config()).await;
+    let prompt = w
+        .base
+        .tokenizer()
+        .encode("The old harbour was quiet that morning, and")
+        .unwrap();
+    let max_tokens = 24;
+    for gate in [
+        GateMode::Learned,
+        GateMode::AlwaysSide,
+        GateMode::AlwaysBase,
+    ] {
+        let dev = Arc::new(common::device(gate, &prompt));
+        let want = generate_local(&w.base, &w.proj, &dev, &prompt, max_tokens, 32, &[]).unwrap();
+        assert_eq!(want.len(), max_tokens);
+        for k in [1u32, 4, 16] {
+            let mut s = SpaSession::new(
+                common::client(&srv.url(), common::KEY),
+                dev.clone(),
+                Mode::Spa,
+            );
+            let params = RuntimeParams {
+                max_tokens,
+                draft: k,
+                ..Default::default()
+            };
+            let mut streamed = Vec::new();
+            let (got, stats) = s
+                .generate(&prompt, &params, None, |t| {
+                    streamed.push(t);
+                    true
+                })
+                .await
+                .unwrap();
+            assert_eq!(got, want, "gate {gate:?} K={k}");
+            assert_eq!(streamed, want);
+            assert_eq!(stats.tokens, max_tokens);
+            eprintln!(
+                "gate {gate:?} K={k}: rounds/token {:.3}, side usage {:.2}, overrides {:.2}, down {} B/token",
+                stats.rounds_per_token(),
+                stats.side_usage(),
+                stats.override_rate(),
+                stats.bytes_down / stats.tokens as u64
+            );
+            if gate == GateMode::AlwaysBase {
+                assert_eq!(stats.overrides, 0);
+                assert!(stats.rounds as u32 <= (max_tokens as u32).div_ceil(k) + 1);
+            }
+        }
+    }
+    srv.shutdown().await;
+}

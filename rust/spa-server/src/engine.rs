@@ -1,0 +1,112 @@
+//! The compute of one step, independent of HTTP: truncate the session's KV cache to the
+//! device's position, append its tokens, draft K tokens greedily, and package per-position
+//! base states (projected taps, final hidden, draft token, top-k candidates).
+
+use spa_model::{argmax, top_k, BaseModel, DownProjection, KvCache, SpaError};
+use spa_protocol::{encode_f16, encode_i8_rows, PositionState, StepRequest, StepResponse};
+use std::time::Instant;
+
+/// Why a step could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The device claims more accepted positions than the server holds (e.g. after a restart
+    /// or an eviction): the device must re-prefill.
+    #[error("position {requested} is ahead of the session ({held} positions held)")]
+    PositionAhead {
+        /// Requested position.
+        requested: u64,
+        /// Positions held.
+        held: usize,
+    },
+    /// Model error (bad token id, context overflow...).
+    #[error(transparent)]
+    Model(#[from] SpaError),
+}
+
+/// Runs one step on `cache` (see module docs). Deterministic: the same request on the same
+/// prefix gives the same response, which makes steps idempotent by position.
+pub fn run_step(
+    base: &BaseModel,
+    proj: &DownProjection,
+    cache: &mut KvCache,
+    req: &StepRequest,
+    default_top_k: usize,
+) -> Result<StepResponse, StepError> {
+    let t0 = Instant::now();
+    let held = cache.len();
+    if req.position as usize > held {
+        return Err(StepError::PositionAhead {
+            requested: req.position,
+            held,
+        });
+    }
+    base.tokenizer().check_ids(&req.tokens)?;
+    let k = req.draft.max(1) as usize;
+    cache.check_room(0)?;
+    let max = cache.max_len();
+    let need = req.position as usize + req.tokens.len() + k - 1;
+    if need > max {
+        return Err(SpaError::ContextOverflow {
+            requested: need,
+            max,
+        }
+        .into());
+    }
+    let top = if req.top_k == 0 {
+        default_top_k
+    } else {
+        (req.top_k as usize).min(256)
+    };
+    cache.truncate(req.position as usize);
+    let width = proj.meta().width;
+    let n_taps = proj.meta().taps.len();
+    let hidden_dim = base.config().hidden;
+    let mut states = Vec::with_capacity(req.tokens.len() + k - 1);
+    let mut out = base.forward(&req.tokens, cache)?;
+    let mut pos = req.position;
+    for j in 0..k {
+        let z = proj.apply_taps(&out.taps)?;
+        let seq = z.len();
+        for (i, zp) in z.iter().enumerate() {
+            let flat: Vec<f32> = zp.iter().flatten().copied().collect();
+            let taps = Some(encode_i8_rows(&flat, n_taps, width));
+            if i + 1 < seq {
+                states.push(PositionState {
+                    position: pos,
+                    taps,
+                    ..Default::default()
+                });
+                pos += 1;
+                continue;
+            }
+            let h = out.hidden.narrow(0, seq - 1, 1).map_err(SpaError::from)?;
+            let hv: Vec<f32> = h
+                .flatten_all()
+                .map_err(SpaError::from)?
+                .to_vec1()
+                .map_err(SpaError::from)?;
+            let logits = base.last_logits(&h)?;
+            let draft = argmax(&logits).unwrap_or(0) as u32;
+            let ids = top_k(&logits, top);
+            let lv: Vec<f32> = ids.iter().map(|&i| logits[i as usize]).collect();
+            states.push(PositionState {
+                position: pos,
+                taps,
+                hidden: Some(encode_i8_rows(&hv, 1, hidden_dim)),
+                draft_token: draft,
+                topk_logits: Some(encode_f16(&lv, 1, lv.len())),
+                topk_ids: ids,
+                is_draft: true,
+            });
+            pos += 1;
+            if j + 1 < k {
+                out = base.forward(&[draft], cache)?;
+            }
+        }
+    }
+    Ok(StepResponse {
+        states,
+        compute_us: t0.elapsed().as_micros() as u64,
+        cache_len: cache.len() as u64,
+    })
+}

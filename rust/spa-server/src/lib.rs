@@ -1,0 +1,558 @@
+//! # spa-server
+//!
+//! The cloud half of SPA: an HTTPS (rustls; HTTP/2 and HTTP/1.1) server holding the frozen
+//! base model. Devices create a session, then send steps: the absolute position they have
+//! accepted up to plus new tokens; the server truncates its KV cache there, appends, drafts K
+//! tokens greedily and answers in one response with per-position projected taps, final hidden
+//! state, draft token and top-k candidates (docs/protocol.md).
+//!
+//! Endpoints: `GET /healthz`, `GET /metrics`, `GET /v1/model`, `POST /v1/sessions`,
+//! `DELETE /v1/sessions/{id}`, `POST /v1/sessions/{id}/step`, `POST /v1/sessions/{id}/layer`.
+
+pub mod auth;
+pub mod engine;
+pub mod metrics;
+pub mod sessions;
+pub mod tls;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::Router;
+use sha2::{Digest, Sha256};
+use spa_model::{argmax, BaseModel, DownProjection};
+use spa_protocol::{
+    decode_frame, decode_tensor, encode_f16, encode_frame, CreateSessionRequest,
+    CreateSessionResponse, ErrorCode, ErrorFrame, FrameKind, LayerRequest, LayerResponse, Limits,
+    Manifest, StepRequest, PROTOCOL_VERSION,
+};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+pub use auth::Keys;
+pub use engine::{run_step, StepError};
+pub use sessions::{Lookup, Session, Sessions};
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Accepted API keys.
+    pub keys: Keys,
+    /// Global bound on KV-cache bytes over all sessions (LRU eviction above it).
+    pub kv_budget_bytes: usize,
+    /// Most live sessions per key (429 beyond).
+    pub max_sessions_per_key: usize,
+    /// Default number of candidates per draft position.
+    pub top_k: usize,
+    /// Wire limits.
+    pub limits: Limits,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            keys: Keys::default(),
+            kv_budget_bytes: 2 << 30,
+            max_sessions_per_key: 64,
+            top_k: 32,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Shared state of a running server.
+pub struct AppState {
+    /// The frozen base.
+    pub base: Arc<BaseModel>,
+    /// The shared down-projection.
+    pub proj: Arc<DownProjection>,
+    /// Settings.
+    pub config: ServerConfig,
+    /// Session table.
+    pub sessions: Mutex<Sessions>,
+    /// Counters.
+    pub metrics: metrics::Metrics,
+    manifest: Manifest,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("manifest", &self.manifest)
+            .finish()
+    }
+}
+
+impl AppState {
+    /// Builds the state and the manifest.
+    pub fn new(base: Arc<BaseModel>, proj: Arc<DownProjection>, config: ServerConfig) -> Self {
+        let cfg = base.config();
+        let pm = proj.meta();
+        let mut tok_hash = Sha256::new();
+        for id in 0..cfg.vocab as u32 {
+            tok_hash.update(
+                base.tokenizer()
+                    .id_to_token(id)
+                    .unwrap_or_default()
+                    .as_bytes(),
+            );
+            tok_hash.update([0]);
+        }
+        let tokenizer_hash: String = tok_hash
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let manifest = Manifest {
+            protocol_version: PROTOCOL_VERSION,
+            base_identity: base.identity().to_string(),
+            layers: cfg.n_layers as u32,
+            hidden: cfg.hidden as u32,
+            taps: pm.taps.iter().map(|&t| t as u32).collect(),
+            side_width: pm.width as u32,
+            projection_version: pm.version,
+            projection_fingerprint: proj.fingerprint().to_string(),
+            vocab: cfg.vocab as u32,
+            tokenizer_hash,
+            context: base.max_positions() as u32,
+            max_draft: config.limits.max_draft as u32,
+            max_positions_per_round: config.limits.max_positions_per_round as u32,
+            max_frame_bytes: config.limits.max_frame_bytes as u32,
+            top_k: config.top_k as u32,
+        };
+        Self {
+            base,
+            proj,
+            config,
+            sessions: Mutex::new(Sessions::default()),
+            metrics: metrics::Metrics::default(),
+            manifest,
+        }
+    }
+
+    /// The model manifest served at `/v1/model`.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// An error answer: HTTP status + typed error frame.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    frame: ErrorFrame,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: ErrorCode, msg: impl Into<String>) -> Self {
+        Self {
+            status,
+            frame: ErrorFrame::new(code, msg),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            "application/x-protobuf".parse().expect("static header"),
+        );
+        if self.frame.retry_after_ms > 0 {
+            let secs = self.frame.retry_after_ms.div_ceil(1000).to_string();
+            if let Ok(v) = secs.parse() {
+                headers.insert(header::RETRY_AFTER, v);
+            }
+        }
+        (
+            self.status,
+            headers,
+            encode_frame(FrameKind::Error, &self.frame),
+        )
+            .into_response()
+    }
+}
+
+fn proto(kind: FrameKind, msg: &impl prost::Message, st: &AppState) -> Response {
+    let body = encode_frame(kind, msg);
+    st.metrics.bytes_out.fetch_add(body.len() as u64, Relaxed);
+    ([(header::CONTENT_TYPE, "application/x-protobuf")], body).into_response()
+}
+
+fn auth(st: &AppState, headers: &HeaderMap) -> Result<usize, ApiError> {
+    let h = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    st.config.keys.check(h).ok_or_else(|| {
+        st.metrics.unauthorized.fetch_add(1, Relaxed);
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "missing or invalid API key",
+        )
+    })
+}
+
+fn bad_frame(e: spa_protocol::ProtocolError) -> ApiError {
+    let code = match e {
+        spa_protocol::ProtocolError::TooLarge { .. } | spa_protocol::ProtocolError::Limit(_) => {
+            ErrorCode::Limit
+        }
+        _ => ErrorCode::BadRequest,
+    };
+    let status = if code == ErrorCode::Limit {
+        StatusCode::PAYLOAD_TOO_LARGE
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    ApiError::new(status, code, e.to_string())
+}
+
+fn session(st: &AppState, id: &str, owner: usize) -> Result<Arc<Mutex<Session>>, ApiError> {
+    match st.sessions().get(id, owner) {
+        Lookup::Found(s) => Ok(s),
+        Lookup::Gone => Err(ApiError::new(
+            StatusCode::GONE,
+            ErrorCode::SessionGone,
+            "session was evicted; create a new one and re-prefill",
+        )),
+        Lookup::NotFound => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "no such session",
+        )),
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn metrics_h(State(st): State<Arc<AppState>>) -> impl IntoResponse {
+    let (n, bytes, ev) = {
+        let s = st.sessions();
+        (s.len(), s.total_bytes(), s.evictions)
+    };
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(n, bytes, ev),
+    )
+}
+
+async fn model_h(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    auth(&st, &headers)?;
+    Ok(proto(FrameKind::Manifest, &st.manifest, &st))
+}
+
+async fn create_h(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let owner = auth(&st, &headers)?;
+    st.metrics.bytes_in.fetch_add(body.len() as u64, Relaxed);
+    let req: CreateSessionRequest =
+        decode_frame(&body, FrameKind::CreateSessionRequest, &st.config.limits)
+            .map_err(bad_frame)?;
+    let mut s = st.sessions();
+    if s.count_for(owner) >= st.config.max_sessions_per_key {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Limit,
+            "too many sessions for this key",
+        );
+        e.frame.retry_after_ms = 1000;
+        return Err(e);
+    }
+    let id = s.create(
+        owner,
+        Session {
+            cache: st.base.new_cache(),
+            mode: req.mode,
+            layer_state: None,
+        },
+    );
+    drop(s);
+    Ok(proto(
+        FrameKind::CreateSessionResponse,
+        &CreateSessionResponse { session_id: id },
+        &st,
+    ))
+}
+
+async fn delete_h(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let owner = auth(&st, &headers)?;
+    if st.sessions().delete(&id, owner) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "no such session",
+        ))
+    }
+}
+
+async fn step_h(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let owner = auth(&st, &headers)?;
+    st.metrics.bytes_in.fetch_add(body.len() as u64, Relaxed);
+    let req: StepRequest =
+        decode_frame(&body, FrameKind::StepRequest, &st.config.limits).map_err(bad_frame)?;
+    req.validate(&st.config.limits).map_err(bad_frame)?;
+    let sess = session(&st, &id, owner)?;
+    let st2 = st.clone();
+    let t0 = Instant::now();
+    let (res, bytes) = tokio::task::spawn_blocking(move || {
+        let mut s = sess.lock().unwrap_or_else(|p| p.into_inner());
+        let r = run_step(&st2.base, &st2.proj, &mut s.cache, &req, st2.config.top_k)
+            .map(|r| (r, req.tokens.len()));
+        (r, s.cache.capacity_bytes())
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            e.to_string(),
+        )
+    })?;
+    {
+        let mut s = st.sessions();
+        s.set_bytes(&id, bytes);
+        s.evict_to(st.config.kv_budget_bytes, &id);
+    }
+    st.metrics.observe_step(t0.elapsed().as_micros() as u64);
+    match res {
+        Ok((resp, n_in)) => {
+            st.metrics.rounds.fetch_add(1, Relaxed);
+            st.metrics.tokens_in.fetch_add(n_in as u64, Relaxed);
+            st.metrics.drafts_out.fetch_add(
+                resp.states.iter().filter(|s| s.is_draft).count() as u64,
+                Relaxed,
+            );
+            Ok(proto(FrameKind::StepResponse, &resp, &st))
+        }
+        Err(StepError::PositionAhead { requested, held }) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::PositionAhead,
+            format!("position {requested} is ahead of the session ({held} held); re-prefill"),
+        )),
+        Err(StepError::Model(e)) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            e.to_string(),
+        )),
+    }
+}
+
+/// Layer-split baseline: the device applies a personal adapter after every layer, so each layer
+/// of each token is one round trip. `layer == 0` starts token `token` at `position`.
+async fn layer_h(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let owner = auth(&st, &headers)?;
+    st.metrics.bytes_in.fetch_add(body.len() as u64, Relaxed);
+    let req: LayerRequest =
+        decode_frame(&body, FrameKind::LayerRequest, &st.config.limits).map_err(bad_frame)?;
+    let sess = session(&st, &id, owner)?;
+    let st2 = st.clone();
+    let res = tokio::task::spawn_blocking(move || -> Result<LayerResponse, ApiError> {
+        let t0 = Instant::now();
+        let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, m);
+        let mut s = sess.lock().unwrap_or_else(|p| p.into_inner());
+        let base = &st2.base;
+        let n_layers = base.config().n_layers as u32;
+        let hidden = base.config().hidden;
+        let pos = req.position as usize;
+        let mut x: Vec<f32> = if req.layer == 0 {
+            if pos > s.cache.len() {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    ErrorCode::PositionAhead,
+                    "position ahead; re-prefill",
+                ));
+            }
+            s.cache.truncate(pos);
+            let e = base.embed(&[req.token]).map_err(|e| bad(e.to_string()))?;
+            e.flatten_all()
+                .and_then(|t| t.to_vec1())
+                .map_err(|e| bad(e.to_string()))?
+        } else {
+            match s.layer_state.take() {
+                Some((p, l, x)) if p == req.position && l == req.layer => x,
+                _ => return Err(bad("layer request out of order".into())),
+            }
+        };
+        if let Some(d) = &req.delta {
+            let d = decode_tensor(d, &st2.config.limits).map_err(|e| bad(e.to_string()))?;
+            if d.data.len() != hidden {
+                return Err(bad(format!(
+                    "delta has {} values, expected {hidden}",
+                    d.data.len()
+                )));
+            }
+            x.iter_mut().zip(&d.data).for_each(|(a, b)| *a += b);
+        }
+        let t = candle_tensor(&x, hidden).map_err(|e| bad(e.to_string()))?;
+        if req.layer >= n_layers {
+            let h = base.final_norm(&t).map_err(|e| bad(e.to_string()))?;
+            let logits = base.last_logits(&h).map_err(|e| bad(e.to_string()))?;
+            return Ok(LayerResponse {
+                activation: None,
+                layer: req.layer,
+                done: true,
+                next_token: argmax(&logits).unwrap_or(0) as u32,
+                compute_us: t0.elapsed().as_micros() as u64,
+            });
+        }
+        let y = base
+            .layer_forward(req.layer as usize, &t, pos, &mut s.cache)
+            .map_err(|e| bad(e.to_string()))?;
+        let yv: Vec<f32> = y
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .map_err(|e| bad(e.to_string()))?;
+        let act = encode_f16(&yv, 1, hidden);
+        s.layer_state = Some((req.position, req.layer + 1, yv));
+        Ok(LayerResponse {
+            activation: Some(act),
+            layer: req.layer,
+            done: false,
+            next_token: 0,
+            compute_us: t0.elapsed().as_micros() as u64,
+        })
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            e.to_string(),
+        )
+    })??;
+    st.metrics.layer_rounds.fetch_add(1, Relaxed);
+    Ok(proto(FrameKind::LayerResponse, &res, &st))
+}
+
+fn candle_tensor(x: &[f32], hidden: usize) -> spa_model::Result<spa_model::CandleTensor> {
+    Ok(spa_model::CandleTensor::from_vec(
+        x.to_vec(),
+        (1, hidden),
+        &spa_model::CandleDevice::Cpu,
+    )?)
+}
+
+/// The HTTP routes over `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.config.limits.max_frame_bytes;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_h))
+        .route("/v1/model", get(model_h))
+        .route("/v1/sessions", post(create_h))
+        .route("/v1/sessions/{id}", delete(delete_h))
+        .route("/v1/sessions/{id}/step", post(step_h))
+        .route("/v1/sessions/{id}/layer", post(layer_h))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct RunningServer {
+    /// Bound address.
+    pub addr: SocketAddr,
+    /// Whether it speaks TLS.
+    pub tls: bool,
+    handle: axum_server::Handle<SocketAddr>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningServer {
+    /// Base URL (`https://127.0.0.1:PORT`).
+    pub fn url(&self) -> String {
+        format!(
+            "{}://{}",
+            if self.tls { "https" } else { "http" },
+            self.addr
+        )
+    }
+
+    /// Stops accepting and closes connections.
+    pub async fn shutdown(self) {
+        self.handle.shutdown();
+        let _ = self.task.await;
+    }
+}
+
+/// Starts serving `state` on `addr` (port 0 picks a free port), with TLS when `tls` is given
+/// (otherwise plain HTTP, which the CLI only allows with `--insecure-dev`).
+pub async fn start(
+    state: Arc<AppState>,
+    addr: SocketAddr,
+    tls: Option<&tls::CertPair>,
+) -> Result<RunningServer, String> {
+    let app = router(state);
+    let handle = axum_server::Handle::new();
+    let h2 = handle.clone();
+    let is_tls = tls.is_some();
+    let task = match tls {
+        Some(pair) => {
+            let cfg = axum_server::tls_rustls::RustlsConfig::from_config(tls::server_config(pair)?);
+            tokio::spawn(async move {
+                axum_server::bind_rustls(addr, cfg)
+                    .handle(h2)
+                    .serve(app.into_make_service())
+                    .await
+            })
+        }
+        None => tokio::spawn(async move {
+            axum_server::bind(addr)
+                .handle(h2)
+                .serve(app.into_make_service())
+                .await
+        }),
+    };
+    let addr = handle
+        .listening()
+        .await
+        .ok_or_else(|| format!("could not listen on {addr}"))?;
+    log::info!(
+        "spa-server listening on {addr} ({})",
+        if is_tls {
+            "https"
+        } else {
+            "http, insecure dev"
+        }
+    );
+    Ok(RunningServer {
+        addr,
+        tls: is_tls,
+        handle,
+        task,
+    })
+}

@@ -2,6 +2,7 @@
 
 mod assets;
 mod bench;
+mod serve;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -30,6 +31,12 @@ enum Cmd {
     },
     /// Generate text with the base model, streaming tokens to stdout.
     Generate(GenerateArgs),
+    /// Serve the base model over HTTPS.
+    Serve(serve::ServeArgs),
+    /// Chat with a running server through the device runtime.
+    Chat(serve::ChatArgs),
+    /// Start a local server with a dev certificate and chat through the device runtime.
+    Demo(serve::DemoArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -91,10 +98,17 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Generate(a) => generate_cmd(a),
+        Cmd::Serve(a) => runtime()?.block_on(serve::serve(a)),
+        Cmd::Chat(a) => runtime()?.block_on(serve::chat(a)),
+        Cmd::Demo(a) => runtime()?.block_on(serve::demo(a)),
         Cmd::Bench { what } => match what {
             BenchCmd::Model(a) => bench::model(a),
         },
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
 fn generate_cmd(a: GenerateArgs) -> Result<()> {

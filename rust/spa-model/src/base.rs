@@ -140,7 +140,15 @@ impl BaseModel {
         let content = Content::read(&mut cur).map_err(|e| SpaError::gguf(path, e))?;
         // Every tensor's data must lie inside the file (truncation check before any read).
         for (name, info) in content.tensor_infos.iter() {
-            let n = info.shape.elem_count();
+            // Checked arithmetic: a damaged dimension must be an error, not an overflow panic.
+            let n = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| {
+                    SpaError::gguf(path, format!("tensor {name}: element count overflows"))
+                })?;
             let bs = info.ggml_dtype.block_size();
             if n % bs != 0 {
                 return Err(SpaError::gguf(
@@ -148,11 +156,13 @@ impl BaseModel {
                     format!("tensor {name}: {n} elements not a multiple of block {bs}"),
                 ));
             }
-            let size = (n / bs) as u64 * info.ggml_dtype.type_size() as u64;
-            let end = content
-                .tensor_data_offset
-                .checked_add(info.offset)
-                .and_then(|x| x.checked_add(size));
+            let size = ((n / bs) as u64).checked_mul(info.ggml_dtype.type_size() as u64);
+            let end = size.and_then(|size| {
+                content
+                    .tensor_data_offset
+                    .checked_add(info.offset)
+                    .and_then(|x| x.checked_add(size))
+            });
             match end {
                 Some(end) if end <= bytes.len() as u64 => {}
                 _ => {

@@ -17,6 +17,7 @@
 
 pub mod base;
 pub mod config;
+pub mod corpus;
 pub mod error;
 pub mod generate;
 pub mod head;

@@ -158,7 +158,8 @@ pub struct SideWeights {
 
 impl SideWeights {
     /// Random initialisation (seeded). `up_scale` scales the up-projection; 0 makes the side
-    /// path initially equal to the base (the usual start for training).
+    /// path initially equal to the base (the usual start for training). The gate starts at
+    /// "base" everywhere (zero weights, bias favouring the base path).
     pub fn init(config: SideConfig, seed: u64, up_scale: f32) -> Result<Self> {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut tensors = BTreeMap::new();
@@ -166,7 +167,10 @@ impl SideWeights {
             let n: usize = shape.iter().product();
             let data: Vec<f32> = if name.ends_with("norm") {
                 vec![1.0; n]
-            } else if name == "alpha" || name == "gate.bias" {
+            } else if name == "gate.bias" {
+                // Untrained gate prefers the base path (p_side = sigmoid(-2) = 0.12).
+                vec![1.0, -1.0]
+            } else if name == "alpha" || name == "gate.weight" {
                 vec![0.0; n]
             } else {
                 let fan_in = *shape.last().unwrap_or(&1) as f32;

@@ -54,6 +54,28 @@ impl SidePlugin {
         })
     }
 
+    /// A fresh plugin from identity fields only (what a device learns from the server's
+    /// manifest): base identity, base layer count, side shape and projection fingerprint.
+    pub fn init_for(
+        base_identity: &str,
+        n_layers: usize,
+        config: SideConfig,
+        projection: &str,
+        seed: u64,
+        up_scale: f32,
+    ) -> Result<Self> {
+        config.validate(n_layers)?;
+        Ok(Self {
+            weights: SideWeights::init(config.clone(), seed, up_scale)?,
+            meta: SideMeta {
+                config,
+                base: base_identity.to_string(),
+                projection_version: PROJECTION_VERSION,
+                projection: projection.to_string(),
+            },
+        })
+    }
+
     /// Saves as safetensors with the metadata record (atomic write).
     pub fn save(&self, path: &Path) -> Result<()> {
         let meta = serde_json::to_string(&self.meta)

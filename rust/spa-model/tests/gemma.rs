@@ -47,7 +47,7 @@ fn gemma() -> Option<&'static BaseModel> {
     });
     if m.is_none() {
         eprintln!(
-            "SKIP: Gemma-3 GGUF not found at {} (scripts/fetch-assets.sh fetches it)",
+            "SKIP: Gemma-3 GGUF not found at {} (`scripts/fetch-assets.sh gemma` fetches it)",
             gemma_path().display()
         );
     }
@@ -85,6 +85,11 @@ fn config_is_gemma3() {
     assert_eq!(globals, vec![5, 11, 17]);
     assert!(base.tokenizer().add_bos());
     assert_eq!(base.tokenizer().bos(), Some(2));
+    assert_eq!(
+        base.identity(),
+        fixture()["meta"]["gguf_sha256"].as_str().unwrap(),
+        "the fixture was made from another GGUF file"
+    );
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! the per-position decision rule shared by the speculative runtime and the local reference.
 
 use crate::error::{Result, RuntimeError};
-use spa_model::{DeviceHead, GateMode, PersonalVocab, SideCache, SideNetwork, SpaTokenizer};
+use spa_model::{DeviceAssets, DeviceHead, GateMode, PersonalVocab, QuantMode, SideCache, SideNetwork, SidePlugin, SpaTokenizer};
 use spa_protocol::{decode_tensor, Limits, Manifest, PositionState};
 
 /// Everything that runs on the phone.
@@ -36,6 +36,31 @@ pub struct Decision {
 }
 
 impl DeviceModel {
+    /// Assembles the device model from the base's device assets (tokenizer + head) and the
+    /// personal plugin, quantized with `quant`. Fails with [`RuntimeError::Incompatible`] when
+    /// the plugin was made for another base.
+    pub fn new(
+        assets: &DeviceAssets,
+        plugin: &SidePlugin,
+        quant: QuantMode,
+        gate: GateMode,
+        personal: PersonalVocab,
+    ) -> Result<Self> {
+        if plugin.meta.base != assets.identity {
+            return Err(RuntimeError::Incompatible("personal weights were made for another base model".into()));
+        }
+        let max_positions = assets.config.context.min(32_768);
+        Ok(Self {
+            side: SideNetwork::new(&plugin.weights, quant, max_positions)?,
+            head: DeviceHead::from_weights(&assets.head, quant)?,
+            personal,
+            gate,
+            tokenizer: assets.tokenizer.clone(),
+            base_identity: assets.identity.clone(),
+            projection: plugin.meta.projection.clone(),
+        })
+    }
+
     /// Checks that a server's manifest matches the weights held here.
     pub fn check_manifest(&self, m: &Manifest) -> Result<()> {
         let c = self.side.config();

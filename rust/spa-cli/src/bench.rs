@@ -5,8 +5,8 @@ use crate::assets;
 use anyhow::Result;
 use serde_json::json;
 use spa_model::{
-    argmax, top_k, BaseModel, DeviceHead, DownProjection, PersonalVocab, QuantMode, SideNetwork,
-    SidePlugin,
+    argmax, top_k, BaseKernel, BaseModel, DeviceHead, DownProjection, PersonalVocab, QuantMode,
+    SideNetwork, SidePlugin,
 };
 use std::path::PathBuf;
 use std::time::Instant;
@@ -75,6 +75,19 @@ for i in range({tokens}):\n    tok=m.sample(temp=0.0)\n    m.eval([tok]);n+=1\np
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }
 
+/// Greedy decode speed (tokens/s) of `n` tokens after `prompt`, LM head included.
+fn decode_speed(base: &BaseModel, prompt: &[u32], n: usize) -> Result<f64> {
+    let mut c = base.new_cache();
+    let o = base.forward(prompt, &mut c)?;
+    let mut next = argmax(&base.last_logits(&o.hidden)?).unwrap_or(0) as u32;
+    let t = Instant::now();
+    for _ in 0..n {
+        let o = base.forward(&[next], &mut c)?;
+        next = argmax(&base.last_logits(&o.hidden)?).unwrap_or(0) as u32;
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
 pub fn model(a: ModelBenchArgs) -> Result<()> {
     let path = assets::model_path(a.model.as_deref())?;
     let base = BaseModel::load(&path)?;
@@ -89,18 +102,19 @@ pub fn model(a: ModelBenchArgs) -> Result<()> {
     let out = base.forward(&text_ids[..n_prefill], &mut cache)?;
     let prefill_tok_s = n_prefill as f64 / t.elapsed().as_secs_f64();
 
-    // Base decode: greedy, one token at a time after a short prompt.
     let prompt = tok.encode("The capital of France is")?;
-    let mut c = base.new_cache();
-    let o = base.forward(&prompt, &mut c)?;
-    let mut next = argmax(&base.last_logits(&o.hidden)?).unwrap_or(0) as u32;
-    let t = Instant::now();
-    for _ in 0..a.tokens {
-        let o = base.forward(&[next], &mut c)?;
-        next = argmax(&base.last_logits(&o.hidden)?).unwrap_or(0) as u32;
-    }
-    let decode_tok_s = a.tokens as f64 / t.elapsed().as_secs_f64();
+    let decode_tok_s = decode_speed(&base, &prompt, a.tokens)?;
     eprintln!("base: prefill {prefill_tok_s:.1} tok/s ({n_prefill} tokens), decode {decode_tok_s:.1} tok/s");
+    // The same with llama.cpp's numerics (8-bit activations).
+    let base_i8 = BaseModel::load_with(&path, BaseKernel::Int8Activations)?;
+    let t = Instant::now();
+    base_i8.forward(&text_ids[..n_prefill], &mut base_i8.new_cache())?;
+    let prefill_i8 = n_prefill as f64 / t.elapsed().as_secs_f64();
+    let decode_i8 = decode_speed(&base_i8, &prompt, a.tokens)?;
+    drop(base_i8);
+    eprintln!(
+        "base (int8 activations): prefill {prefill_i8:.1} tok/s, decode {decode_i8:.1} tok/s"
+    );
 
     // Side network (width, all taps) at each quantization, stepping at a context of 64 positions.
     let taps: Vec<usize> = (0..cfg.n_layers).collect();
@@ -192,6 +206,8 @@ pub fn model(a: ModelBenchArgs) -> Result<()> {
         "threads": rayon_threads(),
         "base_prefill_tok_s": prefill_tok_s,
         "base_decode_tok_s": decode_tok_s,
+        "base_prefill_tok_s_int8act": prefill_i8,
+        "base_decode_tok_s_int8act": decode_i8,
         "side_width": a.width,
         "side_taps": taps.len(),
         "side_step_us_f32": side_us[0],
@@ -213,6 +229,7 @@ pub fn model(a: ModelBenchArgs) -> Result<()> {
     if let Some(x) = llamacpp {
         j["llamacpp_decode_tok_s"] = json!(x);
         j["decode_vs_llamacpp"] = json!(decode_tok_s / x);
+        j["decode_int8act_vs_llamacpp"] = json!(decode_i8 / x);
     }
     if a.json {
         println!("{j}");

@@ -2,6 +2,7 @@
 
 mod assets;
 mod bench;
+mod bench_net;
 mod serve;
 
 use anyhow::{Context, Result};
@@ -78,6 +79,10 @@ struct GenerateArgs {
 enum BenchCmd {
     /// Base decode/prefill speed, side step, heads, shortlist agreement, sizes.
     Model(bench::ModelBenchArgs),
+    /// Rounds per token, bytes and latency per mode over an emulated RTT (real server + runtime).
+    Rounds(bench_net::RoundsArgs),
+    /// Server throughput with concurrent sessions.
+    Serve(bench_net::ServeBenchArgs),
 }
 
 fn main() {
@@ -103,12 +108,16 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Demo(a) => runtime()?.block_on(serve::demo(a)),
         Cmd::Bench { what } => match what {
             BenchCmd::Model(a) => bench::model(a),
+            BenchCmd::Rounds(a) => runtime()?.block_on(bench_net::rounds(a)),
+            BenchCmd::Serve(a) => runtime()?.block_on(bench_net::serve(a)),
         },
     }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn generate_cmd(a: GenerateArgs) -> Result<()> {

@@ -2,7 +2,10 @@
 
 use crate::assets;
 use anyhow::{bail, Context, Result};
-use spa_model::{BaseModel, DeviceAssets, DownProjection, GateMode, PersonalVocab, QuantMode, SideConfig, SidePlugin};
+use spa_model::{
+    BaseModel, DeviceAssets, DownProjection, GateMode, PersonalVocab, QuantMode, SideConfig,
+    SidePlugin,
+};
 use spa_runtime::{Client, ClientConfig, DeviceModel, Mode, RuntimeParams, SpaSession};
 use spa_server::{tls, AppState, Keys, ServerConfig};
 use std::io::{BufRead, Write};
@@ -48,7 +51,11 @@ pub struct ServeArgs {
 }
 
 /// Loads the base and the projection the server publishes.
-pub fn load_server_parts(model: Option<&Path>, width: usize, projection: &str) -> Result<(Arc<BaseModel>, Arc<DownProjection>)> {
+pub fn load_server_parts(
+    model: Option<&Path>,
+    width: usize,
+    projection: &str,
+) -> Result<(Arc<BaseModel>, Arc<DownProjection>)> {
     let path = assets::model_path(model)?;
     let base = BaseModel::load(&path).with_context(|| format!("loading {}", path.display()))?;
     let taps: Vec<usize> = (0..base.config().n_layers).collect();
@@ -96,7 +103,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         ..ServerConfig::default()
     };
     let state = Arc::new(AppState::new(base, proj, cfg));
-    let srv = spa_server::start(state, args.addr, tls.as_ref()).await.map_err(anyhow::Error::msg)?;
+    let srv = spa_server::start(state, args.addr, tls.as_ref())
+        .await
+        .map_err(anyhow::Error::msg)?;
     eprintln!("spa serve: listening on {}", srv.url());
     tokio::signal::ctrl_c().await?;
     eprintln!("shutting down");
@@ -133,23 +142,50 @@ pub struct ChatArgs {
 }
 
 /// Builds the device model for a server: its manifest decides the side shape.
-pub async fn device_for(client: &Client, model: Option<&Path>, side: Option<&Path>, quant: QuantMode) -> Result<DeviceModel> {
+pub async fn device_for(
+    client: &Client,
+    model: Option<&Path>,
+    side: Option<&Path>,
+    quant: QuantMode,
+) -> Result<DeviceModel> {
     let manifest = client.manifest().await?;
     let assets = DeviceAssets::load(assets::model_path(model)?)?;
     let plugin = match side {
         Some(p) => SidePlugin::load(p)?,
         None => {
-            let mut cfg = SideConfig::new(manifest.hidden as usize, manifest.layers as usize, manifest.side_width as usize);
+            let mut cfg = SideConfig::new(
+                manifest.hidden as usize,
+                manifest.layers as usize,
+                manifest.side_width as usize,
+            );
             cfg.taps = manifest.taps.iter().map(|&t| t as usize).collect();
-            SidePlugin::init_for(&manifest.base_identity, manifest.layers as usize, cfg, &manifest.projection_fingerprint, 1, 0.0)?
+            SidePlugin::init_for(
+                &manifest.base_identity,
+                manifest.layers as usize,
+                cfg,
+                &manifest.projection_fingerprint,
+                1,
+                0.0,
+            )?
         }
     };
-    let dev = DeviceModel::new(&assets, &plugin, quant, GateMode::Learned, PersonalVocab::default())?;
+    let dev = DeviceModel::new(
+        &assets,
+        &plugin,
+        quant,
+        GateMode::Learned,
+        PersonalVocab::default(),
+    )?;
     dev.check_manifest(&manifest)?;
     Ok(dev)
 }
 
-async fn answer(session: &mut SpaSession, dev: &DeviceModel, text: &str, params: &RuntimeParams) -> Result<()> {
+async fn answer(
+    session: &mut SpaSession,
+    dev: &DeviceModel,
+    text: &str,
+    params: &RuntimeParams,
+) -> Result<()> {
     let prompt = dev.tokenizer.encode(&dev.tokenizer.chat_prompt(text))?;
     let mut stream = dev.tokenizer.stream();
     let mut out = std::io::stdout().lock();
@@ -180,18 +216,30 @@ async fn answer(session: &mut SpaSession, dev: &DeviceModel, text: &str, params:
 pub async fn chat(a: ChatArgs) -> Result<()> {
     let mut cfg = ClientConfig::new(&a.url, &a.key);
     if let Some(ca) = &a.ca_cert {
-        cfg.extra_root_pem = Some(std::fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?);
+        cfg.extra_root_pem =
+            Some(std::fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?);
     }
     cfg.allow_http = a.url.starts_with("http://");
     let client = Client::new(cfg)?;
-    let dev = Arc::new(device_for(&client, a.model.as_deref(), a.side.as_deref(), QuantMode::parse(&a.quant)?).await?);
+    let dev = Arc::new(
+        device_for(
+            &client,
+            a.model.as_deref(),
+            a.side.as_deref(),
+            QuantMode::parse(&a.quant)?,
+        )
+        .await?,
+    );
     let params = RuntimeParams {
         max_tokens: a.max_tokens,
         draft: a.k,
         stop_tokens: dev.tokenizer.eos_ids().to_vec(),
         ..Default::default()
     };
-    eprintln!("connected to {} — type a message, empty line to quit", a.url);
+    eprintln!(
+        "connected to {} — type a message, empty line to quit",
+        a.url
+    );
     let stdin = std::io::stdin();
     loop {
         eprint!("> ");
@@ -226,9 +274,13 @@ pub struct DemoArgs {
 }
 
 pub async fn demo(a: DemoArgs) -> Result<()> {
-    eprintln!("spa demo: loading the base model and starting a local HTTPS server (dev certificate)...");
+    eprintln!(
+        "spa demo: loading the base model and starting a local HTTPS server (dev certificate)..."
+    );
     let (base, proj) = load_server_parts(a.model.as_deref(), 64, &a.projection)?;
-    let key: String = (0..16).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    let key: String = (0..16)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
     let cert = tls::dev_cert().map_err(anyhow::Error::msg)?;
     let state = Arc::new(AppState::new(
         base,
@@ -238,12 +290,19 @@ pub async fn demo(a: DemoArgs) -> Result<()> {
             ..ServerConfig::default()
         },
     ));
-    let srv = spa_server::start(state, "127.0.0.1:0".parse()?, Some(&cert)).await.map_err(anyhow::Error::msg)?;
+    let srv = spa_server::start(state, "127.0.0.1:0".parse()?, Some(&cert))
+        .await
+        .map_err(anyhow::Error::msg)?;
     let mut cfg = ClientConfig::new(srv.url(), key);
     cfg.extra_root_pem = Some(cert.cert_pem.clone());
     let client = Client::new(cfg)?;
     let dev = Arc::new(device_for(&client, a.model.as_deref(), None, QuantMode::Q8).await?);
-    eprintln!("server {} up; device: side width {} over {} taps (q8), untrained side network\n", srv.url(), dev.side.config().width, dev.side.config().taps.len());
+    eprintln!(
+        "server {} up; device: side width {} over {} taps (q8), untrained side network\n",
+        srv.url(),
+        dev.side.config().width,
+        dev.side.config().taps.len()
+    );
     let messages = if a.messages.is_empty() {
         vec![
             "What is the capital of France?".to_string(),

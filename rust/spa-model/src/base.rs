@@ -8,7 +8,7 @@
 use crate::config::{Arch, BaseConfig};
 use crate::error::{Result, SpaError};
 use crate::kv_cache::KvCache;
-use crate::linear::{Linear, QuantMode};
+use crate::linear::{BaseKernel, Linear, QuantMode};
 use crate::tokenizer::SpaTokenizer;
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -109,12 +109,17 @@ impl BaseModel {
     /// Fails with [`SpaError::MissingFile`], [`SpaError::CorruptGguf`] (bad magic, truncated,
     /// inconsistent header), [`SpaError::Unsupported`] or [`SpaError::WrongShape`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        Self::load_with(path, BaseKernel::default())
+    }
+
+    /// Like [`BaseModel::load`], choosing the kernels for Q4_1 / Q8_0 matrices.
+    pub fn load_with(path: impl AsRef<Path>, kernel: BaseKernel) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| SpaError::MissingFile {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        Self::from_bytes(path, &bytes)
+        Self::from_bytes(path, &bytes, kernel)
     }
 
     /// Loads and checks the file's sha256 first: a flipped byte anywhere is reported as corrupt.
@@ -131,10 +136,10 @@ impl BaseModel {
                 format!("sha256 {got} != expected {sha256}"),
             ));
         }
-        Self::from_bytes(path, &bytes)
+        Self::from_bytes(path, &bytes, BaseKernel::default())
     }
 
-    fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+    fn from_bytes(path: &Path, bytes: &[u8], kernel: BaseKernel) -> Result<Self> {
         let identity = sha256_hex(bytes);
         let mut cur = Cursor::new(bytes);
         let content = Content::read(&mut cur).map_err(|e| SpaError::gguf(path, e))?;
@@ -203,7 +208,7 @@ impl BaseModel {
                 if gemma {
                     gemma_linear(q)
                 } else {
-                    Linear::from_qtensor(q)
+                    Linear::from_qtensor_with(q, kernel)
                 }
             };
             let mut layer = Layer {
@@ -245,9 +250,9 @@ impl BaseModel {
         }
         let norm = f32t(load("output_norm.weight", &[d])?)?;
         let head = if content.tensor_infos.contains_key("output.weight") {
-            Linear::from_qtensor(load("output.weight", &[cfg.vocab, d])?)?
+            Linear::from_qtensor_with(load("output.weight", &[cfg.vocab, d])?, kernel)?
         } else {
-            Linear::from_qtensor(load("token_embd.weight", &[cfg.vocab, d])?)?
+            Linear::from_qtensor_with(load("token_embd.weight", &[cfg.vocab, d])?, kernel)?
         };
         let rope_len = cfg.context.min(32_768);
         let rope_global = rope_tables(cfg.rope_theta, hd, rope_len)?;

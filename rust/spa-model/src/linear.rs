@@ -2,6 +2,7 @@
 
 use crate::error::{Result, SpaError};
 use crate::kernels::Q41Matrix;
+use crate::qkern_int8 as qk;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use serde::{Deserialize, Serialize};
@@ -55,6 +56,28 @@ impl QuantMode {
 enum Inner {
     Candle(QMatMul),
     Q41(Arc<Q41Matrix>),
+    I8(Arc<I8Weights>),
+}
+
+#[derive(Debug, Clone)]
+enum I8Weights {
+    Q41(Vec<qk::BlockQ4_1>),
+    Q80(Vec<qk::BlockQ8_0>),
+}
+
+/// Which kernels run the base's GGUF matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BaseKernel {
+    /// f32 activations x on-the-fly dequantized weights ([`crate::kernels`]); matches the float
+    /// reference (default).
+    #[default]
+    F32Activations,
+    /// llama.cpp numerics: activations quantized to 8 bits per block of 32 (faster; greedy
+    /// output can differ from the float reference on near-ties).
+    Int8Activations,
+    /// candle's own `QMatMul` (kept for comparison).
+    Candle,
 }
 
 /// `y = x W^T` with `W` of shape `[out, in]`, stored as f32 or as a candle quantized tensor.
@@ -70,15 +93,38 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Wraps a quantized tensor loaded from GGUF (shape `[out, in]`).
+    /// Wraps a quantized tensor loaded from GGUF (shape `[out, in]`) with the default kernels.
     pub fn from_qtensor(q: QTensor) -> Result<Self> {
+        Self::from_qtensor_with(q, BaseKernel::default())
+    }
+
+    /// Wraps a quantized tensor loaded from GGUF (shape `[out, in]`) with `kernel`
+    /// (Q4_1 and Q8_0 only; other formats always use candle).
+    pub fn from_qtensor_with(q: QTensor, kernel: BaseKernel) -> Result<Self> {
         let (out_dim, in_dim) = q.shape().dims2()?;
         let bytes = q.storage_size_in_bytes();
-        let own = match q.dtype() {
-            GgmlDType::Q4_1 | GgmlDType::Q8_0 => std::env::var_os("SPA_CANDLE_Q4_1").is_none(),
-            _ => false,
-        };
-        if own {
+        let own = matches!(q.dtype(), GgmlDType::Q4_1 | GgmlDType::Q8_0)
+            && std::env::var_os("SPA_CANDLE_Q4_1").is_none();
+        if own && kernel == BaseKernel::Int8Activations {
+            let data = q.data()?;
+            let bad = || SpaError::WrongShape {
+                name: "quantized matrix".into(),
+                expected: vec![out_dim, in_dim],
+                got: vec![data.len()],
+            };
+            let w = if q.dtype() == GgmlDType::Q4_1 {
+                I8Weights::Q41(qk::q4_1_from_bytes(&data).ok_or_else(bad)?)
+            } else {
+                I8Weights::Q80(qk::q8_0_from_bytes(&data).ok_or_else(bad)?)
+            };
+            return Ok(Self {
+                inner: Inner::I8(Arc::new(w)),
+                out_dim,
+                in_dim,
+                bytes,
+            });
+        }
+        if own && kernel == BaseKernel::F32Activations {
             let m = if q.dtype() == GgmlDType::Q4_1 {
                 Q41Matrix::from_ggml_bytes(&q.data()?, out_dim, in_dim)?
             } else {
@@ -126,11 +172,41 @@ impl Linear {
     /// call computes e.g. q, k and v. Only for layers on the crate's own kernels; returns `None`
     /// for others (the caller then keeps them separate).
     pub fn fuse(parts: &[&Linear]) -> Result<Option<Linear>> {
+        let all_i8 = parts.iter().all(|p| matches!(p.inner, Inner::I8(_)));
+        if all_i8 && !parts.is_empty() {
+            let mut q41 = Vec::new();
+            let mut q80 = Vec::new();
+            for p in parts {
+                match &p.inner {
+                    Inner::I8(w) => match w.as_ref() {
+                        I8Weights::Q41(b) => q41.extend_from_slice(b),
+                        I8Weights::Q80(b) => q80.extend_from_slice(b),
+                    },
+                    _ => return Ok(None),
+                }
+            }
+            if !q41.is_empty() && !q80.is_empty()
+                || parts.iter().any(|p| p.in_dim != parts[0].in_dim)
+            {
+                return Ok(None);
+            }
+            let w = if q80.is_empty() {
+                I8Weights::Q41(q41)
+            } else {
+                I8Weights::Q80(q80)
+            };
+            return Ok(Some(Self {
+                out_dim: parts.iter().map(|p| p.out_dim).sum(),
+                in_dim: parts[0].in_dim,
+                bytes: parts.iter().map(|p| p.bytes).sum(),
+                inner: Inner::I8(Arc::new(w)),
+            }));
+        }
         let mats: Option<Vec<&Q41Matrix>> = parts
             .iter()
             .map(|p| match &p.inner {
                 Inner::Q41(m) => Some(m.as_ref()),
-                Inner::Candle(_) => None,
+                _ => None,
             })
             .collect();
         let Some(mats) = mats else { return Ok(None) };
@@ -147,12 +223,23 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.inner {
             Inner::Candle(m) => Ok(m.forward(x)?),
-            Inner::Q41(m) => {
+            Inner::Q41(_) | Inner::I8(_) => {
                 let dims = x.dims().to_vec();
                 let n = x.elem_count() / self.in_dim.max(1);
                 let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
                 let mut y = vec![0f32; n * self.out_dim];
-                m.matmul(&xs, n, &mut y)?;
+                match &self.inner {
+                    Inner::Q41(m) => m.matmul(&xs, n, &mut y)?,
+                    Inner::I8(w) => match w.as_ref() {
+                        I8Weights::Q41(b) => {
+                            qk::matmul_q4_1(b, self.out_dim, self.in_dim, &xs, n, &mut y)
+                        }
+                        I8Weights::Q80(b) => {
+                            qk::matmul_q8_0(b, self.out_dim, self.in_dim, &xs, n, &mut y)
+                        }
+                    },
+                    Inner::Candle(_) => unreachable!("matched above"),
+                }
                 let mut out_dims = dims;
                 if let Some(last) = out_dims.last_mut() {
                     *last = self.out_dim;
@@ -170,6 +257,14 @@ impl Linear {
             Inner::Candle(QMatMul::TensorF16(t)) => t.to_dtype(candle_core::DType::F32)?,
             Inner::Q41(m) => {
                 Tensor::from_vec(m.to_f32(), (self.out_dim, self.in_dim), &Device::Cpu)?
+            }
+            Inner::I8(w) => {
+                let mut out = vec![0f32; self.out_dim * self.in_dim];
+                match w.as_ref() {
+                    I8Weights::Q41(b) => qk::dequantize_row_q4_1(b, &mut out),
+                    I8Weights::Q80(b) => qk::dequantize_row_q8_0(b, &mut out),
+                }
+                Tensor::from_vec(out, (self.out_dim, self.in_dim), &Device::Cpu)?
             }
         })
     }

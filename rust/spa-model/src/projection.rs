@@ -154,7 +154,12 @@ impl DownProjection {
 
     /// The published projection for `base`: PCA over [`crate::corpus::GENERAL_TEXT`], cached
     /// in `cache_dir` (computed once, then loaded; a corrupt cache file is recomputed).
-    pub fn published(base: &BaseModel, width: usize, taps: &[usize], cache_dir: &Path) -> Result<Self> {
+    pub fn published(
+        base: &BaseModel,
+        width: usize,
+        taps: &[usize],
+        cache_dir: &Path,
+    ) -> Result<Self> {
         let taps_id = sha256_hex(format!("{taps:?}").as_bytes());
         let file = cache_dir.join(format!(
             "{}-w{width}-t{}-v{PROJECTION_VERSION}.safetensors",
@@ -163,16 +168,31 @@ impl DownProjection {
         ));
         if file.exists() {
             match Self::load(&file) {
-                Ok(p) if p.meta.base == base.identity() && p.meta.width == width && p.meta.taps == taps => return Ok(p),
-                Ok(_) => log::warn!("projection cache {} does not match; recomputing", file.display()),
-                Err(e) => log::warn!("projection cache {} unreadable ({e}); recomputing", file.display()),
+                Ok(p)
+                    if p.meta.base == base.identity()
+                        && p.meta.width == width
+                        && p.meta.taps == taps =>
+                {
+                    return Ok(p)
+                }
+                Ok(_) => log::warn!(
+                    "projection cache {} does not match; recomputing",
+                    file.display()
+                ),
+                Err(e) => log::warn!(
+                    "projection cache {} unreadable ({e}); recomputing",
+                    file.display()
+                ),
             }
         }
         let texts = crate::corpus::GENERAL_TEXT
             .iter()
             .map(|t| base.tokenizer().encode(t))
             .collect::<Result<Vec<_>>>()?;
-        log::info!("computing PCA projection (width {width}, {} taps)", taps.len());
+        log::info!(
+            "computing PCA projection (width {width}, {} taps)",
+            taps.len()
+        );
         let p = Self::pca(base, &texts, width, taps)?;
         if let Err(e) = p.save(&file) {
             log::warn!("could not cache projection at {}: {e}", file.display());

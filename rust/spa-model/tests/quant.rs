@@ -282,9 +282,9 @@ fn quantized_side_and_head_track_f32() {
     // ... and head only, on the base's own final hidden states (no side).
     let base_ref = f32_logits_all(&w, &as_refs(&c.hidden[..k]));
     let (mut b8, mut b4) = (Stats::default(), Stats::default());
-    for p in 0..k {
-        b8.add(&head_q8.full(&c.hidden[p]).unwrap(), &base_ref[p]);
-        b4.add(&head_q4.full(&c.hidden[p]).unwrap(), &base_ref[p]);
+    for (h, r) in c.hidden[..k].iter().zip(&base_ref) {
+        b8.add(&head_q8.full(h).unwrap(), r);
+        b4.add(&head_q4.full(h).unwrap(), r);
     }
     b8.report(&format!("q8_0 head only (base hidden), {k} positions"));
     b4.report(&format!("q4_0 head only (base hidden), {k} positions"));

@@ -2,7 +2,10 @@
 //! the per-position decision rule shared by the speculative runtime and the local reference.
 
 use crate::error::{Result, RuntimeError};
-use spa_model::{DeviceAssets, DeviceHead, GateMode, PersonalVocab, QuantMode, SideCache, SideNetwork, SidePlugin, SpaTokenizer};
+use spa_model::{
+    DeviceAssets, DeviceHead, GateMode, PersonalVocab, QuantMode, SideCache, SideNetwork,
+    SidePlugin, SpaTokenizer,
+};
 use spa_protocol::{decode_tensor, Limits, Manifest, PositionState};
 
 /// Everything that runs on the phone.
@@ -47,7 +50,9 @@ impl DeviceModel {
         personal: PersonalVocab,
     ) -> Result<Self> {
         if plugin.meta.base != assets.identity {
-            return Err(RuntimeError::Incompatible("personal weights were made for another base model".into()));
+            return Err(RuntimeError::Incompatible(
+                "personal weights were made for another base model".into(),
+            ));
         }
         let max_positions = assets.config.context.min(32_768);
         Ok(Self {

@@ -7,6 +7,9 @@
 pub mod client;
 pub mod device;
 pub mod error;
+pub mod layer_split;
+#[cfg(feature = "netsim")]
+pub mod netsim;
 pub mod reference;
 pub mod session;
 

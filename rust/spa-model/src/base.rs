@@ -18,6 +18,17 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// One sequence of a batched layer call: its first position, length and cache.
+#[derive(Debug)]
+pub struct BatchItem<'a> {
+    /// Absolute position of the first row.
+    pub pos: usize,
+    /// Rows of this sequence.
+    pub seq: usize,
+    /// Its KV cache.
+    pub cache: &'a mut KvCache,
+}
+
 /// Per-position outputs of a base forward pass.
 #[derive(Debug, Clone)]
 pub struct BaseOutput {
@@ -355,14 +366,58 @@ impl BaseModel {
         pos: usize,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        let seq = x.dim(0)?;
+        self.layer_forward_batch(i, x, &mut [BatchItem { pos, seq, cache }])
+    }
+
+    /// Runs layer `i` for several sequences at once: `x` stacks their rows (`[sum seq, hidden]`,
+    /// in `items` order). Matrix products run once over all rows (each weight is read once per
+    /// batch); attention runs per sequence on its own cache.
+    pub fn layer_forward_batch(
+        &self,
+        i: usize,
+        x: &Tensor,
+        items: &mut [BatchItem<'_>],
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let layer = self
             .layers
             .get(i)
             .ok_or_else(|| SpaError::InvalidConfig(format!("layer {i} of {}", cfg.n_layers)))?;
-        let seq = x.dim(0)?;
         let h = rms(x, &layer.attn_norm, cfg.rms_eps)?;
-        let mut attn = self.attention(i, layer, &h, pos, seq, cache)?;
+        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let (q, k, v) = match &layer.qkv {
+            Some(qkv) => {
+                let all = qkv.forward(&h)?;
+                (
+                    all.narrow(1, 0, nh * hd)?,
+                    all.narrow(1, nh * hd, nkv * hd)?,
+                    all.narrow(1, (nh + nkv) * hd, nkv * hd)?,
+                )
+            }
+            None => (
+                layer.q.forward(&h)?,
+                layer.k.forward(&h)?,
+                layer.v.forward(&h)?,
+            ),
+        };
+        let mut outs = Vec::with_capacity(items.len());
+        let mut r0 = 0;
+        for it in items.iter_mut() {
+            let (qi, ki, vi) = (
+                q.narrow(0, r0, it.seq)?,
+                k.narrow(0, r0, it.seq)?,
+                v.narrow(0, r0, it.seq)?,
+            );
+            outs.push(self.attention(i, layer, &qi, &ki, &vi, it.pos, it.seq, it.cache)?);
+            r0 += it.seq;
+        }
+        let attn_in = if outs.len() == 1 {
+            outs.pop().unwrap_or_else(|| unreachable!())
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        let mut attn = layer.o.forward(&attn_in)?;
         if let Some(n) = &layer.post_attn_norm {
             attn = rms(&attn, n, cfg.rms_eps)?;
         }
@@ -386,37 +441,83 @@ impl BaseModel {
         Ok((x + f)?)
     }
 
+    /// Forward passes of several sequences in one batch (each with its own cache and position):
+    /// equal to calling [`BaseModel::forward`] on each, but every weight matrix is read once.
+    pub fn forward_batch(&self, jobs: &mut [(&[u32], &mut KvCache)]) -> Result<Vec<BaseOutput>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut all = Vec::new();
+        for (tokens, cache) in jobs.iter() {
+            if tokens.is_empty() {
+                return Err(SpaError::InvalidConfig(
+                    "forward called with no tokens".into(),
+                ));
+            }
+            cache.check_room(tokens.len())?;
+            all.extend_from_slice(tokens);
+        }
+        let mut x = self.embed(&all)?;
+        let mut items: Vec<BatchItem<'_>> = jobs
+            .iter_mut()
+            .map(|(t, c)| BatchItem {
+                pos: c.len(),
+                seq: t.len(),
+                cache: &mut **c,
+            })
+            .collect();
+        let mut layer_out = Vec::with_capacity(self.cfg.n_layers);
+        for i in 0..self.cfg.n_layers {
+            x = self.layer_forward_batch(i, &x, &mut items)?;
+            layer_out.push(x.clone());
+        }
+        let hidden = self.final_norm(&x)?;
+        let mut outs = Vec::with_capacity(items.len());
+        let mut r0 = 0;
+        for it in &items {
+            outs.push(BaseOutput {
+                taps: layer_out
+                    .iter()
+                    .map(|t| t.narrow(0, r0, it.seq))
+                    .collect::<std::result::Result<_, _>>()?,
+                hidden: hidden.narrow(0, r0, it.seq)?,
+            });
+            r0 += it.seq;
+        }
+        Ok(outs)
+    }
+
     /// The final norm: residual stream -> LM head input.
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
         rms(x, &self.norm, self.cfg.rms_eps)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         i: usize,
         layer: &Layer,
-        h: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
         pos: usize,
         seq: usize,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let q = layer
-            .q
-            .forward(h)?
+        let q = q
+            .contiguous()?
             .reshape((1, seq, nh, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let k = layer
-            .k
-            .forward(h)?
+        let k = k
+            .contiguous()?
             .reshape((1, seq, nkv, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let v = layer
-            .v
-            .forward(h)?
+        let v = v
+            .contiguous()?
             .reshape((1, seq, nkv, hd))?
             .transpose(1, 2)?;
         let (q, k) = match (&layer.q_norm, &layer.k_norm) {
@@ -457,11 +558,10 @@ impl BaseModel {
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v_all)?; // [1, nkv, rep*seq, hd]
-        let out = out
+        Ok(out
             .reshape((1, nh, seq, hd))?
             .transpose(1, 2)?
-            .reshape((seq, nh * hd))?;
-        layer.o.forward(&out)
+            .reshape((seq, nh * hd))?)
     }
 
     /// LM head logits for hidden states `[seq, hidden]` -> `[seq, vocab]`.

@@ -2,7 +2,7 @@
 //! device's position, append its tokens, draft K tokens greedily, and package per-position
 //! base states (projected taps, final hidden, draft token, top-k candidates).
 
-use spa_model::{argmax, top_k, BaseModel, DownProjection, KvCache, SpaError};
+use spa_model::{argmax, top_k, BaseModel, BaseOutput, DownProjection, KvCache, SpaError};
 use spa_protocol::{encode_f16, encode_i8_rows, PositionState, StepRequest, StepResponse};
 use std::time::Instant;
 
@@ -32,6 +32,20 @@ pub fn run_step(
     req: &StepRequest,
     default_top_k: usize,
 ) -> Result<StepResponse, StepError> {
+    run_step_with(base, proj, cache, req, default_top_k, &|t, c| {
+        base.forward(t, c)
+    })
+}
+
+/// [`run_step`] with the forward pass supplied by the caller (the server's batcher).
+pub fn run_step_with(
+    base: &BaseModel,
+    proj: &DownProjection,
+    cache: &mut KvCache,
+    req: &StepRequest,
+    default_top_k: usize,
+    forward: &dyn Fn(&[u32], &mut KvCache) -> spa_model::Result<BaseOutput>,
+) -> Result<StepResponse, StepError> {
     let t0 = Instant::now();
     let held = cache.len();
     if req.position as usize > held {
@@ -42,7 +56,6 @@ pub fn run_step(
     }
     base.tokenizer().check_ids(&req.tokens)?;
     let k = req.draft.max(1) as usize;
-    cache.check_room(0)?;
     let max = cache.max_len();
     let need = req.position as usize + req.tokens.len() + k - 1;
     if need > max {
@@ -62,7 +75,7 @@ pub fn run_step(
     let n_taps = proj.meta().taps.len();
     let hidden_dim = base.config().hidden;
     let mut states = Vec::with_capacity(req.tokens.len() + k - 1);
-    let mut out = base.forward(&req.tokens, cache)?;
+    let mut out = forward(&req.tokens, cache)?;
     let mut pos = req.position;
     for j in 0..k {
         let z = proj.apply_taps(&out.taps)?;
@@ -100,7 +113,7 @@ pub fn run_step(
             });
             pos += 1;
             if j + 1 < k {
-                out = base.forward(&[draft], cache)?;
+                out = forward(&[draft], cache)?;
             }
         }
     }

@@ -10,6 +10,7 @@
 //! `DELETE /v1/sessions/{id}`, `POST /v1/sessions/{id}/step`, `POST /v1/sessions/{id}/layer`.
 
 pub mod auth;
+pub mod batch;
 pub mod engine;
 pub mod metrics;
 pub mod sessions;
@@ -34,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 pub use auth::Keys;
-pub use engine::{run_step, StepError};
+pub use engine::{run_step, run_step_with, StepError};
 pub use sessions::{Lookup, Session, Sessions};
 
 /// Server settings.
@@ -76,6 +77,8 @@ pub struct AppState {
     pub sessions: Mutex<Sessions>,
     /// Counters.
     pub metrics: metrics::Metrics,
+    /// Cross-session batching engine.
+    pub batcher: batch::Batcher,
     manifest: Manifest,
 }
 
@@ -125,6 +128,7 @@ impl AppState {
             top_k: config.top_k as u32,
         };
         Self {
+            batcher: batch::Batcher::start(base.clone(), 32),
             base,
             proj,
             config,

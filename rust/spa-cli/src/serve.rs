@@ -286,7 +286,7 @@ pub async fn demo(a: DemoArgs) -> Result<()> {
         base,
         proj,
         ServerConfig {
-            keys: Keys::new(&[key.clone()]),
+            keys: Keys::new(std::slice::from_ref(&key)),
             ..ServerConfig::default()
         },
     ));

@@ -463,7 +463,7 @@ impl BaseModel {
             .map(|(t, c)| BatchItem {
                 pos: c.len(),
                 seq: t.len(),
-                cache: &mut **c,
+                cache: c,
             })
             .collect();
         let mut layer_out = Vec::with_capacity(self.cfg.n_layers);

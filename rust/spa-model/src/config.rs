@@ -125,7 +125,7 @@ impl BaseConfig {
         if n_layers == 0 || hidden == 0 || n_heads == 0 || n_kv_heads == 0 || head_dim == 0 {
             return Err(SpaError::Unsupported("zero-sized model dimension".into()));
         }
-        if n_heads % n_kv_heads != 0 || head_dim % 2 != 0 {
+        if n_heads % n_kv_heads != 0 || !head_dim.is_multiple_of(2) {
             return Err(SpaError::Unsupported(format!(
                 "heads {n_heads} / kv heads {n_kv_heads} / head dim {head_dim} not supported"
             )));
@@ -173,7 +173,7 @@ impl BaseConfig {
 
     /// Whether layer `i` attends over the full context (as opposed to a sliding window).
     pub fn is_global_layer(&self, i: usize) -> bool {
-        self.sliding_window.is_none() || (i + 1) % self.global_every == 0
+        self.sliding_window.is_none() || (i + 1).is_multiple_of(self.global_every)
     }
 
     /// Parameter count of the base (weights, including the embedding once).

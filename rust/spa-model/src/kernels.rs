@@ -35,7 +35,7 @@ pub struct Q41Matrix {
 impl Q41Matrix {
     /// Parses GGML Q4_1 blocks (`f16 d, f16 m, 16 bytes`, 20 bytes per 32 values).
     pub fn from_ggml_bytes(data: &[u8], rows: usize, cols: usize) -> Result<Self> {
-        if cols % QK != 0 || data.len() != rows * cols / QK * GGML_Q4_1_BYTES {
+        if !cols.is_multiple_of(QK) || data.len() != rows * cols / QK * GGML_Q4_1_BYTES {
             return Err(SpaError::WrongShape {
                 name: "q4_1 matrix".into(),
                 expected: vec![rows, cols, rows * cols / QK * GGML_Q4_1_BYTES],
@@ -65,7 +65,7 @@ impl Q41Matrix {
 
     /// Parses GGML Q8_0 blocks (`f16 d, 32 x i8`, 34 bytes per 32 values).
     pub fn from_ggml_q8_0(data: &[u8], rows: usize, cols: usize) -> Result<Self> {
-        if cols % QK != 0 || data.len() != rows * cols / QK * 34 {
+        if !cols.is_multiple_of(QK) || data.len() != rows * cols / QK * 34 {
             return Err(SpaError::WrongShape {
                 name: "q8_0 matrix".into(),
                 expected: vec![rows, cols, rows * cols / QK * 34],
@@ -287,7 +287,7 @@ mod avx2 {
         let cols = w.cols;
         let nb = cols / QK;
         if w.is_q8() {
-            for i in 0..n {
+            for (i, o) in out.iter_mut().enumerate().take(n) {
                 let mut acc = _mm256_setzero_ps();
                 for (k, b) in blocks.clone().enumerate() {
                     let p = w.q8[b].as_ptr() as *const __m128i;
@@ -304,7 +304,7 @@ mod avx2 {
                     t = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xp.add(24)), t);
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(w.d[b]), t, acc);
                 }
-                out[i] = hsum(acc);
+                *o = hsum(acc);
             }
             return;
         }

@@ -121,7 +121,7 @@ const _: () = assert!(std::mem::align_of::<BlockQ8_1>() == 2);
 /// Returns `None` if `bytes.len()` is not a multiple of [`BlockQ4_1::BYTES`]. Works for any
 /// alignment of `bytes` and on any host endianness (the data is copied).
 pub fn q4_1_from_bytes(bytes: &[u8]) -> Option<Vec<BlockQ4_1>> {
-    if bytes.len() % BlockQ4_1::BYTES != 0 {
+    if !bytes.len().is_multiple_of(BlockQ4_1::BYTES) {
         return None;
     }
     let blocks = bytes
@@ -144,7 +144,7 @@ pub fn q4_1_from_bytes(bytes: &[u8]) -> Option<Vec<BlockQ4_1>> {
 /// Returns `None` if `bytes.len()` is not a multiple of [`BlockQ8_0::BYTES`]. Works for any
 /// alignment of `bytes` and on any host endianness (the data is copied).
 pub fn q8_0_from_bytes(bytes: &[u8]) -> Option<Vec<BlockQ8_0>> {
-    if bytes.len() % BlockQ8_0::BYTES != 0 {
+    if !bytes.len().is_multiple_of(BlockQ8_0::BYTES) {
         return None;
     }
     let blocks = bytes
@@ -191,7 +191,7 @@ pub fn q8_0_to_bytes(blocks: &[BlockQ8_0]) -> Vec<u8> {
 /// 2-byte aligned; fall back to [`q4_1_from_bytes`] then. Only available on little-endian hosts.
 #[cfg(target_endian = "little")]
 pub fn q4_1_view(bytes: &[u8]) -> Option<&[BlockQ4_1]> {
-    if bytes.len() % BlockQ4_1::BYTES != 0
+    if !bytes.len().is_multiple_of(BlockQ4_1::BYTES)
         || bytes
             .as_ptr()
             .align_offset(std::mem::align_of::<BlockQ4_1>())
@@ -218,7 +218,7 @@ pub fn q4_1_view(bytes: &[u8]) -> Option<&[BlockQ4_1]> {
 /// 2-byte aligned; fall back to [`q8_0_from_bytes`] then. Only available on little-endian hosts.
 #[cfg(target_endian = "little")]
 pub fn q8_0_view(bytes: &[u8]) -> Option<&[BlockQ8_0]> {
-    if bytes.len() % BlockQ8_0::BYTES != 0
+    if !bytes.len().is_multiple_of(BlockQ8_0::BYTES)
         || bytes
             .as_ptr()
             .align_offset(std::mem::align_of::<BlockQ8_0>())
@@ -1041,7 +1041,7 @@ fn matmul_prequant<F: Format>(
 ) {
     let isa = Checked::new(isa);
     assert!(
-        cols % QK == 0,
+        cols.is_multiple_of(QK),
         "{name}: cols ({cols}) must be a multiple of {QK}"
     );
     let nb = cols / QK;
@@ -1087,7 +1087,7 @@ fn matmul_f32<F: Format>(
     name: &str,
 ) {
     assert!(
-        cols % QK == 0,
+        cols.is_multiple_of(QK),
         "{name}: cols ({cols}) must be a multiple of {QK}"
     );
     assert_eq!(

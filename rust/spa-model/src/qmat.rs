@@ -45,7 +45,7 @@ impl QRows {
                 got: vec![w.len()],
             });
         }
-        if mode != QuantMode::F32 && cols % BLOCK != 0 {
+        if mode != QuantMode::F32 && !cols.is_multiple_of(BLOCK) {
             return Err(SpaError::InvalidConfig(format!(
                 "{cols} columns is not a multiple of {BLOCK} (quantization block)"
             )));

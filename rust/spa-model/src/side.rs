@@ -61,7 +61,7 @@ impl SideConfig {
 
     /// Checks the configuration against a base with `n_layers` layers.
     pub fn validate(&self, n_layers: usize) -> Result<()> {
-        if self.width == 0 || self.width % 32 != 0 {
+        if self.width == 0 || !self.width.is_multiple_of(32) {
             return Err(SpaError::InvalidConfig(format!(
                 "side width {} must be a positive multiple of 32 (q4_0/q8_0 blocks); e.g. 32, 64, 128",
                 self.width
@@ -82,7 +82,7 @@ impl SideConfig {
                 "tap {t} but the base has {n_layers} layers"
             )));
         }
-        if self.ffn_mult == 0 || !(self.temperature > 0.0) {
+        if self.ffn_mult == 0 || self.temperature.is_nan() || self.temperature <= 0.0 {
             return Err(SpaError::InvalidConfig(
                 "ffn_mult and temperature must be positive".into(),
             ));

@@ -171,8 +171,35 @@ fn f32_logits_all(w: &Tensor, rows: &[&[f32]]) -> Vec<Vec<f32>> {
     rows.chunks(128).flat_map(|c| f32_logits(w, c)).collect()
 }
 
+fn hid(steps: &[SideStep]) -> Vec<Vec<f32>> {
+    steps.iter().map(|x| x.hidden.clone()).collect()
+}
+
 fn as_refs(v: &[Vec<f32>]) -> Vec<&[f32]> {
     v.iter().map(Vec::as_slice).collect()
+}
+
+/// The f32 side path (up_scale 1.0, seed 1) over the corpus and its full-vocabulary f32
+/// logits: the reference of the quantization test and the up_scale-1 case of the shortlist
+/// test (computed once per binary).
+struct SideRef {
+    steps: Vec<SideStep>,
+    logits: Vec<Vec<f32>>,
+}
+
+fn side_ref() -> &'static SideRef {
+    static R: OnceLock<SideRef> = OnceLock::new();
+    R.get_or_init(|| {
+        let base = common::base();
+        let c = corpus();
+        let plugin = SidePlugin::init(base, &c.proj, 1, 1.0).unwrap();
+        let net = SideNetwork::new(&plugin.weights, QuantMode::F32, base.max_positions()).unwrap();
+        let steps = side_steps(&net, c);
+        let w = base.head_weight_f32().unwrap();
+        let rows: Vec<&[f32]> = steps.iter().map(|s| s.hidden.as_slice()).collect();
+        let logits = f32_logits_all(&w, &rows);
+        SideRef { steps, logits }
+    })
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -230,7 +257,11 @@ fn quantized_side_and_head_track_f32() {
     let t0 = Instant::now();
     let plugin = SidePlugin::init(base, &c.proj, 1, 1.0).unwrap();
     let side = |m| SideNetwork::new(&plugin.weights, m, base.max_positions()).unwrap();
-    let steps_f32 = side_steps(&side(QuantMode::F32), c);
+    // Same seed and scale as `side_ref`, so the same weights.
+    let SideRef {
+        steps: steps_f32,
+        logits: reference,
+    } = side_ref();
     let steps_q8 = side_steps(&side(QuantMode::Q8), c);
     let steps_q4 = side_steps(&side(QuantMode::Q4), c);
     // The side path is non-trivial: it moves the hidden state (rms of the shift ~1.0 against a
@@ -257,9 +288,7 @@ fn quantized_side_and_head_track_f32() {
     }
 
     // 1) The device path: quantized side + quantized head, all positions.
-    let hid = |s: &[SideStep]| s.iter().map(|x| x.hidden.clone()).collect::<Vec<_>>();
-    let (h_f32, h_q8, h_q4) = (hid(&steps_f32), hid(&steps_q8), hid(&steps_q4));
-    let reference = f32_logits_all(&w, &as_refs(&h_f32));
+    let (h_q8, h_q4) = (hid(&steps_q8), hid(&steps_q4));
     let (mut c8, mut c4) = (Stats::default(), Stats::default());
     for (p, r) in reference.iter().enumerate() {
         c8.add(&head_q8.full(&h_q8[p]).unwrap(), r);
@@ -341,14 +370,16 @@ fn shortlist_finds_the_full_head_argmax() {
     let w = base.head_weight_f32().unwrap();
     let head = DeviceHead::from_base(base, QuantMode::F32).unwrap();
     let mut rates = Vec::new();
-    for up_scale in [0.0f32, 1.0] {
-        let plugin = SidePlugin::init(base, &c.proj, 1, up_scale).unwrap();
-        let net = SideNetwork::new(&plugin.weights, QuantMode::F32, base.max_positions()).unwrap();
-        let steps = side_steps(&net, c);
-        let rows: Vec<&[f32]> = steps.iter().map(|s| s.hidden.as_slice()).collect();
+    // up_scale 0: computed here; up_scale 1: the shared f32 reference.
+    let plugin0 = SidePlugin::init(base, &c.proj, 1, 0.0).unwrap();
+    let net0 = SideNetwork::new(&plugin0.weights, QuantMode::F32, base.max_positions()).unwrap();
+    let steps0 = side_steps(&net0, c);
+    let logits0 = f32_logits_all(&w, &as_refs(&hid(&steps0)));
+    let r1 = side_ref();
+    for (up_scale, steps, logits) in [(0.0f32, &steps0, &logits0), (1.0, &r1.steps, &r1.logits)] {
         let mut hits = 0usize;
         let mut in_base_top = 0usize;
-        for (p, full) in f32_logits_all(&w, &rows).iter().enumerate() {
+        for (p, full) in logits.iter().enumerate() {
             let cands = personal.candidates(&c.base_top[p]);
             assert!(cands.len() >= 64 && cands.len() <= 128);
             assert_eq!(&cands[..64], c.base_top[p].as_slice());

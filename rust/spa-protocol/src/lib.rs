@@ -8,7 +8,7 @@
 //!
 //! ```
 //! use spa_protocol::{decode_frame, encode_frame, FrameKind, Limits, StepRequest};
-//! let req = StepRequest { position: 0, tokens: vec![504, 3575], draft: 4, top_k: 0 };
+//! let req = StepRequest { position: 0, tokens: vec![504, 3575], draft: 4, ..Default::default() };
 //! let bytes = encode_frame(FrameKind::StepRequest, &req);
 //! let back: StepRequest = decode_frame(&bytes, FrameKind::StepRequest, &Limits::default()).unwrap();
 //! assert_eq!(back, req);
@@ -16,6 +16,7 @@
 
 mod codec;
 mod messages;
+pub mod sampling;
 
 pub use codec::{decode_tensor, encode_f16, encode_i8_rows, TensorData};
 pub use messages::*;
@@ -150,6 +151,15 @@ impl StepRequest {
                 "a step needs at least one token".into(),
             ));
         }
+        if !(self.temperature.is_finite()
+            && self.temperature >= 0.0
+            && self.top_p.is_finite()
+            && self.top_p >= 0.0)
+        {
+            return Err(ProtocolError::Limit(
+                "temperature and top_p must be finite and >= 0".into(),
+            ));
+        }
         if self.draft == 0 || self.draft as usize > limits.max_draft {
             return Err(ProtocolError::Limit(format!(
                 "draft K = {} not in 1..={}",
@@ -236,7 +246,7 @@ mod tests {
             position: 0,
             tokens: vec![1],
             draft: 4,
-            top_k: 0,
+            ..Default::default()
         };
         assert!(ok.validate(&l).is_ok());
         assert!(StepRequest {

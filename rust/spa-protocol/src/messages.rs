@@ -120,6 +120,12 @@ pub struct StepRequest {
     pub draft: u32,
     #[prost(uint32, tag = "4")]
     pub top_k: u32,
+    #[prost(float, tag = "5")]
+    pub temperature: f32,
+    #[prost(float, tag = "6")]
+    pub top_p: f32,
+    #[prost(uint64, tag = "7")]
+    pub seed: u64,
 }
 
 /// Base-side data of one position.

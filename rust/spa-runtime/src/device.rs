@@ -6,7 +6,7 @@ use spa_model::{
     DeviceAssets, DeviceHead, GateMode, PersonalVocab, QuantMode, SideCache, SideNetwork,
     SidePlugin, SpaTokenizer,
 };
-use spa_protocol::{decode_tensor, Limits, Manifest, PositionState};
+use spa_protocol::{decode_tensor, sampling, Limits, Manifest, PositionState};
 
 /// Everything that runs on the phone.
 #[derive(Debug)]
@@ -25,6 +25,17 @@ pub struct DeviceModel {
     pub base_identity: String,
     /// Projection fingerprint the side weights were made for.
     pub projection: String,
+}
+
+/// Sampling settings carried by step requests (temperature 0 = greedy).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct WireSampling {
+    /// Softmax temperature (0: greedy).
+    pub temperature: f32,
+    /// Nucleus inside the top-k (0 or 1: off).
+    pub top_p: f32,
+    /// Seed of the position-keyed draws.
+    pub seed: u64,
 }
 
 /// The device's decision at one draft position.
@@ -98,6 +109,20 @@ impl DeviceModel {
         cache: &mut SideCache,
         limits: &Limits,
     ) -> Result<Option<Decision>> {
+        self.process_with(s, cache, limits, &WireSampling::default())
+    }
+
+    /// [`DeviceModel::process`] with sampling: when `ws.temperature > 0` the server's drafts were
+    /// sampled from `q`, and the side path uses the speculative-sampling rule (accept with
+    /// probability min(1, p/q), else draw from norm(max(0, p - q))), so emitted tokens follow
+    /// the SPA distribution `p` exactly.
+    pub fn process_with(
+        &self,
+        s: &PositionState,
+        cache: &mut SideCache,
+        limits: &Limits,
+        ws: &WireSampling,
+    ) -> Result<Option<Decision>> {
         let c = self.side.config();
         let taps_t = s
             .taps
@@ -134,13 +159,55 @@ impl DeviceModel {
             GateMode::AlwaysSide => true,
             GateMode::AlwaysBase => false,
         };
-        let token = if side {
+        let token = if !side {
+            s.draft_token
+        } else if ws.temperature > 0.0 {
+            let cands = self.personal.candidates(&s.topk_ids);
+            let k = s.topk_ids.len();
+            let lq = decode_tensor(
+                s.topk_logits.as_ref().ok_or_else(|| {
+                    RuntimeError::Protocol("sampled draft without top-k logits".into())
+                })?,
+                limits,
+            )?;
+            if lq.data.len() != k {
+                return Err(RuntimeError::Protocol(
+                    "top-k logits and ids differ in length".into(),
+                ));
+            }
+            let mut q = sampling::distribution(&lq.data, ws.temperature, ws.top_p);
+            q.resize(cands.len(), 0.0);
+            let p = sampling::distribution(
+                &self.head.shortlist(&cands, &step.hidden)?,
+                ws.temperature,
+                ws.top_p,
+            );
+            let d = s
+                .topk_ids
+                .iter()
+                .position(|&t| t == s.draft_token)
+                .ok_or_else(|| RuntimeError::Protocol("draft not among its top-k".into()))?;
+            let mut rng = sampling::rng_for(ws.seed, s.position, 1);
+            let accept = if q[d] > 0.0 {
+                (p[d] / q[d]).min(1.0)
+            } else {
+                0.0
+            };
+            if rng.uniform() < accept {
+                s.draft_token
+            } else {
+                let r: Vec<f32> = p.iter().zip(&q).map(|(a, b)| (a - b).max(0.0)).collect();
+                if r.iter().sum::<f32>() > 0.0 {
+                    cands[sampling::draw(&r, rng.uniform())]
+                } else {
+                    s.draft_token
+                }
+            }
+        } else {
             let cands = self.personal.candidates(&s.topk_ids);
             self.head
                 .shortlist_argmax(&cands, &step.hidden)?
                 .ok_or_else(|| RuntimeError::Protocol("empty candidate list".into()))?
-        } else {
-            s.draft_token
         };
         Ok(Some(Decision {
             token,

@@ -79,6 +79,7 @@ pub async fn generate(
                 tokens: prompt.to_vec(),
                 draft: 1,
                 top_k: 1,
+                ..Default::default()
             },
         )
         .await?;

@@ -14,7 +14,7 @@ pub mod reference;
 pub mod session;
 
 pub use client::{Client, ClientConfig};
-pub use device::{Decision, DeviceModel};
+pub use device::{Decision, DeviceModel, WireSampling};
 pub use error::{Result, RuntimeError};
 pub use session::{GenerationStats, RuntimeParams, SpaSession};
 pub use spa_protocol::Mode;

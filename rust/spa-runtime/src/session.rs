@@ -10,7 +10,7 @@
 //! from the token history kept here.
 
 use crate::client::Client;
-use crate::device::DeviceModel;
+use crate::device::{DeviceModel, WireSampling};
 use crate::error::{Result, RuntimeError};
 use spa_model::SideCache;
 use spa_protocol::{Limits, Mode, StepRequest};
@@ -73,6 +73,8 @@ pub struct RuntimeParams {
     pub top_k: u32,
     /// Token ids that end generation (not emitted).
     pub stop_tokens: Vec<u32>,
+    /// Sampling (temperature 0: greedy).
+    pub sampling: WireSampling,
 }
 
 impl Default for RuntimeParams {
@@ -82,6 +84,7 @@ impl Default for RuntimeParams {
             draft: 8,
             top_k: 0,
             stop_tokens: Vec::new(),
+            sampling: WireSampling::default(),
         }
     }
 }
@@ -182,6 +185,9 @@ impl SpaSession {
                 tokens: self.history[self.synced..].to_vec(),
                 draft: params.draft,
                 top_k: params.top_k,
+                temperature: params.sampling.temperature,
+                top_p: params.sampling.top_p,
+                seed: params.sampling.seed,
             };
             let t0 = Instant::now();
             let resp = match self.client.step(&id, &req).await {
@@ -227,7 +233,10 @@ impl SpaSession {
             self.cache.truncate(req.position as usize);
             let mut accepted_all = true;
             for s in &resp.states {
-                let Some(d) = self.device.process(s, &mut self.cache, &self.limits)? else {
+                let Some(d) =
+                    self.device
+                        .process_with(s, &mut self.cache, &self.limits, &params.sampling)?
+                else {
                     continue;
                 };
                 st.decisions += 1;

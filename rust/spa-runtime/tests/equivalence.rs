@@ -62,3 +62,50 @@ async fn speculative_rounds_equal_local_decoding() {
     }
     srv.shutdown().await;
 }
+
+/// Sampling over the wire (speculative sampling): draws are keyed by (seed, position), so the
+/// emitted tokens do not depend on K; a different seed gives a different text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampled_rounds_do_not_depend_on_k() {
+    let w = common::world();
+    let (srv, _state) = common::start_server(common::server_config()).await;
+    let prompt = w
+        .base
+        .tokenizer()
+        .encode("The old harbour was quiet that morning, and")
+        .unwrap();
+    let dev = Arc::new(common::device(GateMode::Learned, &prompt));
+    let run = |k: u32, seed: u64| {
+        let dev = dev.clone();
+        let url = srv.url();
+        let prompt = prompt.clone();
+        async move {
+            let mut s = SpaSession::new(common::client(&url, common::KEY), dev, Mode::Spa);
+            let params = RuntimeParams {
+                max_tokens: 20,
+                draft: k,
+                sampling: spa_runtime::WireSampling {
+                    temperature: 0.9,
+                    top_p: 0.95,
+                    seed,
+                },
+                ..Default::default()
+            };
+            s.generate(&prompt, &params, None, |_| true).await.unwrap()
+        }
+    };
+    let (a1, st1) = run(1, 7).await;
+    let (a4, _) = run(4, 7).await;
+    let (a16, _) = run(16, 7).await;
+    assert_eq!(a1, a4);
+    assert_eq!(a1, a16);
+    assert!(
+        st1.side_chosen > 0,
+        "the gate must pick the side path somewhere"
+    );
+    let (b1, _) = run(1, 8).await;
+    assert_ne!(a1, b1, "another seed should sample another text");
+    let greedy = generate_local(&w.base, &w.proj, &dev, &prompt, 20, 32, &[]).unwrap();
+    assert_ne!(a1, greedy, "sampling at T=0.9 should differ from greedy");
+    srv.shutdown().await;
+}

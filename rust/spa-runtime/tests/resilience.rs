@@ -450,7 +450,7 @@ async fn another_keys_session_is_not_found() {
         position: 0,
         tokens: tokens(PROMPT_A),
         draft: K,
-        top_k: 0,
+        ..Default::default()
     };
     let r = bounded("foreign step", other.step(&id, &req)).await;
     assert_eq!(r.unwrap_err(), RuntimeError::NotFound);

@@ -3,7 +3,9 @@
 //! base states (projected taps, final hidden, draft token, top-k candidates).
 
 use spa_model::{argmax, top_k, BaseModel, BaseOutput, DownProjection, KvCache, SpaError};
-use spa_protocol::{encode_f16, encode_i8_rows, PositionState, StepRequest, StepResponse};
+use spa_protocol::{
+    encode_f16, encode_i8_rows, sampling, PositionState, StepRequest, StepResponse,
+};
 use std::time::Instant;
 
 /// Why a step could not run.
@@ -99,9 +101,16 @@ pub fn run_step_with(
                 .to_vec1()
                 .map_err(SpaError::from)?;
             let logits = base.last_logits(&h)?;
-            let draft = argmax(&logits).unwrap_or(0) as u32;
             let ids = top_k(&logits, top);
             let lv: Vec<f32> = ids.iter().map(|&i| logits[i as usize]).collect();
+            let draft = if req.temperature > 0.0 {
+                // Sampled draft from q over the top-k, computed from the logits as sent (f16).
+                let q =
+                    sampling::distribution(&sampling::wire_round(&lv), req.temperature, req.top_p);
+                ids[sampling::draw(&q, sampling::rng_for(req.seed, pos, 0).uniform())]
+            } else {
+                argmax(&logits).unwrap_or(0) as u32
+            };
             states.push(PositionState {
                 position: pos,
                 taps,

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== fetch assets (model) =="
-bash scripts/fetch-assets.sh model
+bash scripts/fetch-assets.sh model gemma
 
 echo "== cargo fmt --check =="
 cargo fmt --all -- --check

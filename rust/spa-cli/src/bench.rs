@@ -51,10 +51,12 @@ fn time_us(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 fn llamacpp_decode_tok_s(model: &std::path::Path, tokens: usize) -> Option<f64> {
+    // Greedy decode through llama-cpp-python (2 threads), timed from the first streamed token
+    // to the last, so prompt processing is excluded as in our decode figure.
     let script = format!(
         "import time,sys\nfrom llama_cpp import Llama\nm=Llama(model_path=sys.argv[1],n_threads=2,n_ctx=512,verbose=False)\n\
-ids=m.tokenize(b'The capital of France is',add_bos=False)\nm.eval(ids)\nt=time.time();n=0\n\
-for i in range({tokens}):\n    tok=m.sample(temp=0.0)\n    m.eval([tok]);n+=1\nprint(n/(time.time()-t))\n"
+ts=[]\nfor c in m.create_completion('The capital of France is',max_tokens={tokens},temperature=0.0,top_k=1,stream=True):\n    ts.append(time.time())\n\
+print((len(ts)-1)/(ts[-1]-ts[0]))\n"
     );
     let out = std::process::Command::new("python3")
         .arg("-c")

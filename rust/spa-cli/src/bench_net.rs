@@ -236,6 +236,9 @@ pub struct ServeBenchArgs {
     /// GGUF base model.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Base kernels: f32 (f32 activations, default) or int8 (llama.cpp numerics).
+    #[arg(long, default_value = "f32")]
+    kernel: String,
 }
 
 fn rss_bytes() -> u64 {
@@ -259,7 +262,12 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 pub async fn serve(a: ServeBenchArgs) -> Result<()> {
-    let (base, proj) = load_server_parts(a.model.as_deref(), 64, "random:1")?;
+    let kernel = match a.kernel.as_str() {
+        "int8" => spa_model::BaseKernel::Int8Activations,
+        _ => spa_model::BaseKernel::F32Activations,
+    };
+    let (base, proj) =
+        crate::serve::load_server_parts_with(a.model.as_deref(), 64, "random:1", kernel)?;
     let key = "bench-key".to_string();
     let cert = tls::dev_cert().map_err(anyhow::Error::msg)?;
     let state = Arc::new(AppState::new(
@@ -329,7 +337,7 @@ pub async fn serve(a: ServeBenchArgs) -> Result<()> {
         results.push(r);
     }
     srv.shutdown().await;
-    let j = json!({"k": a.k, "tokens_per_session": a.tokens, "results": results, "note": "loopback, no RTT; step latency = mean per round per session"});
+    let j = json!({"k": a.k, "kernel": a.kernel, "tokens_per_session": a.tokens, "results": results, "note": "loopback, no RTT; step latency = mean per round per session"});
     if a.json {
         println!("{j}");
     } else {

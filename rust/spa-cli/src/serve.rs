@@ -3,8 +3,8 @@
 use crate::assets;
 use anyhow::{bail, Context, Result};
 use spa_model::{
-    BaseModel, DeviceAssets, DownProjection, GateMode, PersonalVocab, QuantMode, SideConfig,
-    SidePlugin,
+    BaseKernel, BaseModel, DeviceAssets, DownProjection, GateMode, PersonalVocab, QuantMode,
+    SideConfig, SidePlugin,
 };
 use spa_runtime::{Client, ClientConfig, DeviceModel, Mode, RuntimeParams, SpaSession};
 use spa_server::{tls, AppState, Keys, ServerConfig};
@@ -56,8 +56,19 @@ pub fn load_server_parts(
     width: usize,
     projection: &str,
 ) -> Result<(Arc<BaseModel>, Arc<DownProjection>)> {
+    load_server_parts_with(model, width, projection, BaseKernel::default())
+}
+
+/// [`load_server_parts`] with a choice of base kernels.
+pub fn load_server_parts_with(
+    model: Option<&Path>,
+    width: usize,
+    projection: &str,
+    kernel: BaseKernel,
+) -> Result<(Arc<BaseModel>, Arc<DownProjection>)> {
     let path = assets::model_path(model)?;
-    let base = BaseModel::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let base = BaseModel::load_with(&path, kernel)
+        .with_context(|| format!("loading {}", path.display()))?;
     let taps: Vec<usize> = (0..base.config().n_layers).collect();
     let proj = if projection == "pca" {
         DownProjection::published(&base, width, &taps, &assets::spa_home().join("projections"))?

@@ -18,6 +18,10 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// A server that loses every new session (e.g. a non-sticky load balancer) ends the call with
+/// [`RuntimeError::SessionGone`] after this many re-prefills without a successful round.
+pub const MAX_REPREFILLS_IN_A_ROW: u32 = 3;
+
 /// Per-generation statistics.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GenerationStats {
@@ -160,6 +164,27 @@ impl SpaSession {
         cancel: Option<Arc<AtomicBool>>,
         mut on_token: impl FnMut(u32) -> bool,
     ) -> Result<(Vec<u32>, GenerationStats)> {
+        let entry = self.history.len();
+        let r = self
+            .generate_inner(prompt, params, cancel, &mut on_token)
+            .await;
+        if r.is_err() {
+            // A failed or cancelled turn leaves the conversation as it was, so the app can retry
+            // it without the prompt appearing twice.
+            self.history.truncate(entry);
+            self.synced = self.synced.min(entry.saturating_sub(1));
+            self.cache.truncate(self.synced);
+        }
+        r
+    }
+
+    async fn generate_inner(
+        &mut self,
+        prompt: &[u32],
+        params: &RuntimeParams,
+        cancel: Option<Arc<AtomicBool>>,
+        on_token: &mut impl FnMut(u32) -> bool,
+    ) -> Result<(Vec<u32>, GenerationStats)> {
         if prompt.is_empty() {
             return Err(RuntimeError::Config("empty prompt".into()));
         }
@@ -175,6 +200,7 @@ impl SpaSession {
         // The next round sends history[self.synced..] at position self.synced.
         self.history.extend_from_slice(prompt);
         let mut done = params.max_tokens == 0;
+        let mut lost_in_a_row = 0u32;
         while !done {
             if cancel.as_ref().is_some_and(|c| c.load(Relaxed)) {
                 return Err(RuntimeError::Cancelled);
@@ -206,10 +232,15 @@ impl SpaSession {
                     self.cache.clear();
                     self.cache = self.device.side.new_cache();
                     st.reprefills += 1;
+                    lost_in_a_row += 1;
+                    if lost_in_a_row > MAX_REPREFILLS_IN_A_ROW {
+                        return Err(RuntimeError::SessionGone);
+                    }
                     continue;
                 }
                 Err(e) => return Err(e),
             };
+            lost_in_a_row = 0;
             let wall = t0.elapsed();
             let server = Duration::from_micros(resp.compute_us);
             st.t_pretrained += server;

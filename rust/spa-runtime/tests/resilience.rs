@@ -11,7 +11,7 @@ use spa_protocol::StepRequest;
 use spa_runtime::netsim::{Fault, FaultPlan, NetConfig, Proxy};
 use spa_runtime::{
     Client, ClientConfig, DeviceModel, GenerationStats, Mode, RuntimeError, RuntimeParams,
-    SpaSession,
+    SpaSession, WireSampling,
 };
 use spa_server::{AppState, ServerConfig};
 use std::future::Future;
@@ -72,11 +72,15 @@ struct Run {
 /// Generates `prompt` on `session`, checking that the streamed tokens, the returned tokens and
 /// the session history agree (no duplicates, nothing lost).
 async fn run(session: &mut SpaSession, prompt: &[u32]) -> Run {
+    run_with(session, prompt, &params()).await
+}
+
+async fn run_with(session: &mut SpaSession, prompt: &[u32], params: &RuntimeParams) -> Run {
     let before = session.history().to_vec();
     let mut streamed = Vec::new();
     let (tokens, stats) = bounded(
         "generation",
-        session.generate(prompt, &params(), None, |t| {
+        session.generate(prompt, params, None, |t| {
             streamed.push(t);
             true
         }),
@@ -102,13 +106,17 @@ async fn run(session: &mut SpaSession, prompt: &[u32]) -> Run {
 
 /// The tokens and statistics of a clean run (own server, no proxy, no faults).
 async fn clean_run(prompt: &[u32], dev: &Arc<DeviceModel>) -> Run {
+    clean_run_with(prompt, dev, &params()).await
+}
+
+async fn clean_run_with(prompt: &[u32], dev: &Arc<DeviceModel>, params: &RuntimeParams) -> Run {
     let (srv, state) = common::start_server(common::server_config()).await;
     let mut s = SpaSession::new(
         common::client(&srv.url(), common::KEY),
         dev.clone(),
         Mode::Spa,
     );
-    let r = run(&mut s, prompt).await;
+    let r = run_with(&mut s, prompt, params).await;
     assert_eq!(r.tokens.len(), MAX_TOKENS);
     assert_eq!(state.metrics.rounds.load(Relaxed), r.stats.rounds as u64);
     assert_eq!(r.stats.reprefills, 0);
@@ -751,6 +759,76 @@ async fn server_replaced_behind_proxy_is_transparent() {
     assert_eq!(
         server_rounds(&state1) + server_rounds(&state2),
         stats.rounds as u64
+    );
+    drop(p2);
+    let proxy = Arc::into_inner(proxy).unwrap();
+    bounded("proxy shutdown", proxy.shutdown()).await;
+    bounded("server shutdown", srv1.shutdown()).await;
+    bounded("server shutdown", srv2.shutdown()).await;
+}
+
+/// Speculative sampling keys every draw by (seed, position): a sampled generation through
+/// dropped responses and a server switch (re-prefill) gives the clean run's tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampled_generation_survives_drops_and_reprefill() {
+    let prompt = tokens(PROMPT_B);
+    let dev = device(&prompt);
+    let sampled = RuntimeParams {
+        sampling: WireSampling {
+            temperature: 0.9,
+            top_p: 0.95,
+            seed: 11,
+        },
+        ..params()
+    };
+    let clean = clean_run_with(&prompt, &dev, &sampled).await;
+    let (srv1, state1) = common::start_server(common::server_config()).await;
+    let (srv2, state2) = common::start_server(common::server_config()).await;
+    let proxy = Arc::new(
+        Proxy::start(
+            srv1.addr,
+            NetConfig {
+                faults: FaultPlan::Schedule(vec![(2, Fault::Drop), (6, Fault::Drop)]),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let (p2, new_addr) = (proxy.clone(), srv2.addr);
+    let mut n = 0;
+    let mut s = SpaSession::new(client(&proxy.url(), common::KEY, WAIT, 4), dev, Mode::Spa);
+    let mut streamed = Vec::new();
+    let (got, stats) = bounded(
+        "sampled generation",
+        s.generate(&prompt, &sampled, None, |t| {
+            streamed.push(t);
+            n += 1;
+            if n == 8 {
+                p2.set_upstream(new_addr);
+                p2.disconnect_all();
+            }
+            true
+        }),
+    )
+    .await
+    .unwrap();
+    let drops = proxy.stats.drops.load(Relaxed);
+    eprintln!(
+        "sampled: {drops} drops, rounds {} (old {}, new {}), reprefills {}",
+        stats.rounds,
+        server_rounds(&state1),
+        server_rounds(&state2),
+        stats.reprefills
+    );
+    assert_eq!(got, clean.tokens);
+    assert_eq!(streamed, clean.tokens);
+    assert_eq!(drops, 2, "the schedule was not applied");
+    assert_eq!(stats.reprefills, 1);
+    assert_eq!(stats.rounds, clean.stats.rounds);
+    assert_eq!(
+        server_rounds(&state1) + server_rounds(&state2),
+        stats.rounds as u64 + drops
     );
     drop(p2);
     let proxy = Arc::into_inner(proxy).unwrap();

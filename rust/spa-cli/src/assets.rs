@@ -5,17 +5,7 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// File name of the default base model.
-pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// $SPA_HOME, default ~/.cache/spa-mobile.
-pub fn spa_home() -> PathBuf {
-    if let Ok(h) = std::env::var("SPA_HOME") {
-        return PathBuf::from(h);
-    }
-    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
-    PathBuf::from(home).join(".cache/spa-mobile")
-}
+pub use spa_model::paths::{spa_home, MODEL_FILE};
 
 fn find_script() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("SPA_FETCH_SCRIPT") {

@@ -83,6 +83,39 @@ impl Bench {
     }
 }
 
+/// Starts the server on a loopback port with a dev certificate and one bench key, and reads
+/// what the device needs (tokenizer + head from the GGUF, the manifest).
+async fn start_local(
+    base: Arc<spa_model::BaseModel>,
+    proj: Arc<spa_model::DownProjection>,
+    max_sessions_per_key: usize,
+) -> Result<(spa_server::RunningServer, Bench)> {
+    let key = "bench-key".to_string();
+    let cert = tls::dev_cert().map_err(anyhow::Error::msg)?;
+    let assets = DeviceAssets::load(base.path())?;
+    let state = Arc::new(AppState::new(
+        base,
+        proj,
+        ServerConfig {
+            keys: Keys::new(std::slice::from_ref(&key)),
+            max_sessions_per_key,
+            ..ServerConfig::default()
+        },
+    ));
+    let srv = spa_server::start(state, "127.0.0.1:0".parse()?, Some(&cert))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let mut b = Bench {
+        assets,
+        manifest: Default::default(),
+        url_root: srv.url(),
+        cert,
+        key,
+    };
+    b.manifest = b.client(&b.url_root)?.manifest().await?;
+    Ok((srv, b))
+}
+
 fn row(mode: &str, k: u32, st: &GenerationStats, tokens: usize, scale: f64) -> serde_json::Value {
     let t = st.tokens.max(1) as f64;
     json!({
@@ -125,29 +158,7 @@ async fn spa_run(
 
 pub async fn rounds(a: RoundsArgs) -> Result<()> {
     let (base, proj) = load_server_parts(a.model.as_deref(), 64, &a.projection)?;
-    let key = "bench-key".to_string();
-    let cert = tls::dev_cert().map_err(anyhow::Error::msg)?;
-    let state = Arc::new(AppState::new(
-        base.clone(),
-        proj,
-        ServerConfig {
-            keys: Keys::new(std::slice::from_ref(&key)),
-            ..ServerConfig::default()
-        },
-    ));
-    let srv = spa_server::start(state.clone(), "127.0.0.1:0".parse()?, Some(&cert))
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let assets = DeviceAssets::load(base.path())?;
-    drop(base);
-    let mut b = Bench {
-        assets,
-        manifest: Default::default(),
-        url_root: srv.url(),
-        cert,
-        key,
-    };
-    b.manifest = b.client(&b.url_root)?.manifest().await?;
+    let (srv, b) = start_local(base, proj, 64).await?;
     let untrained = b.device(GateMode::Learned, 0.0)?;
     let side_random = b.device(GateMode::AlwaysSide, 1.0)?;
     let mut outputs = Vec::new();
@@ -268,29 +279,7 @@ pub async fn serve(a: ServeBenchArgs) -> Result<()> {
     };
     let (base, proj) =
         crate::serve::load_server_parts_with(a.model.as_deref(), 64, "random:1", kernel)?;
-    let key = "bench-key".to_string();
-    let cert = tls::dev_cert().map_err(anyhow::Error::msg)?;
-    let state = Arc::new(AppState::new(
-        base.clone(),
-        proj,
-        ServerConfig {
-            keys: Keys::new(std::slice::from_ref(&key)),
-            max_sessions_per_key: 1024,
-            ..ServerConfig::default()
-        },
-    ));
-    let srv = spa_server::start(state.clone(), "127.0.0.1:0".parse()?, Some(&cert))
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let assets = DeviceAssets::load(base.path())?;
-    let mut b = Bench {
-        assets,
-        manifest: Default::default(),
-        url_root: srv.url(),
-        cert,
-        key,
-    };
-    b.manifest = b.client(&b.url_root)?.manifest().await?;
+    let (srv, b) = start_local(base, proj, 1024).await?;
     let dev = b.device(GateMode::AlwaysBase, 0.0)?;
     let mut results = Vec::new();
     let mut single = None;

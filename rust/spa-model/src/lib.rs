@@ -25,6 +25,7 @@ pub mod io;
 pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
+pub mod paths;
 pub mod projection;
 pub mod qkern_int8;
 pub mod qmat;

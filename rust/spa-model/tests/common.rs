@@ -7,16 +7,9 @@ use std::sync::OnceLock;
 
 /// Path of the SmolLM2 GGUF: $SPA_MODEL, else $SPA_HOME/models/..., else ~/.cache/spa-mobile/models/...
 pub fn model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("SPA_MODEL") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("SPA_HOME")
+    let p = std::env::var("SPA_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-                .join(".cache/spa-mobile")
-        });
-    let p = home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        .unwrap_or_else(|_| spa_model::paths::model_file(spa_model::paths::MODEL_FILE));
     assert!(
         p.exists(),
         "model not found at {}: run `scripts/fetch-assets.sh model` first",

@@ -23,16 +23,9 @@ use std::sync::OnceLock;
 const LOGIT_TOL: f32 = 0.2;
 
 fn gemma_path() -> PathBuf {
-    if let Ok(p) = std::env::var("SPA_GEMMA_MODEL") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("SPA_HOME")
+    std::env::var("SPA_GEMMA_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-                .join(".cache/spa-mobile")
-        });
-    home.join("models/gemma-3-270m-q4_k_m.gguf")
+        .unwrap_or_else(|_| spa_model::paths::model_file(spa_model::paths::GEMMA_FILE))
 }
 
 /// The Gemma base, loaded once per test binary; `None` (with a message) when the file is absent.

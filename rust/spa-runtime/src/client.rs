@@ -272,7 +272,12 @@ impl Client {
         match r.status() {
             s if s.is_success() => Ok(()),
             StatusCode::UNAUTHORIZED => Err(RuntimeError::Unauthorized),
-            _ => Err(RuntimeError::NotFound),
+            StatusCode::NOT_FOUND => Err(RuntimeError::NotFound),
+            s if s.is_server_error() => Err(RuntimeError::Transport {
+                attempts: 1,
+                message: format!("HTTP {s}"),
+            }),
+            s => Err(RuntimeError::BadRequest(format!("HTTP {s}"))),
         }
     }
 

@@ -127,7 +127,8 @@ impl Sessions {
             let victim = self
                 .map
                 .iter()
-                .filter(|(id, _)| id.as_str() != keep)
+                // Sessions holding no KV memory (new, or first step in flight) free nothing.
+                .filter(|(id, e)| id.as_str() != keep && e.bytes > 0)
                 .min_by_key(|(_, e)| e.last_used)
                 .map(|(id, _)| id.clone());
             let Some(id) = victim else { break };
@@ -145,5 +146,41 @@ impl Sessions {
             }
         }
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session() -> Session {
+        Session {
+            cache: KvCache::new(1, 8),
+            mode: 0,
+            layer_state: None,
+        }
+    }
+
+    #[test]
+    fn ownership_eviction_and_gone() {
+        let mut s = Sessions::default();
+        let a = s.create(0, session());
+        let b = s.create(0, session());
+        let c = s.create(1, session());
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+        // another key's session is indistinguishable from an unknown one
+        assert!(matches!(s.get(&c, 0), Lookup::NotFound));
+        assert!(!s.delete(&c, 0));
+        s.set_bytes(&a, 100);
+        s.set_bytes(&c, 100);
+        // b holds nothing: evicting it would free nothing, so the LRU session with memory goes
+        assert_eq!(s.evict_to(150, &c), 1);
+        assert!(matches!(s.get(&a, 0), Lookup::Gone));
+        assert!(matches!(s.get(&a, 1), Lookup::NotFound));
+        assert!(matches!(s.get(&b, 0), Lookup::Found(_)));
+        assert_eq!(s.total_bytes(), 100);
+        assert_eq!(s.count_for(0), 1);
+        assert!(s.delete(&b, 0));
     }
 }

@@ -150,6 +150,16 @@ pub struct ChatArgs {
     /// Device quantization: f32, q8, q4.
     #[arg(long, default_value = "q8")]
     pub quant: String,
+    /// Sampling temperature (0: greedy). Drafts are sampled on the server and accepted on the
+    /// device with the speculative-sampling rule.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus (top-p) when sampling.
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
 }
 
 /// Builds the device model for a server: its manifest decides the side shape.

@@ -14,6 +14,8 @@
 //! assert_eq!(back, req);
 //! ```
 
+#![warn(missing_docs)]
+
 mod codec;
 mod messages;
 pub mod sampling;

@@ -9,6 +9,8 @@
 //! Endpoints: `GET /healthz`, `GET /metrics`, `GET /v1/model`, `POST /v1/sessions`,
 //! `DELETE /v1/sessions/{id}`, `POST /v1/sessions/{id}/step`, `POST /v1/sessions/{id}/layer`.
 
+#![warn(missing_docs)]
+
 pub mod auth;
 pub mod batch;
 pub mod engine;

@@ -543,25 +543,40 @@ impl BaseModel {
         };
         let max_len = cache.max_len();
         let (k_all, v_all) = cache.layer_mut(i).append(&k, &v, max_len)?;
-        let total = pos + seq;
         let rep = nh / nkv;
-        // Grouped-query attention without copying K/V: fold the query heads of a group into rows.
-        let q = q.reshape((1, nkv, rep * seq, hd))?;
-        let scores = (q.matmul(&k_all.t()?)? * cfg.attn_scale as f64)?; // [1, nkv, rep*seq, total]
         let window = if global { None } else { cfg.sliding_window };
-        let scores = match attn_mask(seq, pos, total, window)? {
-            Some(mask) => scores
-                .reshape((1, nkv, rep, seq, total))?
-                .broadcast_add(&mask)?
-                .reshape((1, nkv, rep * seq, total))?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v_all)?; // [1, nkv, rep*seq, hd]
-        Ok(out
-            .reshape((1, nh, seq, hd))?
-            .transpose(1, 2)?
-            .reshape((seq, nh * hd))?)
+        // Each query row is attended exactly as a one-token decode step would be (same shapes,
+        // same kernels). This makes the forward pass batch-invariant: a prompt prefilled in one
+        // call gives bit-identical states to the same tokens fed one by one, so a session that
+        // is re-prefilled after eviction or a server restart continues with the same tokens.
+        let mut rows = Vec::with_capacity(seq);
+        for r in 0..seq {
+            let total = pos + r + 1;
+            let qr = q
+                .narrow(2, r, 1)?
+                .contiguous()?
+                .reshape((1, nkv, rep, hd))?;
+            let (kr, vr) = if r + 1 == seq {
+                (k_all.clone(), v_all.clone())
+            } else {
+                (
+                    k_all.narrow(2, 0, total)?.contiguous()?,
+                    v_all.narrow(2, 0, total)?.contiguous()?,
+                )
+            };
+            // Grouped-query attention without copying K/V: the group's query heads are rows.
+            let scores = (qr.matmul(&kr.t()?)? * cfg.attn_scale as f64)?; // [1, nkv, rep, total]
+            let scores = match attn_mask(1, pos + r, total, window)? {
+                Some(mask) => scores.broadcast_add(&mask)?,
+                None => scores,
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            rows.push(probs.matmul(&vr)?.reshape((1, nh * hd))?); // [1, nh*hd]
+        }
+        if rows.len() == 1 {
+            return Ok(rows.pop().unwrap_or_else(|| unreachable!()));
+        }
+        Ok(Tensor::cat(&rows, 0)?)
     }
 
     /// LM head logits for hidden states `[seq, hidden]` -> `[seq, vocab]`.

@@ -331,8 +331,17 @@ async fn step_h(
     let t0 = Instant::now();
     let (res, bytes) = tokio::task::spawn_blocking(move || {
         let mut s = sess.lock().unwrap_or_else(|p| p.into_inner());
-        let r = run_step(&st2.base, &st2.proj, &mut s.cache, &req, st2.config.top_k)
-            .map(|r| (r, req.tokens.len()));
+        // Forward passes go through the batching engine, so concurrent sessions share them.
+        let fwd = |t: &[u32], c: &mut spa_model::KvCache| st2.batcher.forward(t, c);
+        let r = run_step_with(
+            &st2.base,
+            &st2.proj,
+            &mut s.cache,
+            &req,
+            st2.config.top_k,
+            &fwd,
+        )
+        .map(|r| (r, req.tokens.len()));
         (r, s.cache.capacity_bytes())
     })
     .await

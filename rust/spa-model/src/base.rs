@@ -126,20 +126,14 @@ impl BaseModel {
     /// Like [`BaseModel::load`], choosing the kernels for Q4_1 / Q8_0 matrices.
     pub fn load_with(path: impl AsRef<Path>, kernel: BaseKernel) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| SpaError::MissingFile {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let bytes = read_file(path)?;
         Self::from_bytes(path, &bytes, kernel)
     }
 
     /// Loads and checks the file's sha256 first: a flipped byte anywhere is reported as corrupt.
     pub fn load_verified(path: impl AsRef<Path>, sha256: &str) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| SpaError::MissingFile {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let bytes = read_file(path)?;
         let got = sha256_hex(&bytes);
         if got != sha256 {
             return Err(SpaError::gguf(
@@ -327,22 +321,9 @@ impl BaseModel {
 
     /// Runs `tokens` at positions `cache.len()..` and appends them to the cache.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<BaseOutput> {
-        if tokens.is_empty() {
-            return Err(SpaError::InvalidConfig(
-                "forward called with no tokens".into(),
-            ));
-        }
-        cache.check_room(tokens.len())?;
-        let cfg = &self.cfg;
-        let pos = cache.len();
-        let mut x = self.embed(tokens)?;
-        let mut taps = Vec::with_capacity(cfg.n_layers);
-        for i in 0..cfg.n_layers {
-            x = self.layer_forward(i, &x, pos, cache)?;
-            taps.push(x.clone());
-        }
-        let hidden = self.final_norm(&x)?;
-        Ok(BaseOutput { taps, hidden })
+        self.forward_batch(&mut [(tokens, cache)])?
+            .pop()
+            .ok_or_else(|| SpaError::InvalidConfig("forward produced no output".into()))
     }
 
     /// Token embeddings `[seq, hidden]` (scaled for Gemma). Ids must be valid.
@@ -566,7 +547,7 @@ impl BaseModel {
             };
             // Grouped-query attention without copying K/V: the group's query heads are rows.
             let scores = (qr.matmul(&kr.t()?)? * cfg.attn_scale as f64)?; // [1, nkv, rep, total]
-            let scores = match attn_mask(1, pos + r, total, window)? {
+            let scores = match window_mask(pos + r, total, window)? {
                 Some(mask) => scores.broadcast_add(&mask)?,
                 None => scores,
             };
@@ -594,30 +575,31 @@ impl BaseModel {
     }
 }
 
-/// Additive mask `[seq, total]` (0 or -inf) for queries at `pos..pos+seq`; `None` when every
-/// query may see every cached key.
-fn attn_mask(
-    seq: usize,
-    pos: usize,
-    total: usize,
-    window: Option<usize>,
-) -> Result<Option<Tensor>> {
-    let needs_window = window.is_some_and(|w| total > w);
-    if seq == 1 && !needs_window {
+/// Reads a whole model file, mapping I/O errors to [`SpaError::MissingFile`].
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| SpaError::MissingFile {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// Additive sliding-window mask `[1, total]` (0 or -inf) for the query at `qpos` attending keys
+/// `0..total` (`total = qpos + 1`: later keys are not cached yet, so no causal mask is needed);
+/// `None` when the query may see every cached key.
+fn window_mask(qpos: usize, total: usize, window: Option<usize>) -> Result<Option<Tensor>> {
+    let Some(w) = window.filter(|&w| total > w) else {
         return Ok(None);
-    }
-    let mut m = vec![0f32; seq * total];
-    for i in 0..seq {
-        let qpos = pos + i;
-        for j in 0..total {
-            let future = j > qpos;
-            let outside = window.is_some_and(|w| qpos >= w && j <= qpos - w);
-            if future || outside {
-                m[i * total + j] = f32::NEG_INFINITY;
+    };
+    let m: Vec<f32> = (0..total)
+        .map(|j| {
+            if qpos >= w && j <= qpos - w {
+                f32::NEG_INFINITY
+            } else {
+                0.0
             }
-        }
-    }
-    Ok(Some(Tensor::from_vec(m, (seq, total), &Device::Cpu)?))
+        })
+        .collect();
+    Ok(Some(Tensor::from_vec(m, (1, total), &Device::Cpu)?))
 }
 
 /// Index of the largest value (first on ties). `None` for an empty slice.
@@ -652,10 +634,7 @@ impl DeviceAssets {
     /// Loads tokenizer + head from a base GGUF.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| SpaError::MissingFile {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let bytes = read_file(path)?;
         let identity = sha256_hex(&bytes);
         let mut cur = Cursor::new(&bytes[..]);
         let content = Content::read(&mut cur).map_err(|e| SpaError::gguf(path, e))?;

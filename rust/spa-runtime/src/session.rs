@@ -229,7 +229,6 @@ impl SpaSession {
                     );
                     self.id = None;
                     self.synced = 0;
-                    self.cache.clear();
                     self.cache = self.device.side.new_cache();
                     st.reprefills += 1;
                     lost_in_a_row += 1;

@@ -1,0 +1,1 @@
+//! UniFFI bindings (being built; see issue 6).

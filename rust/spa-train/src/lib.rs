@@ -1,0 +1,4 @@
+//! # spa-train
+//!
+//! Training and evaluation of SPA side networks on a frozen base (DESIGN.md section 1).
+#![warn(missing_docs)]

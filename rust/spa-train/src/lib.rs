@@ -2,3 +2,5 @@
 //!
 //! Training and evaluation of SPA side networks on a frozen base (DESIGN.md section 1).
 #![warn(missing_docs)]
+
+pub mod basegrad;

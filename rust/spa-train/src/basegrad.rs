@@ -1,0 +1,1 @@
+//! Baselines that need gradients through the frozen base (LoRA, Adapter, full integration).

@@ -1,0 +1,1 @@
+//! ROUGE-L (F1) matching the `rouge-score` package (being written).

@@ -4,4 +4,11 @@
 #![warn(missing_docs)]
 
 pub mod basegrad;
+pub mod data;
+pub mod error;
+pub mod features;
 pub mod rouge;
+pub mod sidegrad;
+pub mod train;
+
+pub use error::{Result, TrainError};

@@ -1,0 +1,296 @@
+//! Trainer tests on the real base and real text (Moby Dick, from `scripts/fetch-assets.sh
+//! personal`): the differentiable graph equals the device's side network, training lowers
+//! validation loss, resume continues bit for bit, the usage cost moves side usage, stale caches
+//! are rejected.
+
+use spa_model::{BaseModel, DownProjection, QuantMode, SideConfig, SideNetwork, SideWeights};
+use spa_train::features::{self, FeatureSet, SeqFeatures, SeqSpec};
+use spa_train::sidegrad::{make_batch, SideGraph, SideInput};
+use spa_train::train::{self, Method, TrainConfig};
+use spa_train::TrainError;
+use std::sync::OnceLock;
+
+fn base() -> &'static BaseModel {
+    static M: OnceLock<BaseModel> = OnceLock::new();
+    M.get_or_init(|| {
+        let p = spa_model::paths::model_file(spa_model::paths::MODEL_FILE);
+        assert!(
+            p.exists(),
+            "run `scripts/fetch-assets.sh model` first ({})",
+            p.display()
+        );
+        BaseModel::load(p).expect("base")
+    })
+}
+
+const TAPS: [usize; 6] = [0, 5, 11, 17, 23, 29];
+const WIDTH: usize = 32;
+
+fn proj() -> &'static DownProjection {
+    static P: OnceLock<DownProjection> = OnceLock::new();
+    P.get_or_init(|| DownProjection::random(base(), WIDTH, &TAPS, 7).expect("projection"))
+}
+
+/// Moby Dick chunks of `len` tokens: (train, val) from chapters 1-3 and chapter 4.
+fn data() -> &'static (Vec<SeqFeatures>, Vec<SeqFeatures>) {
+    static D: OnceLock<(Vec<SeqFeatures>, Vec<SeqFeatures>)> = OnceLock::new();
+    D.get_or_init(|| {
+        let dir = spa_model::paths::spa_home().join("data/personal/moby-dick");
+        assert!(dir.exists(), "run `scripts/fetch-assets.sh personal` first");
+        let tok = base().tokenizer();
+        let chunks = |files: &[&str], n: usize| -> Vec<SeqSpec> {
+            let mut ids = Vec::new();
+            for f in files {
+                let t = std::fs::read_to_string(dir.join(f)).expect("chapter");
+                ids.extend(tok.encode(&t).expect("encode"));
+            }
+            ids.chunks_exact(64)
+                .take(n)
+                .map(|c| SeqSpec {
+                    tokens: c.to_vec(),
+                    loss_start: 1,
+                })
+                .collect()
+        };
+        let tr = chunks(&["chapter_1.txt", "chapter_2.txt", "chapter_3.txt"], 24);
+        let va = chunks(&["chapter_4.txt"], 8);
+        let t = features::compute(base(), &[proj()], 16, &tr, "train", true).expect("features");
+        let v = features::compute(base(), &[proj()], 16, &va, "val", true).expect("features");
+        (t[0].seqs.clone(), v[0].seqs.clone())
+    })
+}
+
+fn side_config() -> SideConfig {
+    let mut c = SideConfig::new(576, 30, WIDTH);
+    c.taps = TAPS.to_vec();
+    c
+}
+
+fn graph(method: Method, up_scale: f32) -> SideGraph {
+    let w = SideWeights::init(side_config(), 3, up_scale).expect("init");
+    SideGraph::new(
+        &w,
+        method.input(),
+        base().head_weight_f32().expect("head"),
+        3,
+    )
+    .expect("graph")
+}
+
+#[test]
+fn graph_matches_the_device_side_network() {
+    let (tr, _) = data();
+    let mut w = SideWeights::init(side_config(), 11, 1.0).expect("init");
+    // Non-trivial gate and LST mixing so every term is exercised.
+    for (i, v) in w
+        .tensors
+        .get_mut("gate.weight")
+        .expect("gate")
+        .data
+        .iter_mut()
+        .enumerate()
+    {
+        *v = ((i % 7) as f32 - 3.0) * 0.05;
+    }
+    for (i, v) in w
+        .tensors
+        .get_mut("alpha")
+        .expect("alpha")
+        .data
+        .iter_mut()
+        .enumerate()
+    {
+        *v = (i as f32 - 2.0) * 0.03;
+    }
+    let g = SideGraph::new(
+        &w,
+        SideInput::BaseTaps,
+        base().head_weight_f32().unwrap(),
+        1,
+    )
+    .unwrap();
+    let seqs: Vec<&SeqFeatures> = tr.iter().take(2).collect();
+    let batch = make_batch(&seqs, TAPS.len(), WIDTH, None).unwrap();
+    let states: Vec<Vec<Vec<f32>>> = g.states(&batch).unwrap().to_vec3().unwrap();
+    let net = SideNetwork::new(&w, QuantMode::F32, 4096).unwrap();
+    let mut max_err = 0f32;
+    for (b, s) in seqs.iter().enumerate() {
+        let z = s.taps_f32(WIDTH);
+        let mut cache = net.new_cache();
+        for t in 0..s.len() {
+            let taps: Vec<Vec<f32>> = (0..TAPS.len())
+                .map(|i| z[(t * TAPS.len() + i) * WIDTH..(t * TAPS.len() + i + 1) * WIDTH].to_vec())
+                .collect();
+            let step = net.step(&taps, &vec![0.0; 576], &mut cache).unwrap();
+            for (a, e) in step.state.iter().zip(&states[b][t]) {
+                max_err = max_err.max((a - e).abs());
+            }
+        }
+    }
+    assert!(
+        max_err < 1e-3,
+        "graph vs SideNetwork max abs diff {max_err}"
+    );
+    // Gate probabilities agree too.
+    let h = g.heads(&batch).unwrap();
+    let p: Vec<f32> = h
+        .gate_logp
+        .exp()
+        .unwrap()
+        .narrow(1, 1, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mut cache = net.new_cache();
+    let s0 = seqs[0];
+    let z = s0.taps_f32(WIDTH);
+    for t in 0..s0.len() - 1 {
+        let taps: Vec<Vec<f32>> = (0..TAPS.len())
+            .map(|i| z[(t * TAPS.len() + i) * WIDTH..(t * TAPS.len() + i + 1) * WIDTH].to_vec())
+            .collect();
+        let step = net.step(&taps, &vec![0.0; 576], &mut cache).unwrap();
+        assert!(
+            (step.p_side - p[t]).abs() < 1e-3,
+            "p_side at {t}: {} vs {}",
+            step.p_side,
+            p[t]
+        );
+    }
+}
+
+fn cfg(method: Method, steps: usize) -> TrainConfig {
+    TrainConfig {
+        method,
+        lr: 1e-3,
+        batch: 4,
+        max_steps: steps,
+        eval_every: 5,
+        patience: 100,
+        seed: 5,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn training_lowers_validation_loss_for_every_method() {
+    let (tr, va) = data();
+    for m in [Method::Spa, Method::Lst, Method::FullSeparation] {
+        let g = graph(m, 0.0);
+        let r = train::train(&g, tr, va, &cfg(m, 30), None, &mut |_| true).unwrap();
+        assert!(
+            r.best.loss < r.initial.loss - 0.01,
+            "{m:?}: validation loss {} -> {}",
+            r.initial.loss,
+            r.best.loss
+        );
+        // The graph holds the best weights.
+        let e = train::evaluate(&g, va, &cfg(m, 30)).unwrap();
+        assert!(
+            (e.loss - r.best.loss).abs() < 1e-4,
+            "{} vs {}",
+            e.loss,
+            r.best.loss
+        );
+    }
+}
+
+#[test]
+fn resume_after_interruption_continues_bit_for_bit() {
+    let (tr, va) = data();
+    let c = cfg(Method::Spa, 20);
+    let full = graph(Method::Spa, 0.0);
+    train::train(&full, tr, va, &c, None, &mut |_| true).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let g1 = graph(Method::Spa, 0.0);
+    let err = train::train(&g1, tr, va, &c, Some(dir.path()), &mut |p| p.step < 10).unwrap_err();
+    assert!(matches!(err, TrainError::Cancelled), "{err}");
+    // A new process: fresh graph, same checkpoint directory.
+    let g2 = graph(Method::Spa, 0.0);
+    let r = train::train(&g2, tr, va, &c, Some(dir.path()), &mut |_| true).unwrap();
+    assert_eq!(r.steps, 20);
+    let (a, _) = full.to_weights().unwrap();
+    let (b, _) = g2.to_weights().unwrap();
+    assert_eq!(a, b, "resumed run differs from the uninterrupted one");
+    // Another configuration must not silently reuse the checkpoint.
+    let other = TrainConfig { lr: 5e-4, ..c };
+    assert!(matches!(
+        train::train(
+            &graph(Method::Spa, 0.0),
+            tr,
+            va,
+            &other,
+            Some(dir.path()),
+            &mut |_| true
+        ),
+        Err(TrainError::Cache { .. })
+    ));
+}
+
+#[test]
+fn usage_cost_moves_side_usage() {
+    let (tr, va) = data();
+    let run = |cost: f64| {
+        let g = graph(Method::Spa, 0.0);
+        let c = TrainConfig {
+            usage_cost: cost,
+            ..cfg(Method::Spa, 25)
+        };
+        let r = train::train(&g, tr, va, &c, None, &mut |_| true).unwrap();
+        (
+            r.initial.p_side_mean,
+            train::evaluate(&g, va, &c).unwrap().p_side_mean,
+        )
+    };
+    let (init, free) = run(0.0);
+    let (_, dear) = run(3.0);
+    // The CATE term pulls the gate toward the side path where it helps; the cost pushes it back.
+    assert!(dear < init, "with cost 3.0 p_side {init} -> {dear}");
+    assert!(
+        free > dear + 0.01,
+        "p_side with no cost {free}, with cost 3.0 {dear}"
+    );
+}
+
+#[test]
+fn caches_are_invalidated_when_projection_or_base_changes() {
+    let specs = vec![SeqSpec {
+        tokens: base()
+            .tokenizer()
+            .encode("The capital of France is Paris.")
+            .unwrap(),
+        loss_start: 2,
+    }];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.safetensors");
+    let sets =
+        features::load_or_compute(base(), &[proj()], 8, &specs, &[&path], "t", true).unwrap();
+    let key = features::cache_key(base(), proj(), 8, &specs);
+    assert_eq!(FeatureSet::load(&path, &key).unwrap().seqs, sets[0].seqs);
+    // Another projection: stale.
+    let other = DownProjection::random(base(), WIDTH, &TAPS, 8).unwrap();
+    let k2 = features::cache_key(base(), &other, 8, &specs);
+    assert!(matches!(
+        FeatureSet::load(&path, &k2),
+        Err(TrainError::Cache { .. })
+    ));
+    // Another base identity: stale.
+    let mut k3 = key.clone();
+    k3.base = "0".repeat(64);
+    assert!(matches!(
+        FeatureSet::load(&path, &k3),
+        Err(TrainError::Cache { .. })
+    ));
+    // load_or_compute recomputes for the new projection and overwrites.
+    let s2 = features::load_or_compute(base(), &[&other], 8, &specs, &[&path], "t", true).unwrap();
+    assert_eq!(FeatureSet::load(&path, &k2).unwrap().seqs, s2[0].seqs);
+    assert_ne!(s2[0].seqs[0].taps, sets[0].seqs[0].taps);
+    // A corrupt cache is an error, not a panic.
+    std::fs::write(&path, b"garbage").unwrap();
+    assert!(matches!(
+        FeatureSet::load(&path, &key),
+        Err(TrainError::Cache { .. })
+    ));
+}

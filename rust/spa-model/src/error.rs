@@ -88,13 +88,15 @@ pub enum SpaError {
 pub type Result<T> = std::result::Result<T, SpaError>;
 
 impl SpaError {
-    pub(crate) fn gguf(path: &std::path::Path, reason: impl std::fmt::Display) -> Self {
+    /// A [`SpaError::CorruptGguf`] for `path`.
+    pub fn gguf(path: &std::path::Path, reason: impl std::fmt::Display) -> Self {
         SpaError::CorruptGguf {
             path: path.to_path_buf(),
             reason: reason.to_string(),
         }
     }
-    pub(crate) fn safetensors(path: &std::path::Path, reason: impl std::fmt::Display) -> Self {
+    /// A [`SpaError::CorruptSafetensors`] for `path`.
+    pub fn safetensors(path: &std::path::Path, reason: impl std::fmt::Display) -> Self {
         SpaError::CorruptSafetensors {
             path: path.to_path_buf(),
             reason: reason.to_string(),

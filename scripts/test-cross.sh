@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# test-cross.sh - the cross-target checks of spa-mobile, on a Linux x86_64 host without vendor SDKs
+# (part of scripts/test.sh, so of CI):
+#
+#   aarch64   `cargo test` of the core crates spa-model + spa-protocol for aarch64-unknown-linux-gnu,
+#             run under qemu-user: the library unit tests (among them the int8 quantized matmul
+#             kernels on every ISA the CPU offers, i.e. scalar, NEON and NEON+dotprod, checked
+#             against the scalar path and dequantized f32), spa-protocol's tests, and the
+#             selected integration tests against the real model in $AARCH64_TESTS.
+#   android   cargo check + release staticlib of spa-ffi for aarch64-linux-android (ring's C via
+#             scripts/cc-wrappers/aarch64-linux-android-clang, no NDK)
+#   ios       cargo check + release staticlib of spa-ffi for aarch64-apple-ios (clang with the minimal
+#             SDK of headers in scripts/cc-wrappers/ios-sdk, no Xcode)
+#   size      release cdylib of spa-ffi for aarch64-unknown-linux-gnu, stripped: the device library
+#             size (the model is not in it); target <= 15 MB
+#   packaging scripts/build-android.sh and scripts/build-xcframework.sh fail early (exit 3) with
+#             a clear message when the NDK / Xcode is absent
+#
+# Usage: scripts/test-cross.sh [aarch64|android|ios|size|packaging ...]   (default: all of them)
+# Needs: Debian gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user clang llvm (llvm-ar), and the
+# rustup targets aarch64-unknown-linux-gnu aarch64-linux-android aarch64-apple-ios (.ci/run installs
+# them; this script adds missing rustup targets itself). Uses $CARGO_TARGET_DIR (default target/);
+# every target has its own subdirectory there, so it does not disturb the host build.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(packaging aarch64 android ios size)
+
+# Integration tests of spa-model run on aarch64 (the others are slow under emulation and test
+# nothing target-specific; the x86_64 suite runs all of them): quant = q8/q4 side + head vs f32 on
+# real text, through the quantized kernels.
+AARCH64_TESTS="${AARCH64_TESTS:-quant}"
+
+. scripts/cross-env.sh
+export SPA_HOME="${SPA_HOME:-$HOME/.cache/spa-mobile}"
+target_dir="${CARGO_TARGET_DIR:-$root/target}"
+
+need=()
+for tool in aarch64-linux-gnu-gcc qemu-aarch64 clang; do
+	command -v "$tool" >/dev/null || need+=("$tool")
+done
+[ -n "${AR_aarch64_linux_android:-}" ] && command -v "$AR_aarch64_linux_android" >/dev/null || need+=(llvm-ar)
+if [ ${#need[@]} -gt 0 ]; then
+	echo "test-cross.sh: missing ${need[*]} (apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user clang llvm)" >&2
+	exit 3
+fi
+installed="$(rustup target list --installed)"
+for t in aarch64-unknown-linux-gnu aarch64-linux-android aarch64-apple-ios; do
+	grep -qx "$t" <<<"$installed" || rustup target add "$t"
+done
+
+t0=$SECONDS
+lap() { echo "-- $1: $((SECONDS - t0)) s"; t0=$SECONDS; }
+human() { awk -v b="$1" 'BEGIN { printf "%.2f MB (%d bytes)", b / 1e6, b }'; }
+
+# Staticlib of spa-ffi for an SDK-less target: cargo check, then the release archive.
+# (`cargo rustc --crate-type staticlib`: the cdylib of the crate would need the vendor linker.)
+staticlib() {
+	local t="$1"
+	echo "== cargo check -p spa-ffi --target $t =="
+	cargo check -p spa-ffi --lib --target "$t"
+	echo "== staticlib: cargo rustc -p spa-ffi --lib --release --target $t --crate-type staticlib =="
+	CARGO_PROFILE_RELEASE_DEBUG=0 cargo rustc -p spa-ffi --lib --release --target "$t" --crate-type staticlib
+	local a="$target_dir/$t/release/libspa_ffi.a"
+	[ -f "$a" ] || { echo "test-cross.sh: no $a" >&2; exit 1; }
+	# The archive must hold aarch64 objects and export the UniFFI scaffolding.
+	local syms
+	syms="$(llvm-nm --defined-only "$a" 2>/dev/null | grep -c ' T _\?uniffi_spa_ffi_fn_' || true)"
+	[ "$syms" -gt 0 ] || { echo "test-cross.sh: $a exports no uniffi_spa_ffi_fn_* symbols" >&2; exit 1; }
+	llvm-strip --strip-debug -o "$target_dir/$t/release/libspa_ffi.stripped.a" "$a"
+	echo "$t staticlib: $(human "$(stat -c %s "$a")"), debug-stripped $(human "$(stat -c %s "$target_dir/$t/release/libspa_ffi.stripped.a")"), $syms exported uniffi functions"
+}
+
+for step in "${steps[@]}"; do
+	case "$step" in
+	packaging)
+		echo "== packaging scripts fail early without the vendor SDKs =="
+		for s in build-android.sh build-xcframework.sh; do
+			set +e
+			out="$(env -u ANDROID_NDK_HOME -u ANDROID_NDK_ROOT -u ANDROID_HOME -u ANDROID_SDK_ROOT \
+				PATH="/usr/bin:/bin:$(dirname "$(command -v cargo)")" bash "scripts/$s" 2>&1)"
+			rc=$?
+			set -e
+			if [ "$(uname -s)" = Darwin ] && [ "$s" = build-xcframework.sh ]; then continue; fi
+			if [ $rc -ne 3 ] || ! grep -q "cannot build" <<<"$out"; then
+				echo "test-cross.sh: scripts/$s without SDK: expected exit 3 and a message, got rc=$rc:" >&2
+				echo "$out" >&2
+				exit 1
+			fi
+			echo "scripts/$s -> exit 3: $(grep -m1 '^  - ' <<<"$out" | sed 's/^  - //')"
+		done
+		lap packaging
+		;;
+	aarch64)
+		bash scripts/fetch-assets.sh model >/dev/null
+		tgt=aarch64-unknown-linux-gnu
+		echo "== cargo test --target $tgt (qemu-aarch64): spa-protocol, spa-model lib + ${AARCH64_TESTS} =="
+		test_args=()
+		for t in $AARCH64_TESTS; do test_args+=(--test "$t"); done
+		cargo test --target "$tgt" -p spa-protocol
+		cargo test --target "$tgt" -p spa-model --lib "${test_args[@]}"
+		# Show (and require) that the NEON kernels were among the ISAs the kernel tests ran on.
+		isa="$(cargo test -q --target "$tgt" -p spa-model --lib qkern_int8::tests::isa_detection_is_consistent -- --nocapture 2>&1 | grep -m1 'available:' || true)"
+		echo "aarch64 kernel ISAs under qemu: ${isa:-?}"
+		grep -q 'Neon' <<<"$isa" || { echo "test-cross.sh: NEON kernels not available under qemu" >&2; exit 1; }
+		lap aarch64
+		;;
+	android)
+		staticlib aarch64-linux-android
+		lap android
+		;;
+	ios)
+		staticlib aarch64-apple-ios
+		lap ios
+		;;
+	size)
+		tgt=aarch64-unknown-linux-gnu
+		echo "== size: release cdylib of spa-ffi for $tgt, stripped =="
+		CARGO_PROFILE_RELEASE_DEBUG=0 cargo rustc -p spa-ffi --lib --release --target "$tgt" --crate-type cdylib
+		so="$target_dir/$tgt/release/libspa_ffi.so"
+		aarch64-linux-gnu-strip -o "$so.stripped" "$so"
+		bytes="$(stat -c %s "$so.stripped")"
+		echo "aarch64 device library (libspa_ffi.so, release, stripped, without the model): $(human "$bytes")"
+		[ "$bytes" -le 15000000 ] || { echo "test-cross.sh: device library larger than 15 MB" >&2; exit 1; }
+		lap size
+		;;
+	*)
+		echo "test-cross.sh: unknown step '$step'" >&2
+		exit 64
+		;;
+	esac
+done

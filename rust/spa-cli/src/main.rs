@@ -4,6 +4,7 @@ mod assets;
 mod bench;
 mod bench_net;
 mod serve;
+mod train_cmd;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -38,6 +39,12 @@ enum Cmd {
     Chat(serve::ChatArgs),
     /// Start a local server with a dev certificate and chat through the device runtime.
     Demo(serve::DemoArgs),
+    /// Train a side network (SPA, LST or full separation) on a task.
+    Train(train_cmd::TrainArgs),
+    /// Reproduce the paper's Tables 1-3 (all methods, all tasks) and write results + report.
+    Eval(train_cmd::EvalArgs),
+    /// Personalize a side network on one author's text; next-word metrics before/after.
+    Personalize(train_cmd::PersonalizeArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -106,6 +113,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Serve(a) => runtime()?.block_on(serve::serve(a)),
         Cmd::Chat(a) => runtime()?.block_on(serve::chat(a)),
         Cmd::Demo(a) => runtime()?.block_on(serve::demo(a)),
+        Cmd::Train(a) => train_cmd::train_cmd(a),
+        Cmd::Eval(a) => train_cmd::eval_cmd(a),
+        Cmd::Personalize(a) => train_cmd::personalize_cmd(a),
         Cmd::Bench { what } => match what {
             BenchCmd::Model(a) => bench::model(a),
             BenchCmd::Rounds(a) => runtime()?.block_on(bench_net::rounds(a)),

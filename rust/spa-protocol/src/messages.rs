@@ -27,6 +27,8 @@ pub enum FrameKind {
     Error = 6,
     LayerRequest = 7,
     LayerResponse = 8,
+    FeaturesRequest = 9,
+    FeaturesResponse = 10,
 }
 
 /// Tensor encodings.
@@ -182,6 +184,37 @@ pub struct LayerResponse {
     pub done: bool,
     #[prost(uint32, tag = "4")]
     pub next_token: u32,
+    #[prost(uint64, tag = "5")]
+    pub compute_us: u64,
+}
+
+/// POST /v1/features: base features of a token sequence for on-device personalization
+/// (stateless; the server keeps nothing).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FeaturesRequest {
+    #[prost(uint32, repeated, tag = "1")]
+    pub tokens: Vec<u32>,
+    #[prost(uint32, tag = "2")]
+    pub top_k: u32,
+}
+
+/// Answer to a features request for `n` tokens: taps of every position, and for each position
+/// `t < n - 1` the base's top-k candidates plus the next token (`k + 1` slots; the last slot
+/// holds the next token with logit -1e4 when it is already among the top-k).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FeaturesResponse {
+    /// `[n * taps, width]` int8 rows.
+    #[prost(message, optional, tag = "1")]
+    pub taps: Option<Tensor>,
+    /// `[(n - 1) * (k + 1)]`.
+    #[prost(uint32, repeated, tag = "2")]
+    pub cand_ids: Vec<u32>,
+    /// `[(n - 1) * (k + 1)]` base logits.
+    #[prost(float, repeated, tag = "3")]
+    pub cand_logits: Vec<f32>,
+    /// `[n - 1]` index of the next token among the slots.
+    #[prost(uint32, repeated, tag = "4")]
+    pub target_idx: Vec<u32>,
     #[prost(uint64, tag = "5")]
     pub compute_us: u64,
 }

@@ -6,8 +6,8 @@ use prost::Message;
 use reqwest::StatusCode;
 use spa_protocol::{
     decode_frame, encode_frame, open_frame, CreateSessionRequest, CreateSessionResponse, ErrorCode,
-    ErrorFrame, FrameKind, LayerRequest, LayerResponse, Limits, Manifest, Mode, StepRequest,
-    StepResponse,
+    ErrorFrame, FeaturesRequest, FeaturesResponse, FrameKind, LayerRequest, LayerResponse, Limits,
+    Manifest, Mode, StepRequest, StepResponse,
 };
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -293,6 +293,28 @@ impl Client {
             )
             .await?;
         self.decode(&b, FrameKind::StepResponse)
+    }
+
+    /// POST /v1/features: the base's features of `tokens` (taps of every position, top-k
+    /// candidates and the next token's logit per position), for on-device personalization.
+    /// Stateless and idempotent (retried).
+    pub async fn features(&self, tokens: &[u32], top_k: u32) -> Result<FeaturesResponse> {
+        let body = encode_frame(
+            FrameKind::FeaturesRequest,
+            &FeaturesRequest {
+                tokens: tokens.to_vec(),
+                top_k,
+            },
+        );
+        let b = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/features",
+                Some(body),
+                FrameKind::FeaturesResponse,
+            )
+            .await?;
+        self.decode(&b, FrameKind::FeaturesResponse)
     }
 
     /// POST /v1/sessions/{id}/layer (layer-split baseline).

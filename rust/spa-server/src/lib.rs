@@ -14,13 +14,15 @@
 pub mod auth;
 pub mod batch;
 pub mod engine;
+pub mod features;
 pub mod metrics;
 pub mod sessions;
 pub mod tls;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
@@ -34,7 +36,7 @@ use spa_protocol::{
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub use auth::Keys;
 pub use engine::{run_step, run_step_with, StepError};
@@ -53,6 +55,12 @@ pub struct ServerConfig {
     pub top_k: usize,
     /// Wire limits.
     pub limits: Limits,
+    /// Longest wait for a request's headers on an HTTP/1.1 connection (slow-loris bound).
+    pub header_timeout: Duration,
+    /// Longest wait for a request's whole body once its headers arrived (408 beyond).
+    pub body_timeout: Duration,
+    /// Longest TLS handshake.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +71,9 @@ impl Default for ServerConfig {
             max_sessions_per_key: 64,
             top_k: 32,
             limits: Limits::default(),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -280,6 +291,7 @@ async fn create_h(
             "too many sessions for this key",
         );
         e.frame.retry_after_ms = 1000;
+        st.metrics.limited.fetch_add(1, Relaxed);
         return Err(e);
     }
     let id = s.create(
@@ -492,8 +504,73 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sessions/{id}", delete(delete_h))
         .route("/v1/sessions/{id}/step", post(step_h))
         .route("/v1/sessions/{id}/layer", post(layer_h))
+        .route("/v1/features", post(features::features_h))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), body_guard))
         .with_state(state)
+}
+
+/// Reads every request body up front, bounded in size (`max_frame_bytes`, 413) and in time
+/// (`body_timeout`, 408), so a client trickling its body (slow loris) or sending an endless one
+/// holds no handler, session lock or compute. Declared lengths over the limit are refused
+/// before anything is read.
+async fn body_guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let limit = st.config.limits.max_frame_bytes;
+    let too_large = || {
+        st.metrics.limited.fetch_add(1, Relaxed);
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::Limit,
+            format!("request body exceeds {limit} bytes"),
+        )
+        .into_response()
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large();
+    }
+    let (parts, body) = req.into_parts();
+    match tokio::time::timeout(st.config.body_timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => {
+            st.metrics.body_timeouts.fetch_add(1, Relaxed);
+            log::info!(
+                "request body not received within {:?}; closing",
+                st.config.body_timeout
+            );
+            let mut r = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCode::BadRequest,
+                "request body not received in time",
+            )
+            .into_response();
+            r.headers_mut()
+                .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+            r
+        }
+        Ok(Err(e)) => {
+            // Over the limit (chunked bodies have no declared length) or a broken stream.
+            let over = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if over {
+                too_large()
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::BadRequest,
+                    "request body could not be read",
+                )
+                .into_response()
+            }
+        }
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+    }
 }
 
 /// A running server.
@@ -531,6 +608,8 @@ pub async fn start(
     addr: SocketAddr,
     tls: Option<&tls::CertPair>,
 ) -> Result<RunningServer, String> {
+    let (header_timeout, handshake_timeout) =
+        (state.config.header_timeout, state.config.handshake_timeout);
     let app = router(state);
     let handle = axum_server::Handle::new();
     let h2 = handle.clone();
@@ -538,19 +617,35 @@ pub async fn start(
     let task = match tls {
         Some(pair) => {
             let cfg = axum_server::tls_rustls::RustlsConfig::from_config(tls::server_config(pair)?);
+            let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(cfg)
+                .handshake_timeout(handshake_timeout);
+            let mut server = axum_server::bind(addr)
+                .acceptor(acceptor)
+                .first_request_timeout(header_timeout);
+            server
+                .http_builder()
+                .http1()
+                .header_read_timeout(header_timeout);
             tokio::spawn(async move {
-                axum_server::bind_rustls(addr, cfg)
+                server
                     .handle(h2)
                     .serve(app.into_make_service())
                     .await
             })
         }
-        None => tokio::spawn(async move {
-            axum_server::bind(addr)
-                .handle(h2)
-                .serve(app.into_make_service())
-                .await
-        }),
+        None => {
+            let mut server = axum_server::bind(addr).first_request_timeout(header_timeout);
+            server
+                .http_builder()
+                .http1()
+                .header_read_timeout(header_timeout);
+            tokio::spawn(async move {
+                server
+                    .handle(h2)
+                    .serve(app.into_make_service())
+                    .await
+            })
+        }
     };
     let addr = handle
         .listening()

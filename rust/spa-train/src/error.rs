@@ -31,6 +31,9 @@ pub enum TrainError {
         /// OS error.
         reason: String,
     },
+    /// The device runtime or the base server failed.
+    #[error("runtime: {0}")]
+    Runtime(#[from] spa_runtime::RuntimeError),
     /// The caller cancelled (progress callback returned false).
     #[error("cancelled")]
     Cancelled,

@@ -233,7 +233,8 @@ pub fn compute(
     Ok(sets)
 }
 
-pub(crate) fn progress(n: u64, label: &str, quiet: bool) -> ProgressBar {
+/// A progress bar with label, counts and ETA (hidden when `quiet`).
+pub fn progress(n: u64, label: &str, quiet: bool) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();
     }

@@ -6,7 +6,10 @@
 pub mod basegrad;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod features;
+pub mod personalize;
+pub mod report;
 pub mod rouge;
 pub mod sidegrad;
 pub mod train;

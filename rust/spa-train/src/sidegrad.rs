@@ -357,6 +357,29 @@ impl SideGraph {
         rms(&s, self.v("final_norm")?)
     }
 
+    /// Side-path logits over each loss position's shortlist `[N][C]` and the gate's side
+    /// probability `[N]` (inference, no gradients kept).
+    pub fn scores(&self, batch: &Batch) -> Result<(Vec<Vec<f32>>, Vec<f32>)> {
+        let st = self.states(batch)?.detach();
+        let (b, t, w) = st.dims3()?;
+        let st = st.reshape((b * t, w))?.index_select(&batch.loss_pos, 0)?;
+        let gate = st
+            .matmul(&self.v("gate.weight")?.t()?)?
+            .broadcast_add(self.v("gate.bias")?)?;
+        let p = candle_nn::ops::softmax(&gate, D::Minus1)?
+            .narrow(1, 1, 1)?
+            .squeeze(1)?;
+        let delta = st.matmul(&self.v("up")?.t()?)?;
+        let (n, c) = batch.cand_logits.dims2()?;
+        let d = delta.dim(1)?;
+        let e = self
+            .head
+            .index_select(&batch.cand_ids, 0)?
+            .reshape((n, c, d))?;
+        let side = (batch.cand_logits.clone() + e.matmul(&delta.unsqueeze(2)?)?.squeeze(2)?)?;
+        Ok((side.to_vec2()?, p.to_vec1()?))
+    }
+
     /// Gate and shortlist probabilities at the loss positions.
     pub fn heads(&self, batch: &Batch) -> Result<Heads> {
         let st = self.states(batch)?;

@@ -84,6 +84,10 @@ pub struct TrainConfig {
     pub cate_margin: f64,
     /// AdamW weight decay.
     pub weight_decay: f64,
+    /// Learning-rate multiplier of the gate classifier: its bias must move by ~2 nats to flip
+    /// the untrained "prefer base" decision, which Adam's ~lr-per-step moves would need
+    /// thousands of steps for.
+    pub gate_lr_mult: f64,
 }
 
 impl Default for TrainConfig {
@@ -100,6 +104,7 @@ impl Default for TrainConfig {
             cate_weight: 0.5,
             cate_margin: 0.1,
             weight_decay: 0.01,
+            gate_lr_mult: 30.0,
         }
     }
 }
@@ -112,7 +117,11 @@ impl TrainConfig {
                 "lr must be in (0, 1); batch and eval_every positive".into(),
             ));
         }
-        if self.usage_cost < 0.0 || self.cate_weight < 0.0 || !self.usage_cost.is_finite() {
+        if self.usage_cost < 0.0
+            || self.cate_weight < 0.0
+            || !self.usage_cost.is_finite()
+            || !(self.gate_lr_mult > 0.0 && self.gate_lr_mult <= 1000.0)
+        {
             return Err(TrainError::Config("loss weights must be >= 0".into()));
         }
         Ok(())
@@ -122,7 +131,9 @@ impl TrainConfig {
 /// Validation figures.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EvalStats {
-    /// Mean training objective on the set.
+    /// Validation criterion (early stopping, lr choice): the mixture NLL for SPA (the CATE
+    /// and usage terms are excluded: they shape the gate, not the distribution), -log P_side
+    /// for LST and full separation.
     pub loss: f64,
     /// Mean -log P(y) of the emitted distribution (gate-selected for SPA, side for LST).
     pub nll: f64,
@@ -175,6 +186,7 @@ pub struct AdamW {
     t: usize,
     lr: f64,
     wd: f64,
+    lr_mult: Vec<f64>,
 }
 
 impl AdamW {
@@ -190,12 +202,22 @@ impl AdamW {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             v: m.clone(),
+            lr_mult: vec![1.0; vars.len()],
             m,
             vars,
             t: 0,
             lr,
             wd,
         })
+    }
+
+    /// Multiplies the learning rate of the variables whose name starts with `prefix`.
+    pub fn set_lr_mult(&mut self, prefix: &str, mult: f64) {
+        for (i, (n, _)) in self.vars.iter().enumerate() {
+            if n.starts_with(prefix) {
+                self.lr_mult[i] = mult;
+            }
+        }
     }
 
     /// One update from `loss`.
@@ -211,7 +233,8 @@ impl AdamW {
             let m = ((&self.m[i] * Self::B1)? + (g * (1.0 - Self::B1))?)?;
             let v = ((&self.v[i] * Self::B2)? + (g.sqr()? * (1.0 - Self::B2))?)?;
             let upd = ((&m * sm)? / ((&v * sv)?.sqrt()? + Self::EPS)?)?;
-            let next = ((var.as_tensor() * (1.0 - self.lr * self.wd))? - (upd * self.lr)?)?;
+            let lr = self.lr * self.lr_mult[i];
+            let next = ((var.as_tensor() * (1.0 - lr * self.wd))? - (upd * lr)?)?;
             var.set(&next)?;
             self.m[i] = m;
             self.v[i] = v;
@@ -231,7 +254,7 @@ fn objective(
     let h = graph.heads(&batch)?;
     let n = batch.n as f64;
     let not_same = (1.0 - h.same_argmax.to_dtype(candle_core::DType::F32)?)?;
-    let (loss, nll, usage, overrides, soft) = if cfg.method.gated() {
+    let (loss, criterion, nll, usage, overrides, soft) = if cfg.method.gated() {
         let lpb = h.gate_logp.narrow(1, 0, 1)?.squeeze(1)?;
         let lps = h.gate_logp.narrow(1, 1, 1)?.squeeze(1)?;
         let a = (&lpb + &h.logp_base)?;
@@ -239,6 +262,7 @@ fn objective(
         let mx = a.maximum(&b)?.detach();
         let mix = ((a - &mx)?.exp()? + (b - &mx)?.exp()?)?.log()?.add(&mx)?;
         let mix_nll = mix.neg()?.mean_all()?;
+        let mix_value = mix_nll.to_scalar::<f32>()? as f64;
         let label = ((h.logp_side.detach() - h.logp_base.detach())?.gt(cfg.cate_margin)?)
             .to_dtype(candle_core::DType::F32)?;
         let cate = ((&label * &lps)? + ((1.0 - &label)? * &lpb)?)?
@@ -254,15 +278,15 @@ fn objective(
         let usage = side.mean_all()?.to_scalar::<f32>()? as f64;
         let ov = (side * not_same)?.mean_all()?.to_scalar::<f32>()? as f64;
         let soft = p_side.mean_all()?.to_scalar::<f32>()? as f64;
-        (loss, nll, usage, ov, soft)
+        (loss, mix_value, nll, usage, ov, soft)
     } else {
         let loss = h.logp_side.neg()?.mean_all()?;
         let nll = loss.to_scalar::<f32>()? as f64;
         let ov = not_same.mean_all()?.to_scalar::<f32>()? as f64;
-        (loss, nll, 1.0, ov, 1.0)
+        (loss, nll, nll, 1.0, ov, 1.0)
     };
     let stats = EvalStats {
-        loss: loss.to_scalar::<f32>()? as f64,
+        loss: criterion,
         nll,
         side_usage: usage,
         override_rate: overrides,
@@ -370,6 +394,7 @@ pub fn train(
         v
     };
     let mut opt = AdamW::new(vars.clone(), cfg.lr, cfg.weight_decay)?;
+    opt.set_lr_mult("gate.", cfg.gate_lr_mult);
     let ckpt = checkpoint.map(|d| {
         (
             d.join("state.json"),
@@ -548,9 +573,21 @@ pub fn train(
     })
 }
 
+/// Outcome of a learning-rate sweep.
+#[derive(Debug)]
+pub struct LrChoice {
+    /// The graph trained with the best rate (best validation weights loaded).
+    pub graph: SideGraph,
+    /// Its configuration.
+    pub config: TrainConfig,
+    /// Its run.
+    pub report: TrainReport,
+    /// (lr, best validation loss) of every rate tried.
+    pub tried: Vec<(f64, f64)>,
+}
+
 /// Picks the learning rate from `lrs` (paper: {2e-4, 5e-4, 1e-3}) by best validation loss:
-/// trains one graph per rate from the same initial weights and returns the index of the best
-/// with its report. `make` builds a fresh graph.
+/// trains one graph per rate from the same initial weights (`make` builds a fresh graph).
 pub fn select_lr(
     make: &dyn Fn() -> Result<SideGraph>,
     train_set: &[SeqFeatures],
@@ -558,8 +595,8 @@ pub fn select_lr(
     base_cfg: &TrainConfig,
     lrs: &[f64],
     progress: &mut dyn FnMut(&Progress) -> bool,
-) -> Result<(SideGraph, TrainConfig, TrainReport, Vec<(f64, f64)>)> {
-    let mut best: Option<(SideGraph, TrainConfig, TrainReport)> = None;
+) -> Result<LrChoice> {
+    let mut best: Option<LrChoice> = None;
     let mut tried = Vec::new();
     for &lr in lrs {
         let cfg = TrainConfig {
@@ -569,12 +606,21 @@ pub fn select_lr(
         let g = make()?;
         let r = train(&g, train_set, val, &cfg, None, progress)?;
         tried.push((lr, r.best.loss));
-        if best.as_ref().is_none_or(|b| r.best.loss < b.2.best.loss) {
-            best = Some((g, cfg, r));
+        if best
+            .as_ref()
+            .is_none_or(|b| r.best.loss < b.report.best.loss)
+        {
+            best = Some(LrChoice {
+                graph: g,
+                config: cfg,
+                report: r,
+                tried: Vec::new(),
+            });
         }
     }
-    let (g, c, r) = best.ok_or_else(|| TrainError::Config("no learning rate given".into()))?;
-    Ok((g, c, r, tried))
+    let mut b = best.ok_or_else(|| TrainError::Config("no learning rate given".into()))?;
+    b.tried = tried;
+    Ok(b)
 }
 
 /// Where checkpoints of a named run live.

@@ -1,0 +1,384 @@
+//! `spa train`, `spa eval` and `spa personalize` (spa-train on the real base and data).
+
+use crate::assets;
+use anyhow::{bail, Context, Result};
+use spa_model::{BaseModel, DeviceAssets, DownProjection, SidePlugin};
+use spa_train::data::{self, Split, Task};
+use spa_train::eval::{self, EvalOptions, Profile};
+use spa_train::features::{self, SeqSpec};
+use spa_train::personalize::{self, LocalFeatures, PersonalizeConfig, UserTexts};
+use spa_train::sidegrad::SideGraph;
+use spa_train::train::{self, Method, TrainConfig};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Task: xsum | wikilingua | coqa | squad.
+    #[arg(long, default_value = "xsum")]
+    task: String,
+    /// Method: spa | lst | full-separation.
+    #[arg(long, default_value = "spa")]
+    method: String,
+    /// Side width (multiple of 32; the server's projection width).
+    #[arg(long, default_value_t = 64)]
+    width: usize,
+    /// Training examples.
+    #[arg(long, default_value_t = 200)]
+    n_train: usize,
+    /// Validation examples.
+    #[arg(long, default_value_t = 24)]
+    n_val: usize,
+    /// Step budget.
+    #[arg(long, default_value_t = 300)]
+    steps: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Gate usage cost lambda.
+    #[arg(long, default_value_t = 0.05)]
+    usage_cost: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where the trained side weights go (safetensors, loadable by the device runtime).
+    #[arg(long, default_value = "side.safetensors")]
+    out: PathBuf,
+    /// Checkpoint directory (resumes when it holds a run with the same settings).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// GGUF model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// quick (< 15 min on 2 cores) or full (hours).
+    #[arg(long, default_value = "quick")]
+    profile: String,
+    /// Run only this fraction of the profile's examples and steps (CI smoke runs).
+    #[arg(long)]
+    slice: Option<f64>,
+    /// Results JSON.
+    #[arg(long, default_value = "results/results.json")]
+    json: PathBuf,
+    /// Markdown report (plots are written next to it).
+    #[arg(long, default_value = "results/report.md")]
+    report: PathBuf,
+    /// Skip LoRA / Adapter / full integration (they train through the base).
+    #[arg(long)]
+    skip_basegrad: bool,
+    /// Author of the personalization section (moby-dick | sotu:NAME | email; "none" skips).
+    #[arg(long, default_value = "sotu:obama")]
+    author: String,
+    /// GGUF model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(clap::Args)]
+pub struct PersonalizeArgs {
+    /// The writer: moby-dick | sotu:NAME (e.g. sotu:obama) | email.
+    #[arg(long, default_value = "sotu:obama")]
+    author: String,
+    /// Training steps.
+    #[arg(long, default_value_t = 200)]
+    steps: usize,
+    /// Most training chunks (64 tokens each).
+    #[arg(long, default_value_t = 400)]
+    max_chunks: usize,
+    /// Side width (the server's projection width).
+    #[arg(long, default_value_t = 64)]
+    width: usize,
+    /// Where the personal weights go.
+    #[arg(long, default_value = "personal.safetensors")]
+    out: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// GGUF model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+fn method(s: &str) -> Result<Method> {
+    Ok(match s {
+        "spa" => Method::Spa,
+        "lst" => Method::Lst,
+        "full-separation" | "full_separation" => Method::FullSeparation,
+        _ => bail!("unknown method `{s}` (spa | lst | full-separation; LoRA/Adapter/full integration run in `spa eval`)"),
+    })
+}
+
+fn projection(base: &BaseModel, width: usize) -> Result<DownProjection> {
+    let taps: Vec<usize> = (0..base.config().n_layers).collect();
+    Ok(DownProjection::published(
+        base,
+        width,
+        &taps,
+        &assets::spa_home().join("projections"),
+    )?)
+}
+
+pub fn train_cmd(a: TrainArgs) -> Result<()> {
+    let task = Task::parse(&a.task)?;
+    let m = method(&a.method)?;
+    let model = assets::model_path(a.model.as_deref())?;
+    let base = BaseModel::load(&model)?;
+    let proj = projection(&base, a.width)?;
+    let home = assets::spa_home();
+    let all = data::load_task(&home, task, 200)?;
+    let tok = base.tokenizer();
+    let mk = |split, n| -> Result<Vec<SeqSpec>> {
+        data::take_split(&all, split, n)
+            .iter()
+            .map(|e| {
+                let prompt = tok.encode(&tok.chat_prompt(&e.prompt))?;
+                let mut target = tok.encode_fragment(&e.reference)?;
+                target.truncate(60);
+                target.extend(tok.eos_ids().first().copied());
+                Ok(SeqSpec {
+                    loss_start: prompt.len(),
+                    tokens: prompt.into_iter().chain(target).collect(),
+                })
+            })
+            .collect()
+    };
+    let (tr, va) = (mk(Split::Train, a.n_train)?, mk(Split::Val, a.n_val)?);
+    let cache = home.join("work/cache");
+    let p_tr = cache.join(format!(
+        "train-{}-{}-w{}.safetensors",
+        task.name(),
+        tr.len(),
+        a.width
+    ));
+    let p_va = cache.join(format!(
+        "val-{}-{}-w{}.safetensors",
+        task.name(),
+        va.len(),
+        a.width
+    ));
+    let ftr =
+        features::load_or_compute(&base, &[&proj], 32, &tr, &[&p_tr], "train features", false)?;
+    let fva = features::load_or_compute(&base, &[&proj], 32, &va, &[&p_va], "val features", false)?;
+    let mut plugin = SidePlugin::init(&base, &proj, a.seed, 0.0)?;
+    let graph = SideGraph::new(&plugin.weights, m.input(), base.head_weight_f32()?, a.seed)?;
+    let cfg = TrainConfig {
+        method: m,
+        lr: a.lr,
+        max_steps: a.steps,
+        eval_every: (a.steps / 10).max(5),
+        seed: a.seed,
+        usage_cost: a.usage_cost,
+        ..Default::default()
+    };
+    let pb = features::progress(a.steps as u64, "training", false);
+    let r = train::train(
+        &graph,
+        &ftr[0].seqs,
+        &fva[0].seqs,
+        &cfg,
+        a.checkpoint.as_deref(),
+        &mut |p| {
+            pb.set_position(p.step as u64);
+            pb.set_message(format!(
+                "loss {:.3} val {}",
+                p.loss,
+                p.val_loss.map(|v| format!("{v:.3}")).unwrap_or("-".into())
+            ));
+            true
+        },
+    )?;
+    pb.finish_and_clear();
+    let (w, _) = graph.to_weights()?;
+    if m == Method::FullSeparation {
+        log::warn!("full separation's input projection is not part of a device plugin; saving the side blocks only");
+    }
+    plugin.weights = w;
+    plugin.save(&a.out)?;
+    println!(
+        "{} on {}: validation {:.4} -> {:.4} in {} steps ({:.0} s); side usage {:.1}%, overrides {:.1}%; saved {}",
+        m.name(),
+        task.name(),
+        r.initial.loss,
+        r.best.loss,
+        r.steps,
+        r.seconds,
+        100.0 * r.best.side_usage,
+        100.0 * r.best.override_rate,
+        a.out.display()
+    );
+    Ok(())
+}
+
+pub fn eval_cmd(a: EvalArgs) -> Result<()> {
+    let mut profile = match a.profile.as_str() {
+        "quick" => Profile::quick(),
+        "full" => Profile::full(),
+        p => bail!("unknown profile `{p}` (quick | full)"),
+    };
+    if let Some(s) = a.slice {
+        if !(s > 0.0 && s <= 1.0) {
+            bail!("--slice must be in (0, 1]");
+        }
+        profile = profile.slice(s);
+    }
+    let model = assets::model_path(a.model.as_deref())?;
+    let home = assets::spa_home();
+    let opts = EvalOptions {
+        profile: profile.clone(),
+        spa_home: home.clone(),
+        model: model.clone(),
+        work_dir: home.join("work"),
+        skip_basegrad: a.skip_basegrad,
+        quiet: a.quiet,
+    };
+    let mut results = eval::run(&opts, &mut |line| eprintln!("{line}"))?;
+    if a.author != "none" {
+        eprintln!("[personalization] {}", a.author);
+        let cfg = PersonalizeConfig {
+            steps: profile.steps.max(20),
+            max_chunks: profile.n_train * 4,
+            ..Default::default()
+        };
+        let r = personalize_run(&model, &a.author, profile.width, &cfg, a.quiet)?;
+        results.personalization = serde_json::to_value(&r.1)?;
+    }
+    for p in [&a.json, &a.report] {
+        if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+    }
+    spa_model::io::atomic_write(&a.json, serde_json::to_string_pretty(&results)?.as_bytes())?;
+    let md = spa_train::report::markdown(&results);
+    spa_model::io::atomic_write(&a.report, md.as_bytes())?;
+    let dir = a.report.parent().map(PathBuf::from).unwrap_or_default();
+    spa_model::io::atomic_write(
+        &dir.join("rouge_vs_rounds.svg"),
+        spa_train::report::rouge_vs_rounds_svg(&results).as_bytes(),
+    )?;
+    spa_model::io::atomic_write(
+        &dir.join("side_usage_by_position.svg"),
+        spa_train::report::side_usage_svg(&results).as_bytes(),
+    )?;
+    println!("{md}");
+    println!("wrote {} and {}", a.json.display(), a.report.display());
+    Ok(())
+}
+
+/// Personalization as the device does it: features of the user's text from the base, then the
+/// base is unloaded and training runs with only what the phone holds (tokenizer, head, side);
+/// the peak RSS of that phase is the device-scale memory figure.
+fn personalize_run(
+    model: &std::path::Path,
+    author: &str,
+    width: usize,
+    cfg: &PersonalizeConfig,
+    quiet: bool,
+) -> Result<(SidePlugin, serde_json::Value)> {
+    let home = assets::spa_home();
+    let text = data::load_author(&home, author)?;
+    let texts = UserTexts {
+        train: text.train.clone(),
+        held_out: text.held_out.clone(),
+    };
+    let assets_dev = DeviceAssets::load(model)?;
+    let (plugin, feats, held) = {
+        let base = BaseModel::load(model)?;
+        let proj = projection(&base, width)?;
+        let mut specs = personalize::chunk_texts(base.tokenizer(), &texts.train, cfg.chunk_tokens)?;
+        specs.truncate(cfg.max_chunks);
+        let mut held =
+            personalize::chunk_texts(base.tokenizer(), &texts.held_out, cfg.chunk_tokens)?;
+        held.truncate(cfg.max_chunks / 2 + 1);
+        let mut src = LocalFeatures {
+            base: &base,
+            proj: &proj,
+            quiet,
+        };
+        use spa_train::personalize::FeatureSource;
+        let f = src.features(&specs, cfg.top_k)?;
+        let h = src.features(&held, cfg.top_k)?;
+        (SidePlugin::init(&base, &proj, cfg.seed, 0.0)?, f, h)
+    }; // the base is dropped here
+    let reset = personalize::reset_peak_rss();
+    let mut plugin = plugin;
+    let pb = features::progress(cfg.steps as u64, "personalizing", quiet);
+    let r = personalize::personalize_features(
+        &mut plugin,
+        &assets_dev.head,
+        &assets_dev.tokenizer,
+        &feats,
+        &held,
+        cfg,
+        &mut |p| {
+            pb.set_position(p.step as u64);
+            pb.set_message(format!("personalizing, loss {:.3}", p.loss));
+            true
+        },
+    )?;
+    pb.finish_and_clear();
+    let mut v = serde_json::to_value(&r)?;
+    v["author"] = serde_json::json!(author);
+    v["train_chunks"] = serde_json::json!(feats.len());
+    v["held_out_chunks"] = serde_json::json!(held.len());
+    v["peak_rss_scope"] = serde_json::json!(if reset {
+        "training phase only (base unloaded; f32 head + side + features + optimizer)"
+    } else {
+        "whole process (peak reset unavailable)"
+    });
+    v["keystroke_savings_gain_points"] =
+        serde_json::json!(r.after.keystroke_savings - r.before.keystroke_savings);
+    Ok((plugin, v))
+}
+
+pub fn personalize_cmd(a: PersonalizeArgs) -> Result<()> {
+    let model = assets::model_path(a.model.as_deref())?;
+    let cfg = PersonalizeConfig {
+        steps: a.steps,
+        max_chunks: a.max_chunks,
+        ..Default::default()
+    };
+    let (plugin, v) = personalize_run(&model, &a.author, a.width, &cfg, a.json)?;
+    plugin.save(&a.out)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let b = &v["before"];
+    let af = &v["after"];
+    println!(
+        "author {} ({} training chunks, {} held-out chunks)",
+        a.author, v["train_chunks"], v["held_out_chunks"]
+    );
+    println!(
+        "{:<22} {:>10} {:>12}",
+        "held-out metric", "base", "personalized"
+    );
+    for (k, label) in [
+        ("top1", "next-word top-1 %"),
+        ("top3", "next-word top-3 %"),
+        ("keystroke_savings", "keystroke savings %"),
+        ("perplexity", "perplexity"),
+        ("side_usage", "side path used %"),
+    ] {
+        println!(
+            "{:<22} {:>10.2} {:>12.2}",
+            label,
+            b[k].as_f64().unwrap_or(f64::NAN),
+            af[k].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    if let Some(rss) = v["peak_rss_bytes"].as_u64() {
+        println!(
+            "peak RSS {:.0} MB ({})",
+            rss as f64 / 1e6,
+            v["peak_rss_scope"].as_str().unwrap_or("")
+        );
+    }
+    println!("saved personal weights to {}", a.out.display());
+    Ok(())
+}

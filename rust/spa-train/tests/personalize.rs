@@ -1,0 +1,128 @@
+//! Personalization: features over the real HTTPS protocol equal in-process features, and a
+//! short personalization run on a real author's text improves the held-out metrics.
+
+use spa_model::{BaseModel, DownProjection, SidePlugin};
+use spa_runtime::{Client, ClientConfig};
+use spa_server::{tls, AppState, Keys, ServerConfig};
+use spa_train::features::{self, SeqSpec};
+use spa_train::personalize::{
+    self, FeatureSource, LocalFeatures, PersonalizeConfig, RemoteFeatures, UserTexts,
+};
+use std::sync::Arc;
+
+fn base() -> Arc<BaseModel> {
+    let p = spa_model::paths::model_file(spa_model::paths::MODEL_FILE);
+    assert!(p.exists(), "run `scripts/fetch-assets.sh model` first");
+    Arc::new(BaseModel::load(p).unwrap())
+}
+
+#[test]
+fn features_over_https_equal_local_features() {
+    let base = base();
+    let taps: Vec<usize> = (0..30).step_by(3).collect();
+    let proj = Arc::new(DownProjection::random(&base, 32, &taps, 4).unwrap());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cert = tls::dev_cert().unwrap();
+    let cfg = ServerConfig {
+        keys: Keys::new(&["k1"]),
+        ..ServerConfig::default()
+    };
+    let state = Arc::new(AppState::new(base.clone(), proj.clone(), cfg));
+    let srv = rt
+        .block_on(spa_server::start(
+            state,
+            "127.0.0.1:0".parse().unwrap(),
+            Some(&cert),
+        ))
+        .unwrap();
+    let mut cc = ClientConfig::new(srv.url(), "k1");
+    cc.extra_root_pem = Some(cert.cert_pem.clone());
+    let client = Client::new(cc).unwrap();
+    let tokens = base
+        .tokenizer()
+        .encode("Call me Ishmael. Some years ago, never mind how long precisely, I went to sea.")
+        .unwrap();
+    let spec = vec![SeqSpec {
+        tokens: tokens.clone(),
+        loss_start: 1,
+    }];
+    let local = features::compute(&base, &[&proj], 16, &spec, "t", true).unwrap();
+    let mut remote = RemoteFeatures {
+        client: &client,
+        handle: rt.handle().clone(),
+        n_taps: taps.len(),
+        width: 32,
+    };
+    let got = remote.features(&spec, 16).unwrap();
+    assert_eq!(
+        got[0], local[0].seqs[0],
+        "wire features differ from local ones"
+    );
+    // A wrong key is a typed error, not a panic; no features come back.
+    let mut bad = ClientConfig::new(srv.url(), "wrong");
+    bad.extra_root_pem = Some(cert.cert_pem.clone());
+    let bad = Client::new(bad).unwrap();
+    let mut r2 = RemoteFeatures {
+        client: &bad,
+        handle: rt.handle().clone(),
+        n_taps: taps.len(),
+        width: 32,
+    };
+    assert!(r2.features(&spec, 16).is_err());
+    rt.block_on(srv.shutdown());
+}
+
+#[test]
+fn personalization_on_an_author_improves_held_out_metrics() {
+    let home = spa_model::paths::spa_home();
+    let author = spa_train::data::load_author(&home, "sotu:obama")
+        .expect("run `scripts/fetch-assets.sh personal` first");
+    let base = base();
+    let taps: Vec<usize> = (0..30).collect();
+    let proj = DownProjection::published(&base, 64, &taps, &home.join("projections")).unwrap();
+    let mut plugin = SidePlugin::init(&base, &proj, 1, 0.0).unwrap();
+    let texts = UserTexts {
+        train: author.train.iter().take(2).cloned().collect(),
+        held_out: author.held_out.iter().take(1).cloned().collect(),
+    };
+    let cfg = PersonalizeConfig {
+        steps: 40,
+        max_chunks: 32,
+        ..Default::default()
+    };
+    let mut src = LocalFeatures {
+        base: &base,
+        proj: &proj,
+        quiet: true,
+    };
+    let mut calls = 0;
+    let r = personalize::personalize(
+        &mut plugin,
+        &base.head_weight_f32().unwrap(),
+        base.tokenizer(),
+        &mut src,
+        &texts,
+        &cfg,
+        &mut |_| {
+            calls += 1;
+            true
+        },
+    )
+    .unwrap();
+    assert!(calls > 0, "no progress reported");
+    eprintln!("{r:?}");
+    assert!(r.before.words > 100, "{:?}", r.before);
+    assert!(
+        r.after.perplexity < r.before.perplexity,
+        "perplexity {} -> {}",
+        r.before.perplexity,
+        r.after.perplexity
+    );
+    assert!(r.train.best.loss < r.train.initial.loss);
+    // The personalized weights are a valid plugin for this base and projection.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("me.safetensors");
+    plugin.save(&path).unwrap();
+    let back = SidePlugin::load_for(&path, &base, &proj).unwrap();
+    assert_eq!(back.weights, plugin.weights);
+}

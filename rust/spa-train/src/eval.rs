@@ -229,6 +229,27 @@ pub struct Results {
     pub timings: BTreeMap<String, f64>,
     /// Notes (stand-ins, reduced profiles, what differs from the paper).
     pub notes: Vec<String>,
+    /// SPA rounds per token measured through the real HTTPS protocol (loopback server + device
+    /// runtime, K drafts), per task, by `spa eval`; compare with the simulated figure.
+    pub measured_rounds_per_token: BTreeMap<String, f64>,
+    /// Trained SPA plugins and test prompts for that measurement (not serialized).
+    #[serde(skip)]
+    pub protocol_inputs: Vec<ProtocolInput>,
+}
+
+/// A trained SPA plugin and test prompts, for measuring rounds through the real protocol.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProtocolInput {
+    /// Task name.
+    pub task: String,
+    /// Saved plugin (safetensors).
+    pub plugin: PathBuf,
+    /// Test prompts (token ids).
+    pub prompts: Vec<Vec<u32>>,
+    /// New tokens per prompt.
+    pub max_new: usize,
+    /// Simulated rounds per token on the same prompts.
+    pub simulated_rounds_per_token: f64,
 }
 
 /// Options of [`run`].
@@ -511,6 +532,7 @@ pub fn run(opts: &EvalOptions, log_progress: &mut dyn FnMut(&str)) -> Result<Res
     let mut rows: BTreeMap<String, MethodRow> = BTreeMap::new();
     let mut table1: Vec<SizeRow> = Vec::new();
     let mut by_pos: Vec<(usize, usize)> = Vec::new();
+    let mut protocol_inputs = Vec::new();
     let mut base_s_tok = Vec::new();
     let mut bytes_tok: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut notes = vec![
@@ -570,6 +592,7 @@ pub fn run(opts: &EvalOptions, log_progress: &mut dyn FnMut(&str)) -> Result<Res
         // Train the ladder methods.
         let t_train = Instant::now();
         let mut ladders: Vec<(String, usize, Ladder)> = Vec::new();
+        let mut spa_plugin_path: Option<PathBuf> = None;
         let mut jobs: Vec<(Method, usize)> = vec![
             (Method::Spa, p.width),
             (Method::Lst, p.width),
@@ -625,6 +648,20 @@ pub fn run(opts: &EvalOptions, log_progress: &mut dyn FnMut(&str)) -> Result<Res
             )?;
             pb.finish_and_clear();
             let (weights, sep) = choice.graph.to_weights()?;
+            if method == Method::Spa && w == p.width {
+                let mut plugin = spa_model::SidePlugin::init(&base, proj, 17, 0.0)?;
+                plugin.weights = weights.clone();
+                let path = opts.work_dir.join("plugins").join(format!(
+                    "{}-spa-{}.safetensors",
+                    task.name(),
+                    p.name
+                ));
+                if let Some(d) = path.parent() {
+                    std::fs::create_dir_all(d).map_err(|e| TrainError::io(d, e))?;
+                }
+                plugin.save(&path)?;
+                spa_plugin_path = Some(path);
+            }
             let params = choice.graph.param_count(method.gated());
             let device = DeviceModel {
                 side: SideNetwork::new(&weights, QuantMode::Q8, base.max_positions())?,
@@ -801,6 +838,21 @@ pub fn run(opts: &EvalOptions, log_progress: &mut dyn FnMut(&str)) -> Result<Res
                 Some(row.device_ms_per_token.unwrap_or(0.0) + dev_ms / n_tasks);
             row.bytes_per_token += bytes / n_tasks;
             row.val_loss.insert(task.name().into(), lad.val);
+        }
+        if let (Some(path), Some(trs)) = (&spa_plugin_path, traces.get("spa")) {
+            let n = te.len().min(3);
+            let toks: usize = trs[..n].iter().map(|t| t.tokens.len().max(1)).sum();
+            let rounds: usize = trs[..n]
+                .iter()
+                .map(|t| speculative_rounds(&t.overrides, p.draft))
+                .sum();
+            protocol_inputs.push(ProtocolInput {
+                task: task.name().into(),
+                plugin: path.clone(),
+                prompts: te[..n].iter().map(|t| t.prompt.clone()).collect(),
+                max_new,
+                simulated_rounds_per_token: rounds as f64 / toks as f64,
+            });
         }
         let brow = rows.entry("base".into()).or_insert_with(|| MethodRow {
             method: "base".into(),
@@ -982,6 +1034,8 @@ pub fn run(opts: &EvalOptions, log_progress: &mut dyn FnMut(&str)) -> Result<Res
             .collect(),
         timings,
         notes,
+        measured_rounds_per_token: BTreeMap::new(),
+        protocol_inputs,
     })
 }
 

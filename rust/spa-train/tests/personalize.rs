@@ -86,8 +86,8 @@ fn personalization_on_an_author_improves_held_out_metrics() {
         held_out: author.held_out.iter().take(1).cloned().collect(),
     };
     let cfg = PersonalizeConfig {
-        steps: 40,
-        max_chunks: 32,
+        steps: 30,
+        max_chunks: 24,
         ..Default::default()
     };
     let mut src = LocalFeatures {

@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== fetch assets (model) =="
-bash scripts/fetch-assets.sh model gemma
+echo "== fetch assets (model, Gemma, BIG-bench tasks, personal text) =="
+bash scripts/fetch-assets.sh model gemma data personal
 
 echo "== cargo fmt --check =="
 cargo fmt --all -- --check

@@ -1,0 +1,181 @@
+// JVM test suite of the Kotlin API against a real `spa serve` (TLS, loopback) started by
+// scripts/test-ffi.sh, which passes SPA_TEST_URL, SPA_TEST_KEY, SPA_TEST_CA (PEM file),
+// SPA_TEST_MODEL (GGUF) and SPA_TEST_DIR (scratch app storage). Prints one PASS/FAIL line per test
+// and a final "kotlin: N passed, M failed"; exits 1 on any failure.
+import ai.spa.mobile.SpaMobile
+import ai.spa.mobile.ffi.GenerateParams
+import ai.spa.mobile.ffi.GenerationListener
+import ai.spa.mobile.ffi.GenerationStats
+import ai.spa.mobile.ffi.Role
+import ai.spa.mobile.ffi.SpaConfig
+import ai.spa.mobile.ffi.SpaMobileException
+import java.io.File
+import java.util.concurrent.CountDownLatch
+import java.util.concurrent.TimeUnit
+import java.util.concurrent.atomic.AtomicInteger
+import kotlin.system.exitProcess
+import kotlinx.coroutines.flow.take
+import kotlinx.coroutines.flow.toList
+import kotlinx.coroutines.runBlocking
+import kotlinx.coroutines.withTimeout
+
+private fun env(name: String): String = System.getenv(name) ?: error("$name is not set (run scripts/test-ffi.sh)")
+
+private fun config(url: String = env("SPA_TEST_URL"), key: String = env("SPA_TEST_KEY")) = SpaConfig(
+    serverUrl = url,
+    apiKey = key,
+    caCertPem = File(env("SPA_TEST_CA")).readText(),
+    modelPath = env("SPA_TEST_MODEL"),
+    personalWeightsPath = null,
+    quantization = ai.spa.mobile.ffi.Quantization.Q8,
+    threads = 2u,
+    timeoutMs = 20_000u,
+    maxAttempts = 2u,
+)
+
+private var passed = 0
+private var failed = 0
+
+private suspend fun test(name: String, body: suspend () -> Unit) {
+    val t0 = System.nanoTime()
+    try {
+        withTimeout(300_000) { body() }
+        passed++
+        println("PASS $name (${(System.nanoTime() - t0) / 1_000_000} ms)")
+    } catch (e: Throwable) {
+        failed++
+        println("FAIL $name: $e")
+        e.printStackTrace()
+    }
+}
+
+private fun expect(cond: Boolean, what: () -> String) {
+    if (!cond) throw AssertionError(what())
+}
+
+private val short = GenerateParams(maxTokens = 24u, draftK = 4u, temperature = 0f, topP = 0f, seed = 0uL)
+private val long = GenerateParams(maxTokens = 400u, draftK = 2u, temperature = 0f, topP = 0f, seed = 0uL)
+
+fun main(): Unit = runBlocking {
+    SpaMobile.connect(config()).use { spa ->
+        test("manifest") {
+            val m = spa.manifest
+            expect(m.vocab > 0u && m.sideWidth > 0u && m.layers > 0u) { "bad manifest $m" }
+            expect(m.baseIdentity.length == 64) { "base identity is not a sha256: ${m.baseIdentity}" }
+        }
+
+        test("stream tokens as a Flow over TLS") {
+            spa.chat().use { chat ->
+                val pieces = chat.stream("What is the capital of France?", short).toList()
+                val text = pieces.joinToString("")
+                val st = chat.lastStats ?: error("no stats after the flow completed")
+                println("  -> ${pieces.size} pieces: ${text.trim().take(60)}")
+                println("  -> ${st.tokens} tokens, ${st.rounds} rounds (${"%.2f".format(st.roundsPerToken)}/token), " +
+                    "side usage ${"%.0f".format(100 * st.sideUsage)}%, T_net ${"%.1f".format(st.tNetMs)} ms, " +
+                    "T_on-device ${"%.1f".format(st.tOnDeviceMs)} ms")
+                expect(pieces.size >= 2) { "expected streaming in several pieces, got ${pieces.size}" }
+                expect(text.isNotBlank()) { "empty answer" }
+                expect(st.tokens > 0u && st.rounds > 0u && st.roundsPerToken <= 1.0) { "bad stats $st" }
+                expect(st.tNetMs >= 0.0 && st.tOnDeviceMs > 0.0) { "bad timings $st" }
+                val h = chat.history
+                expect(h.size == 2 && h[0].role == Role.USER && h[1].role == Role.ASSISTANT && h[1].text == text) {
+                    "history $h"
+                }
+            }
+        }
+
+        test("multi-turn send (suspend) with token callback; same text as streamed") {
+            spa.chat().use { chat ->
+                val seen = StringBuilder()
+                val first = chat.send("What is the capital of France?", short) { seen.append(it) }
+                expect(first.text == seen.toString()) { "streamed text differs from the reply" }
+                val again = spa.chat().use { other -> other.stream("What is the capital of France?", short).toList() }
+                expect(again.joinToString("") == first.text) { "greedy generation is not deterministic" }
+                val second = chat.send("And of Italy?", short)
+                expect(second.text.isNotBlank()) { "empty second answer" }
+                expect(chat.history.size == 4) { "history has ${chat.history.size} messages" }
+                chat.reset()
+                expect(chat.history.isEmpty()) { "history kept after reset" }
+            }
+        }
+
+        test("cancel mid-stream (handle) -> Cancelled, turn dropped, chat usable") {
+            spa.chat().use { chat ->
+                // Use the bindings' handle directly: start, cancel after the first token, finish.
+                val conv = chat.conversation
+                val tokens = AtomicInteger()
+                val first = CountDownLatch(1)
+                val gen = conv.start("Write a very long story about the sea.", long, object : GenerationListener {
+                    override fun onToken(text: String) { tokens.incrementAndGet(); first.countDown() }
+                    override fun onDone(stats: GenerationStats) {}
+                    override fun onError(error: SpaMobileException) {}
+                })
+                expect(first.await(120, TimeUnit.SECONDS)) { "no token arrived" }
+                gen.cancel()
+                val atCancel = tokens.get()
+                try {
+                    gen.finish()
+                    throw AssertionError("finish() returned after cancel")
+                } catch (e: SpaMobileException.Cancelled) {
+                }
+                gen.close()
+                expect(tokens.get() <= atCancel + 1) { "tokens kept coming after cancel: ${tokens.get()} > $atCancel" }
+                expect(tokens.get() < 400) { "cancel came too late" }
+                expect(chat.history.isEmpty()) { "cancelled turn kept in history" }
+                val r = chat.send("What is the capital of France?", short)
+                expect(r.text.isNotBlank()) { "chat unusable after cancel" }
+            }
+        }
+
+        test("cancel by leaving the Flow (take(3))") {
+            spa.chat().use { chat ->
+                val t0 = System.nanoTime()
+                val got = chat.stream("Write a very long story about the sea.", long).take(3).toList()
+                expect(got.size == 3) { "got ${got.size}" }
+                expect(chat.history.isEmpty()) { "cancelled turn kept in history" }
+                expect(chat.send("Hi!", short).text.isNotBlank()) { "chat unusable after cancel" }
+                println("  -> cancelled and answered again in ${(System.nanoTime() - t0) / 1_000_000} ms")
+            }
+        }
+
+        test("a listener that throws -> Callback error, no crash") {
+            spa.chat().use { chat ->
+                try {
+                    chat.send("What is the capital of France?", short) { throw IllegalStateException("app bug") }
+                    throw AssertionError("send() returned although the listener threw")
+                } catch (e: SpaMobileException.Callback) {
+                }
+                expect(chat.history.isEmpty()) { "failed turn kept in history" }
+                expect(chat.send("Hi!", short).text.isNotBlank()) { "chat unusable after a throwing listener" }
+            }
+        }
+    }
+
+    test("wrong API key -> Unauthorized") {
+        try {
+            SpaMobile.connect(config(key = "not-a-valid-key")).close()
+            throw AssertionError("connected with a wrong key")
+        } catch (e: SpaMobileException.Unauthorized) {
+        }
+    }
+
+    test("server down -> Network") {
+        try {
+            SpaMobile.connect(config(url = env("SPA_TEST_DOWN_URL"))).close()
+            throw AssertionError("connected to a closed port")
+        } catch (e: SpaMobileException.Network) {
+            expect(!e.reason.contains("capital")) { "message carries user text" }
+        }
+    }
+
+    test("invalid configuration -> InvalidConfig") {
+        try {
+            SpaMobile.connect(config().copy(caCertPem = "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")).close()
+            throw AssertionError("accepted a broken CA certificate")
+        } catch (e: SpaMobileException.InvalidConfig) {
+        }
+    }
+
+    println("kotlin: $passed passed, $failed failed")
+    exitProcess(if (failed == 0) 0 else 1)
+}

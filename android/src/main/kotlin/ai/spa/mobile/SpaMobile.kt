@@ -1,0 +1,106 @@
+// Idiomatic Kotlin API of spa-mobile over the UniFFI bindings in ai.spa.mobile.ffi
+// (generated from rust/spa-ffi by scripts/test-ffi.sh; see docs/mobile.md).
+package ai.spa.mobile
+
+import ai.spa.mobile.ffi.ChatMessage
+import ai.spa.mobile.ffi.Conversation
+import ai.spa.mobile.ffi.GenerateParams
+import ai.spa.mobile.ffi.GenerationListener
+import ai.spa.mobile.ffi.GenerationStats
+import ai.spa.mobile.ffi.ModelManifest
+import ai.spa.mobile.ffi.Reply
+import ai.spa.mobile.ffi.SpaClient
+import ai.spa.mobile.ffi.SpaConfig
+import ai.spa.mobile.ffi.SpaMobileException
+import kotlinx.coroutines.channels.awaitClose
+import kotlinx.coroutines.channels.trySendBlocking
+import kotlinx.coroutines.flow.Flow
+import kotlinx.coroutines.flow.callbackFlow
+
+/**
+ * A connection to an SPA base server plus the on-device half of the model.
+ *
+ * ```
+ * SpaMobile.connect(config).use { spa ->
+ *     spa.chat().use { chat -> chat.stream("Hello!").collect { print(it) } }
+ * }
+ * ```
+ * Every failure is a [SpaMobileException] subclass (Unauthorized, Network, Server, ...).
+ */
+class SpaMobile private constructor(private val client: SpaClient) : AutoCloseable {
+    companion object {
+        /** Connects to the server and loads the device model (suspends; runs off the caller's thread). */
+        suspend fun connect(config: SpaConfig): SpaMobile = SpaMobile(ai.spa.mobile.ffi.connect(config))
+    }
+
+    /** What the server serves. */
+    val manifest: ModelManifest get() = client.manifest()
+
+    /** A new conversation (multi-turn chat). */
+    fun chat(): Chat = Chat(client.conversation())
+
+    override fun close() = client.close()
+}
+
+/**
+ * One conversation. Generations run one at a time. [conversation] is the bindings' object, for the
+ * handle API (`start` -> `Generation` with `cancel()`/`finish()`).
+ */
+class Chat internal constructor(val conversation: Conversation) : AutoCloseable {
+    /** Statistics of the last generation that completed (rounds/token, side usage, T_net, T_on-device). */
+    @Volatile
+    var lastStats: GenerationStats? = null
+        private set
+
+    /**
+     * Streams the answer to [prompt] as text pieces. Cancelling the collector (e.g. `take(n)`,
+     * leaving the scope) cancels the generation; errors are thrown as [SpaMobileException].
+     */
+    fun stream(prompt: String, params: GenerateParams = GenerateParams()): Flow<String> = callbackFlow {
+        val generation = conversation.start(prompt, params, object : GenerationListener {
+            override fun onToken(text: String) {
+                // Blocks the library's generation thread while the collector is behind (backpressure).
+                trySendBlocking(text)
+            }
+
+            override fun onDone(stats: GenerationStats) {
+                lastStats = stats
+                channel.close()
+            }
+
+            override fun onError(error: SpaMobileException) {
+                channel.close(error)
+            }
+        })
+        awaitClose {
+            generation.cancel()
+            generation.close()
+        }
+    }
+
+    /**
+     * Generates the whole answer (suspends); [onToken] sees the text as it streams. Cancelling
+     * the coroutine cancels the generation.
+     */
+    suspend fun send(
+        prompt: String,
+        params: GenerateParams = GenerateParams(),
+        onToken: (String) -> Unit = {},
+    ): Reply {
+        val reply = conversation.generate(prompt, params, object : GenerationListener {
+            override fun onToken(text: String) = onToken(text)
+            override fun onDone(stats: GenerationStats) {}
+            override fun onError(error: SpaMobileException) {}
+        })
+        lastStats = reply.stats
+        return reply
+    }
+
+    /** The messages so far (failed or cancelled turns are left out). */
+    val history: List<ChatMessage> get() = conversation.history()
+
+    /** Forgets the conversation. */
+    suspend fun reset() = conversation.reset()
+
+    override fun close() = conversation.close()
+}

@@ -1,0 +1,108 @@
+// Idiomatic Swift API of spa-mobile over the UniFFI bindings (module SpaMobileFFI, generated from
+// rust/spa-ffi by scripts/test-ffi.sh; see docs/mobile.md).
+import Foundation
+#if canImport(SpaMobileFFI)
+import SpaMobileFFI
+#endif
+
+/// A connection to an SPA base server plus the on-device half of the model.
+///
+/// ```swift
+/// let spa = try await SpaMobile.connect(config)
+/// let chat = spa.chat()
+/// for try await piece in chat.stream("Hello!") { print(piece, terminator: "") }
+/// ```
+/// Every failure is a `SpaMobileError` (`.unauthorized`, `.network(reason:)`, ...).
+public final class SpaMobile: @unchecked Sendable {
+    /// The bindings' client.
+    public let client: SpaClient
+
+    init(client: SpaClient) { self.client = client }
+
+    /// Connects to the server and loads the device model.
+    public static func connect(_ config: SpaConfig) async throws -> SpaMobile {
+        SpaMobile(client: try await ffiConnect(config))
+    }
+
+    /// What the server serves.
+    public var manifest: ModelManifest { client.manifest() }
+
+    /// A new conversation (multi-turn chat).
+    public func chat() -> Chat { Chat(conversation: client.conversation()) }
+}
+
+private func ffiConnect(_ config: SpaConfig) async throws -> SpaClient {
+    try await connect(config: config)
+}
+
+/// One conversation. Generations run one at a time.
+public final class Chat: @unchecked Sendable {
+    /// The bindings' conversation, for the handle API (`start` -> `Generation`).
+    public let conversation: Conversation
+    private let lock = NSLock()
+    private var stats: GenerationStats?
+
+    init(conversation: Conversation) { self.conversation = conversation }
+
+    /// Statistics of the last generation that completed.
+    public var lastStats: GenerationStats? {
+        lock.lock(); defer { lock.unlock() }
+        return stats
+    }
+
+    fileprivate func setStats(_ s: GenerationStats) {
+        lock.lock(); stats = s; lock.unlock()
+    }
+
+    /// Streams the answer to `prompt` as text pieces. Ending the iteration early (break, task
+    /// cancellation) cancels the generation; errors are thrown as `SpaMobileError`.
+    public func stream(_ prompt: String, params: GenerateParams = GenerateParams()) -> AsyncThrowingStream<String, Error> {
+        AsyncThrowingStream { continuation in
+            let listener = StreamListener(continuation: continuation, chat: self)
+            let generation = conversation.start(prompt: prompt, params: params, listener: listener)
+            continuation.onTermination = { _ in generation.cancel() }
+        }
+    }
+
+    /// Generates the whole answer; `onToken` sees the text as it streams.
+    public func send(_ prompt: String, params: GenerateParams = GenerateParams(),
+                     onToken: @escaping @Sendable (String) throws -> Void = { _ in }) async throws -> Reply {
+        let generation = conversation.start(prompt: prompt, params: params, listener: ClosureListener(onToken))
+        let reply = try await withTaskCancellationHandler {
+            try await generation.finish()
+        } onCancel: {
+            generation.cancel()
+        }
+        setStats(reply.stats)
+        return reply
+    }
+
+    /// The messages so far (failed or cancelled turns are left out).
+    public var history: [ChatMessage] { conversation.history() }
+
+    /// Forgets the conversation.
+    public func reset() async { await conversation.reset() }
+}
+
+private final class StreamListener: GenerationListener, @unchecked Sendable {
+    let continuation: AsyncThrowingStream<String, Error>.Continuation
+    let chat: Chat
+    init(continuation: AsyncThrowingStream<String, Error>.Continuation, chat: Chat) {
+        self.continuation = continuation
+        self.chat = chat
+    }
+    func onToken(text: String) throws { continuation.yield(text) }
+    func onDone(stats: GenerationStats) throws {
+        chat.setStats(stats)
+        continuation.finish()
+    }
+    func onError(error: SpaMobileError) throws { continuation.finish(throwing: error) }
+}
+
+private final class ClosureListener: GenerationListener, @unchecked Sendable {
+    let f: @Sendable (String) throws -> Void
+    init(_ f: @escaping @Sendable (String) throws -> Void) { self.f = f }
+    func onToken(text: String) throws { try f(text) }
+    func onDone(stats: GenerationStats) throws {}
+    func onError(error: SpaMobileError) throws {}
+}

@@ -1,0 +1,204 @@
+// Swift test suite of the Swift API against a real `spa serve` (TLS, loopback), run on Linux by
+// scripts/test-ffi.sh (swiftc in a Debian trixie chroot). Same scenarios as the Kotlin suite
+// (android/jvm-test). Environment: SPA_TEST_URL, SPA_TEST_KEY, SPA_TEST_CA (PEM file),
+// SPA_TEST_MODEL (GGUF), SPA_TEST_DOWN_URL. Prints PASS/FAIL lines and "swift: N passed, M failed".
+import Foundation
+#if canImport(SpaMobile)
+import SpaMobile
+import SpaMobileFFI
+#endif
+
+struct TestFailure: Error, CustomStringConvertible {
+    let description: String
+}
+
+func env(_ name: String) -> String {
+    guard let v = ProcessInfo.processInfo.environment[name] else {
+        fatalError("\(name) is not set (run scripts/test-ffi.sh)")
+    }
+    return v
+}
+
+func expect(_ cond: Bool, _ what: @autoclosure () -> String) throws {
+    if !cond { throw TestFailure(description: what()) }
+}
+
+func config(url: String = env("SPA_TEST_URL"), key: String = env("SPA_TEST_KEY"), ca: String? = nil) throws -> SpaConfig {
+    SpaConfig(
+        serverUrl: url,
+        apiKey: key,
+        caCertPem: try ca ?? String(contentsOfFile: env("SPA_TEST_CA"), encoding: .utf8),
+        modelPath: env("SPA_TEST_MODEL"),
+        personalWeightsPath: nil,
+        quantization: .q8,
+        threads: 2,
+        timeoutMs: 20_000,
+        maxAttempts: 2
+    )
+}
+
+let short = GenerateParams(maxTokens: 24, draftK: 4, temperature: 0, topP: 0, seed: 0)
+let long = GenerateParams(maxTokens: 400, draftK: 2, temperature: 0, topP: 0, seed: 0)
+
+final class Counter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var n = 0
+    func add() { lock.lock(); n += 1; lock.unlock() }
+    var value: Int { lock.lock(); defer { lock.unlock() }; return n }
+}
+
+final class CountingListener: GenerationListener, @unchecked Sendable {
+    let tokens = Counter()
+    let first = DispatchSemaphore(value: 0)
+    func onToken(text: String) throws {
+        tokens.add()
+        if tokens.value == 1 { first.signal() }
+    }
+    func onDone(stats: GenerationStats) throws {}
+    func onError(error: SpaMobileError) throws {}
+}
+
+struct AppBug: Error {}
+
+@main
+struct SpaMobileLinuxTests {
+    static var passed = 0
+    static var failed = 0
+
+    static func test(_ name: String, _ body: () async throws -> Void) async {
+        let t0 = Date()
+        do {
+            try await body()
+            passed += 1
+            print("PASS \(name) (\(Int(Date().timeIntervalSince(t0) * 1000)) ms)")
+        } catch {
+            failed += 1
+            print("FAIL \(name): \(error)")
+        }
+    }
+
+    static func main() async {
+        let spa: SpaMobile
+        do {
+            spa = try await SpaMobile.connect(try config())
+        } catch {
+            print("FAIL connect: \(error)")
+            print("swift: 0 passed, 1 failed")
+            exit(1)
+        }
+
+        await test("manifest") {
+            let m = spa.manifest
+            try expect(m.vocab > 0 && m.sideWidth > 0 && m.layers > 0, "bad manifest \(m)")
+            try expect(m.baseIdentity.count == 64, "base identity is not a sha256")
+        }
+
+        await test("stream tokens as an AsyncThrowingStream over TLS") {
+            let chat = spa.chat()
+            var pieces: [String] = []
+            for try await p in chat.stream("What is the capital of France?", params: short) { pieces.append(p) }
+            let text = pieces.joined()
+            guard let st = chat.lastStats else { throw TestFailure(description: "no stats") }
+            print("  -> \(pieces.count) pieces, \(st.tokens) tokens, \(st.rounds) rounds, "
+                + "side usage \(Int(100 * st.sideUsage))%, T_net \(Int(st.tNetMs)) ms, T_on-device \(Int(st.tOnDeviceMs)) ms")
+            try expect(pieces.count >= 2, "expected several pieces, got \(pieces.count)")
+            try expect(!text.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty, "empty answer")
+            try expect(st.tokens > 0 && st.rounds > 0 && st.roundsPerToken <= 1.0, "bad stats \(st)")
+            try expect(st.tOnDeviceMs > 0, "no on-device time")
+            let h = chat.history
+            try expect(h.count == 2 && h[0].role == .user && h[1].role == .assistant && h[1].text == text, "history \(h)")
+        }
+
+        await test("multi-turn send (async) with token callback; same text as streamed") {
+            let chat = spa.chat()
+            let seen = SeenText()
+            let first = try await chat.send("What is the capital of France?", params: short) { seen.append($0) }
+            try expect(first.text == seen.text, "streamed text differs from the reply")
+            var again = ""
+            for try await p in spa.chat().stream("What is the capital of France?", params: short) { again += p }
+            try expect(again == first.text, "greedy generation is not deterministic")
+            let second = try await chat.send("And of Italy?", params: short)
+            try expect(!second.text.isEmpty, "empty second answer")
+            try expect(chat.history.count == 4, "history has \(chat.history.count) messages")
+            await chat.reset()
+            try expect(chat.history.isEmpty, "history kept after reset")
+        }
+
+        await test("cancel mid-stream (handle) -> .cancelled, turn dropped, chat usable") {
+            let chat = spa.chat()
+            let listener = CountingListener()
+            let gen = chat.conversation.start(prompt: "Write a very long story about the sea.", params: long, listener: listener)
+            try expect(listener.first.wait(timeout: .now() + 120) == .success, "no token arrived")
+            gen.cancel()
+            let atCancel = listener.tokens.value
+            do {
+                _ = try await gen.finish()
+                throw TestFailure(description: "finish() returned after cancel")
+            } catch SpaMobileError.Cancelled {
+            }
+            try expect(listener.tokens.value <= atCancel + 1, "tokens kept coming after cancel")
+            try expect(chat.history.isEmpty, "cancelled turn kept in history")
+            let r = try await chat.send("What is the capital of France?", params: short)
+            try expect(!r.text.isEmpty, "chat unusable after cancel")
+        }
+
+        await test("cancel by leaving the stream (break after 3)") {
+            let chat = spa.chat()
+            var got = 0
+            for try await _ in chat.stream("Write a very long story about the sea.", params: long) {
+                got += 1
+                if got == 3 { break }
+            }
+            try expect(got == 3, "got \(got)")
+            let r = try await chat.send("Hi!", params: short)
+            try expect(!r.text.isEmpty, "chat unusable after cancel")
+            try expect(chat.history.count == 2, "cancelled turn kept in history: \(chat.history.count)")
+        }
+
+        await test("a listener that throws -> .callback, no crash") {
+            let chat = spa.chat()
+            do {
+                _ = try await chat.send("What is the capital of France?", params: short) { _ in throw AppBug() }
+                throw TestFailure(description: "send() returned although the listener threw")
+            } catch SpaMobileError.Callback {
+            }
+            try expect(chat.history.isEmpty, "failed turn kept in history")
+            let r = try await chat.send("Hi!", params: short)
+            try expect(!r.text.isEmpty, "chat unusable after a throwing listener")
+        }
+
+        await test("wrong API key -> .unauthorized") {
+            do {
+                _ = try await SpaMobile.connect(try config(key: "not-a-valid-key"))
+                throw TestFailure(description: "connected with a wrong key")
+            } catch SpaMobileError.Unauthorized {
+            }
+        }
+
+        await test("server down -> .network") {
+            do {
+                _ = try await SpaMobile.connect(try config(url: env("SPA_TEST_DOWN_URL")))
+                throw TestFailure(description: "connected to a closed port")
+            } catch SpaMobileError.Network {
+            }
+        }
+
+        await test("invalid configuration -> .invalidConfig") {
+            do {
+                _ = try await SpaMobile.connect(try config(ca: "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"))
+                throw TestFailure(description: "accepted a broken CA certificate")
+            } catch SpaMobileError.InvalidConfig {
+            }
+        }
+
+        print("swift: \(passed) passed, \(failed) failed")
+        exit(failed == 0 ? 0 : 1)
+    }
+}
+
+final class SeenText: @unchecked Sendable {
+    private let lock = NSLock()
+    private var s = ""
+    func append(_ t: String) { lock.lock(); s += t; lock.unlock() }
+    var text: String { lock.lock(); defer { lock.unlock() }; return s }
+}

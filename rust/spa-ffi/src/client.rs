@@ -1,0 +1,359 @@
+//! Client, conversation and generation objects: newtypes over `spa_runtime`'s types.
+
+use crate::config::{ChatMessage, GenerateParams, GenerationStats, ModelManifest, Reply, Role};
+use crate::error::{Result, SpaMobileError};
+use crate::{configure_threads, run_task, runtime, SpaConfig};
+use spa_model::{DeviceAssets, GateMode, PersonalVocab, SideConfig, SidePlugin};
+use spa_runtime::{Client, ClientConfig, DeviceModel, Mode, SpaSession};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Receives a generation's output. Methods are called on a library thread, in order:
+/// `on_token` for each piece of text, then exactly one of `on_done` or `on_error`.
+///
+/// If `on_token` throws, the generation stops and ends with `SpaMobileError::Callback`
+/// (`on_error` is then called with it). Exceptions thrown by `on_done` or `on_error` are
+/// logged and ignored. Nothing thrown here can crash the process.
+#[uniffi::export(callback_interface)]
+pub trait GenerationListener: Send + Sync {
+    /// New text (one or more tokens once they form complete characters).
+    fn on_token(&self, text: String) -> Result<()>;
+    /// The generation finished.
+    fn on_done(&self, stats: GenerationStats) -> Result<()>;
+    /// The generation failed or was cancelled.
+    fn on_error(&self, error: SpaMobileError) -> Result<()>;
+}
+
+/// Connects to the server: fetches its manifest, loads the device half (tokenizer and LM head
+/// from the base GGUF, personal side weights or an untrained side network for this server) and
+/// checks that both sides match.
+#[uniffi::export]
+pub async fn connect(config: SpaConfig) -> Result<Arc<SpaClient>> {
+    run_task(async move { SpaClient::connect(config).await.map(Arc::new) }).await
+}
+
+/// A connection to one base server plus the device model. Cheap to share between
+/// conversations.
+#[derive(Debug, uniffi::Object)]
+pub struct SpaClient {
+    client: Client,
+    device: Arc<DeviceModel>,
+    manifest: ModelManifest,
+}
+
+impl SpaClient {
+    async fn connect(config: SpaConfig) -> Result<Self> {
+        configure_threads(config.threads);
+        if config.max_attempts == 0 {
+            return Err(SpaMobileError::InvalidConfig {
+                reason: "max_attempts must be >= 1".into(),
+            });
+        }
+        let mut cc = ClientConfig::new(&config.server_url, &config.api_key);
+        cc.extra_root_pem = config.ca_cert_pem.clone();
+        cc.timeout = Duration::from_millis(config.timeout_ms.max(1));
+        cc.max_attempts = config.max_attempts;
+        let client = Client::new(cc)?;
+        let m = client.manifest().await?;
+        let manifest = ModelManifest {
+            protocol_version: m.protocol_version,
+            base_identity: m.base_identity.clone(),
+            layers: m.layers,
+            hidden: m.hidden,
+            side_width: m.side_width,
+            projection_fingerprint: m.projection_fingerprint.clone(),
+            vocab: m.vocab,
+            context: m.context,
+            max_draft: m.max_draft,
+        };
+        let cfg = config.clone();
+        let mm = manifest.clone();
+        let taps = m.taps.clone();
+        let device = tokio::task::spawn_blocking(move || load_device(&cfg, &mm, &taps))
+            .await
+            .map_err(|_| SpaMobileError::Internal {
+                reason: "loading the device model panicked".into(),
+            })??;
+        device.check_manifest(&m)?;
+        log::info!(
+            "connected: side width {} over {} taps",
+            device.side.config().width,
+            device.side.config().taps.len()
+        );
+        Ok(Self {
+            client,
+            device: Arc::new(device),
+            manifest,
+        })
+    }
+}
+
+fn load_device(cfg: &SpaConfig, m: &ModelManifest, taps: &[u32]) -> Result<DeviceModel> {
+    let assets = DeviceAssets::load(&cfg.model_path)?;
+    let plugin = match cfg.personal_weights_path.as_deref().map(Path::new) {
+        Some(p) if p.is_file() => SidePlugin::load(p)?,
+        _ => {
+            let mut sc =
+                SideConfig::new(m.hidden as usize, m.layers as usize, m.side_width as usize);
+            sc.taps = taps.iter().map(|&t| t as usize).collect();
+            SidePlugin::init_for(
+                &m.base_identity,
+                m.layers as usize,
+                sc,
+                &m.projection_fingerprint,
+                1,
+                0.0,
+            )?
+        }
+    };
+    Ok(DeviceModel::new(
+        &assets,
+        &plugin,
+        cfg.quantization.into(),
+        GateMode::Learned,
+        PersonalVocab::default(),
+    )?)
+}
+
+#[uniffi::export]
+impl SpaClient {
+    /// The server's manifest.
+    pub fn manifest(&self) -> ModelManifest {
+        self.manifest.clone()
+    }
+
+    /// A new, empty conversation.
+    pub fn conversation(&self) -> Arc<Conversation> {
+        Arc::new(Conversation {
+            device: self.device.clone(),
+            session: Arc::new(tokio::sync::Mutex::new(SpaSession::new(
+                self.client.clone(),
+                self.device.clone(),
+                Mode::Spa,
+            ))),
+            messages: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+}
+
+/// A multi-turn chat with the server (history kept on both sides). One generation runs at a
+/// time; a second one waits for the first.
+#[derive(Debug, uniffi::Object)]
+pub struct Conversation {
+    device: Arc<DeviceModel>,
+    session: Arc<tokio::sync::Mutex<SpaSession>>,
+    messages: Arc<Mutex<Vec<ChatMessage>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Calls a listener method; a panic or exception is contained (and returned as an error).
+fn call(f: impl FnOnce() -> Result<()>) -> Result<()> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(_) => Err(SpaMobileError::Callback {
+            reason: "a listener method panicked".into(),
+        }),
+    }
+}
+
+#[uniffi::export]
+impl Conversation {
+    /// Sends `prompt` and generates the answer, streaming text to `listener`. Dropping the
+    /// returned handle (Kotlin `close()`, Swift release) cancels the generation.
+    pub fn start(
+        &self,
+        prompt: String,
+        params: GenerateParams,
+        listener: Box<dyn GenerationListener>,
+    ) -> Arc<Generation> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let device = self.device.clone();
+        let session = self.session.clone();
+        let messages = self.messages.clone();
+        let flag = cancel.clone();
+        let task = runtime().spawn(async move {
+            let r = generate(
+                &device, &session, &messages, &prompt, &params, &*listener, &flag,
+            )
+            .await;
+            let notified = match &r {
+                Ok(reply) => call(|| listener.on_done(reply.stats.clone())),
+                Err(e) => call(|| listener.on_error(e.clone())),
+            };
+            if notified.is_err() {
+                log::warn!("a final listener callback failed (ignored)");
+            }
+            r
+        });
+        Arc::new(Generation {
+            cancel,
+            state: tokio::sync::Mutex::new(State {
+                task: Some(task),
+                result: None,
+            }),
+        })
+    }
+
+    /// [`Conversation::start`] + [`Generation::finish`]: the answer once complete. Cancelling
+    /// the calling coroutine / task cancels the generation.
+    pub async fn generate(
+        &self,
+        prompt: String,
+        params: GenerateParams,
+        listener: Box<dyn GenerationListener>,
+    ) -> Result<Reply> {
+        // Dropped with this future: cancels the generation if the caller gives up.
+        let g = self.start(prompt, params, listener);
+        g.finish().await
+    }
+
+    /// The messages so far (failed or cancelled turns are not part of it).
+    pub fn history(&self) -> Vec<ChatMessage> {
+        lock(&self.messages).clone()
+    }
+
+    /// Forgets the conversation (waits for a running generation to end first).
+    pub async fn reset(&self) {
+        let session = self.session.clone();
+        let messages = self.messages.clone();
+        let _ = run_task(async move {
+            session.lock().await.reset().await;
+            lock(&messages).clear();
+            Ok(())
+        })
+        .await;
+    }
+}
+
+async fn generate(
+    device: &DeviceModel,
+    session: &tokio::sync::Mutex<SpaSession>,
+    messages: &Mutex<Vec<ChatMessage>>,
+    prompt: &str,
+    params: &GenerateParams,
+    listener: &dyn GenerationListener,
+    cancel: &Arc<AtomicBool>,
+) -> Result<Reply> {
+    if params.draft_k == 0 || params.draft_k > 64 {
+        return Err(SpaMobileError::InvalidConfig {
+            reason: "draft_k must be in 1..=64".into(),
+        });
+    }
+    let mut session = session.lock().await;
+    let tok = &device.tokenizer;
+    let ids = if session.history().is_empty() {
+        tok.encode(&tok.chat_prompt(prompt))?
+    } else {
+        // Close the model's previous turn (its end marker is a stop token, never kept).
+        tok.encode_fragment(&format!("{}\n{}", end_marker(tok), tok.chat_prompt(prompt)))?
+    };
+    let mut stream = tok.stream();
+    let mut callback_error = None;
+    let rp = params.runtime(tok.eos_ids());
+    let r = session
+        .generate(&ids, &rp, Some(cancel.clone()), |t| {
+            // After a cancel, stay quiet: the runtime stops at the end of this round.
+            if cancel.load(Ordering::Relaxed) {
+                return true;
+            }
+            match stream.push(t) {
+                Ok(text) if text.is_empty() => {}
+                Ok(text) => {
+                    if let Err(e) = call(|| listener.on_token(text)) {
+                        callback_error = Some(e);
+                        cancel.store(true, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => log::warn!("undecodable token skipped: {e}"),
+            }
+            true
+        })
+        .await;
+    if let Some(e) = callback_error {
+        return Err(e);
+    }
+    let (tokens, stats) = r?;
+    let text = tok.decode(&tokens)?;
+    let mut m = lock(messages);
+    m.push(ChatMessage {
+        role: Role::User,
+        text: prompt.to_string(),
+    });
+    m.push(ChatMessage {
+        role: Role::Assistant,
+        text: text.clone(),
+    });
+    Ok(Reply {
+        text,
+        stats: (&stats).into(),
+    })
+}
+
+/// The end-of-turn marker of the model's chat template ("<|im_end|>" for ChatML).
+fn end_marker(tok: &spa_model::SpaTokenizer) -> String {
+    let p = tok.chat_prompt("\u{1}");
+    match p.split_once('\u{1}') {
+        Some((_, rest)) => rest.split('\n').next().unwrap_or("").to_string(),
+        None => String::new(),
+    }
+}
+
+#[derive(Default)]
+struct State {
+    task: Option<tokio::task::JoinHandle<Result<Reply>>>,
+    result: Option<Result<Reply>>,
+}
+
+/// A running generation. Dropping it cancels the generation.
+#[derive(uniffi::Object)]
+pub struct Generation {
+    cancel: Arc<AtomicBool>,
+    state: tokio::sync::Mutex<State>,
+}
+
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generation")
+            .field("cancelled", &self.cancel.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+#[uniffi::export]
+impl Generation {
+    /// Asks the generation to stop: token delivery stops at once (at most a call already in
+    /// flight completes) and the generation ends with `SpaMobileError::Cancelled` at the end of
+    /// the current round; the turn is not added to the history.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits for the end: the reply, or the error `on_error` received. May be called again
+    /// (same answer).
+    pub async fn finish(&self) -> Result<Reply> {
+        let mut st = self.state.lock().await;
+        if let Some(task) = st.task.as_mut() {
+            let r = match task.await {
+                Ok(r) => r,
+                Err(e) if e.is_panic() => Err(SpaMobileError::Internal {
+                    reason: "generation panicked".into(),
+                }),
+                Err(_) => Err(SpaMobileError::Cancelled),
+            };
+            st.task = None;
+            st.result = Some(r);
+        }
+        st.result.clone().unwrap_or(Err(SpaMobileError::Cancelled))
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}

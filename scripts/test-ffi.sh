@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# test-ffi.sh - the mobile bindings end to end: builds libspa_ffi.so (rust/spa-ffi), generates
+# the Kotlin and Swift bindings with the workspace's uniffi-bindgen (library mode, uniffi.toml),
+# checks that the committed copies are current, starts a real `spa serve` (TLS with a dev
+# certificate, API keys) on loopback, then compiles and runs
+#   - the Kotlin suite (android/jvm-test) on the JVM: kotlinc from npm `kotlin-compiler`, JNA
+#     from Debian libjna-java;
+#   - the Swift suite (ios/Tests/SpaMobileLinuxTests) with Swift 6.0.3 in a Debian trixie chroot
+#     (scripts/swift-chroot.sh).
+# Prints each suite's "N passed, M failed" line; exits non-zero if anything fails.
+#
+# Usage: scripts/test-ffi.sh [--update-bindings] [--kotlin-only|--swift-only]
+#   --update-bindings  copy freshly generated bindings over the committed ones (after an API change)
+# Env: CARGO_TARGET_DIR (default target), SPA_HOME (~/.cache/spa-mobile), SWIFT_ROOT (chroot dir).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+
+update=0
+run_kotlin=1
+run_swift=1
+for a in "$@"; do
+	case "$a" in
+	--update-bindings) update=1 ;;
+	--kotlin-only) run_swift=0 ;;
+	--swift-only) run_kotlin=0 ;;
+	*) echo "usage: $0 [--update-bindings] [--kotlin-only|--swift-only]" >&2; exit 64 ;;
+	esac
+done
+
+t_start=$(date +%s)
+SPA_HOME="${SPA_HOME:-$HOME/.cache/spa-mobile}"
+export SPA_HOME
+TARGET="${CARGO_TARGET_DIR:-$REPO/target}"
+WORK=$(mktemp -d /tmp/spa-ffi-test.XXXXXX)
+SERVER_PID=""
+cleanup() {
+	if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
+	rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+echo "== ffi: model =="
+MODEL=$(bash scripts/fetch-assets.sh model | sed -n 's/^[A-Za-z_]*=//p' | head -n1)
+[ -f "$MODEL" ] || { echo "model not found: '$MODEL'" >&2; exit 2; }
+
+echo "== ffi: build libspa_ffi + uniffi-bindgen + spa (debug) =="
+cargo build -q -p spa-ffi --features bindgen --lib --bin uniffi-bindgen
+cargo build -q -p spa-cli --bin spa
+LIB="$TARGET/debug/libspa_ffi.so"
+BINDGEN="$TARGET/debug/uniffi-bindgen"
+
+echo "== ffi: generate bindings =="
+GEN="$WORK/gen"
+"$BINDGEN" generate --library "$LIB" --config uniffi.toml --language kotlin --out-dir "$GEN/kotlin" --no-format >/dev/null
+"$BINDGEN" generate --library "$LIB" --config uniffi.toml --language swift --out-dir "$GEN/swift" >/dev/null
+KT_GEN="$GEN/kotlin/ai/spa/mobile/ffi/spa_ffi.kt"
+declare -A committed=(
+	["$KT_GEN"]=android/src/main/kotlin/ai/spa/mobile/ffi/spa_ffi.kt
+	["$GEN/swift/SpaMobileFFI.swift"]=ios/Sources/SpaMobileFFI/SpaMobileFFI.swift
+	["$GEN/swift/SpaMobileFFIFFI.h"]=ios/Generated/SpaMobileFFIFFI.h
+	["$GEN/swift/SpaMobileFFIFFI.modulemap"]=ios/Generated/SpaMobileFFIFFI.modulemap
+)
+stale=0
+for g in "${!committed[@]}"; do
+	c=${committed[$g]}
+	if [ "$update" = 1 ]; then
+		mkdir -p "$(dirname "$c")" && cp "$g" "$c"
+	elif ! cmp -s "$g" "$c"; then
+		echo "stale generated bindings: $c (run scripts/test-ffi.sh --update-bindings)" >&2
+		stale=1
+	fi
+done
+[ "$stale" = 0 ]
+
+echo "== ffi: start spa serve (TLS, loopback) =="
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+DOWN_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+KEY=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
+echo "$KEY" >"$WORK/keys"
+mkdir -p "$WORK/cert"
+# A random projection keeps the start fast; the server is the real spa-server either way.
+"$TARGET/debug/spa" serve --addr "127.0.0.1:$PORT" --model "$MODEL" --dev-cert "$WORK/cert" \
+	--keys-file "$WORK/keys" --projection random:7 >"$WORK/server.log" 2>&1 &
+SERVER_PID=$!
+for _ in $(seq 1 600); do
+	grep -q "listening on" "$WORK/server.log" && break
+	kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/server.log" >&2; exit 1; }
+	sleep 0.5
+done
+grep -q "listening on" "$WORK/server.log" || { echo "server did not start" >&2; cat "$WORK/server.log" >&2; exit 1; }
+export SPA_TEST_URL="https://127.0.0.1:$PORT" SPA_TEST_KEY="$KEY" SPA_TEST_CA="$WORK/cert/dev-cert.pem"
+export SPA_TEST_MODEL="$MODEL" SPA_TEST_DOWN_URL="https://127.0.0.1:$DOWN_PORT"
+echo "server up at $SPA_TEST_URL after $(($(date +%s) - t_start)) s"
+
+status=0
+summary=()
+
+if [ "$run_kotlin" = 1 ]; then
+	echo "== ffi: Kotlin (JVM) =="
+	t0=$(date +%s)
+	KOTLIN_HOME="$SPA_HOME/tools/kotlin/node_modules/kotlin-compiler"
+	if [ ! -x "$KOTLIN_HOME/bin/kotlinc" ]; then
+		npm install --no-audit --no-fund --silent --prefix "$SPA_HOME/tools/kotlin" kotlin-compiler@2.4 >&2
+	fi
+	JNA=/usr/share/java/jna.jar
+	[ -f "$JNA" ] || { echo "missing $JNA (apt-get install libjna-java)" >&2; exit 3; }
+	CP="$JNA:$KOTLIN_HOME/lib/kotlinx-coroutines-core-jvm.jar"
+	"$KOTLIN_HOME/bin/kotlinc" -nowarn -cp "$CP" -d "$WORK/kt.jar" \
+		android/src/main/kotlin/ai/spa/mobile/ffi/spa_ffi.kt \
+		android/src/main/kotlin/ai/spa/mobile/SpaMobile.kt \
+		android/jvm-test/SpaMobileJvmTest.kt
+	set +e
+	java -Djna.library.path="$(dirname "$LIB")" -cp "$CP:$KOTLIN_HOME/lib/kotlin-stdlib.jar:$WORK/kt.jar" \
+		SpaMobileJvmTestKt 2>&1 | tee "$WORK/kotlin.log"
+	rc=${PIPESTATUS[0]}
+	set -e
+	line=$(grep '^kotlin: ' "$WORK/kotlin.log" || echo "kotlin: did not finish (exit $rc)")
+	summary+=("$line ($(($(date +%s) - t0)) s incl. compile)")
+	[ "$rc" = 0 ] || status=1
+fi
+
+if [ "$run_swift" = 1 ]; then
+	echo "== ffi: Swift (Linux, trixie chroot) =="
+	t0=$(date +%s)
+	ROOT=$(bash scripts/swift-chroot.sh)
+	D=/opt/spa-ffi-test
+	rm -rf "$ROOT$D" && mkdir -p "$ROOT$D/lib"
+	cp "$LIB" "$ROOT$D/lib/"
+	cp "$GEN/swift/SpaMobileFFIFFI.h" "$ROOT$D/"
+	cp "$GEN/swift/SpaMobileFFIFFI.modulemap" "$ROOT$D/"
+	cp ios/Sources/SpaMobileFFI/SpaMobileFFI.swift ios/Sources/SpaMobile/SpaMobile.swift \
+		ios/Tests/SpaMobileLinuxTests/SpaMobileTests.swift "$SPA_TEST_CA" "$ROOT$D/"
+	# The model inside the chroot: a hard link when on the same filesystem, else a copy.
+	mkdir -p "$ROOT/opt/spa-models"
+	[ "$ROOT/opt/spa-models/model.gguf" -nt "$MODEL" ] ||
+		ln -f "$MODEL" "$ROOT/opt/spa-models/model.gguf" 2>/dev/null || cp "$MODEL" "$ROOT/opt/spa-models/model.gguf"
+	set +e
+	chroot "$ROOT" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root LD_LIBRARY_PATH="$D/lib" \
+		SPA_TEST_URL="$SPA_TEST_URL" SPA_TEST_KEY="$SPA_TEST_KEY" SPA_TEST_CA="$D/dev-cert.pem" \
+		SPA_TEST_MODEL=/opt/spa-models/model.gguf SPA_TEST_DOWN_URL="$SPA_TEST_DOWN_URL" \
+		/bin/sh -c "cd $D && swiftc -parse-as-library -module-name SpaMobileSwiftTests \
+			-Xcc -fmodule-map-file=$D/SpaMobileFFIFFI.modulemap -I $D \
+			SpaMobileFFI.swift SpaMobile.swift SpaMobileTests.swift -L $D/lib -lspa_ffi -o spa-swift-tests &&
+			./spa-swift-tests" 2>&1 | tee "$WORK/swift.log"
+	rc=${PIPESTATUS[0]}
+	set -e
+	line=$(grep '^swift: ' "$WORK/swift.log" || echo "swift: did not finish (exit $rc)")
+	summary+=("$line ($(($(date +%s) - t0)) s incl. compile)")
+	[ "$rc" = 0 ] || status=1
+fi
+
+echo "== ffi: summary =="
+for l in "${summary[@]}"; do echo "$l"; done
+echo "ffi total: $(($(date +%s) - t_start)) s"
+exit $status

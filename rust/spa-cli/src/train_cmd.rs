@@ -243,7 +243,9 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
         Ok(m) => m,
         Err(e) => {
             log::error!("measuring rounds through the protocol failed: {e:#}");
-            results.notes.push(format!("rounds through the real protocol: not measured ({e})"));
+            results.notes.push(format!(
+                "rounds through the real protocol: not measured ({e})"
+            ));
             Default::default()
         }
     };

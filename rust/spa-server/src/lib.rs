@@ -335,9 +335,16 @@ async fn step_h(
 ) -> Result<Response, ApiError> {
     let owner = auth(&st, &headers)?;
     st.metrics.bytes_in.fetch_add(body.len() as u64, Relaxed);
+    let counted = |e| {
+        let e = bad_frame(e);
+        if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+            st.metrics.limited.fetch_add(1, Relaxed);
+        }
+        e
+    };
     let req: StepRequest =
-        decode_frame(&body, FrameKind::StepRequest, &st.config.limits).map_err(bad_frame)?;
-    req.validate(&st.config.limits).map_err(bad_frame)?;
+        decode_frame(&body, FrameKind::StepRequest, &st.config.limits).map_err(counted)?;
+    req.validate(&st.config.limits).map_err(counted)?;
     let sess = session(&st, &id, owner)?;
     let st2 = st.clone();
     let t0 = Instant::now();
@@ -547,8 +554,10 @@ async fn body_guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -
                 "request body not received in time",
             )
             .into_response();
-            r.headers_mut()
-                .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+            r.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
             r
         }
         Ok(Err(e)) => {
@@ -626,12 +635,7 @@ pub async fn start(
                 .http_builder()
                 .http1()
                 .header_read_timeout(header_timeout);
-            tokio::spawn(async move {
-                server
-                    .handle(h2)
-                    .serve(app.into_make_service())
-                    .await
-            })
+            tokio::spawn(async move { server.handle(h2).serve(app.into_make_service()).await })
         }
         None => {
             let mut server = axum_server::bind(addr).first_request_timeout(header_timeout);
@@ -639,12 +643,7 @@ pub async fn start(
                 .http_builder()
                 .http1()
                 .header_read_timeout(header_timeout);
-            tokio::spawn(async move {
-                server
-                    .handle(h2)
-                    .serve(app.into_make_service())
-                    .await
-            })
+            tokio::spawn(async move { server.handle(h2).serve(app.into_make_service()).await })
         }
     };
     let addr = handle

@@ -23,6 +23,10 @@ pub struct Metrics {
     pub unauthorized: AtomicU64,
     /// Layer-split round trips.
     pub layer_rounds: AtomicU64,
+    /// Requests whose body did not arrive within the body timeout (408).
+    pub body_timeouts: AtomicU64,
+    /// Requests refused for size or rate limits (413/429).
+    pub limited: AtomicU64,
     buckets: [AtomicU64; 12],
     count: AtomicU64,
     sum_us: AtomicU64,
@@ -61,6 +65,18 @@ impl Metrics {
             "Sessions evicted to respect the KV bound.",
             "counter",
             evictions as f64,
+        );
+        g(
+            "spa_body_timeouts_total",
+            "Requests whose body did not arrive in time (408).",
+            "counter",
+            self.body_timeouts.load(Relaxed) as f64,
+        );
+        g(
+            "spa_limited_total",
+            "Requests refused by a size or rate limit (413/429).",
+            "counter",
+            self.limited.load(Relaxed) as f64,
         );
         g(
             "spa_tokens_in_total",

@@ -30,7 +30,8 @@
 //!   frames, session creation and error answers stay below; draft steps are far above).
 //!   Responses are numbered from 1 over all connections of the proxy, in the order the
 //!   proxy sees them. The chunk that crosses the threshold is the point where the server has
-//!   computed and sent the response: a [`Fault`] then drops, resets, truncates or stalls it.
+//!   computed and sent the response: a [`Fault`] then drops, resets, truncates, stalls
+//!   (before or mid-body) or duplicates it.
 //!   Which responses are hit comes from an explicit schedule or a seeded RNG ([`FaultPlan`]).
 //!
 //! Everything is bounded: upstream connects time out, a stall lasts its given duration, and
@@ -67,6 +68,14 @@ pub enum Fault {
     /// Hold the response for this long before delivering it (and everything after it on that
     /// connection); a client with a shorter timeout gives up and retries.
     Stall(Duration),
+    /// Forward the first half of the triggering chunk, then hold the rest of the response (and
+    /// everything after it on that connection) for this long: a body that stops mid-way.
+    StallMidBody(Duration),
+    /// Forward the triggering chunk twice: the client receives a duplicated piece of the
+    /// response. Inside TLS this is a replayed record, which the client's TLS layer rejects
+    /// (record authentication fails), so the request fails as a transport error; over plain
+    /// HTTP it corrupts the body or the framing.
+    Duplicate,
 }
 
 /// Which responses get a fault.
@@ -149,6 +158,10 @@ pub struct ProxyStats {
     pub truncations: AtomicU64,
     /// [`Fault::Stall`] injected.
     pub stalls: AtomicU64,
+    /// [`Fault::StallMidBody`] injected.
+    pub mid_body_stalls: AtomicU64,
+    /// [`Fault::Duplicate`] injected.
+    pub duplicates: AtomicU64,
 }
 
 impl ProxyStats {
@@ -158,6 +171,8 @@ impl ProxyStats {
             + self.resets.load(Relaxed)
             + self.truncations.load(Relaxed)
             + self.stalls.load(Relaxed)
+            + self.mid_body_stalls.load(Relaxed)
+            + self.duplicates.load(Relaxed)
     }
 }
 
@@ -201,6 +216,8 @@ impl Shared {
             Fault::Reset => &self.stats.resets,
             Fault::Truncate => &self.stats.truncations,
             Fault::Stall(_) => &self.stats.stalls,
+            Fault::StallMidBody(_) => &self.stats.mid_body_stalls,
+            Fault::Duplicate => &self.stats.duplicates,
         };
         counter.fetch_add(1, Relaxed);
         log::debug!("netsim: response {n} gets {fault:?}");
@@ -440,6 +457,27 @@ async fn read_pump(
                     Some(Fault::Stall(d)) => {
                         stall_until = now + d;
                         at = at.max(stall_until);
+                    }
+                    Some(Fault::StallMidBody(d)) => {
+                        let half = n / 2;
+                        if tx.send(Item::Data(at, buf[..half].to_vec())).await.is_err() {
+                            return End::Done;
+                        }
+                        stall_until = now + d;
+                        let later = at.max(stall_until);
+                        if tx
+                            .send(Item::Data(later, buf[half..n].to_vec()))
+                            .await
+                            .is_err()
+                        {
+                            return End::Done;
+                        }
+                        continue;
+                    }
+                    Some(Fault::Duplicate) => {
+                        if tx.send(Item::Data(at, buf[..n].to_vec())).await.is_err() {
+                            return End::Done;
+                        }
                     }
                 }
             }

@@ -45,6 +45,8 @@ enum Cmd {
     Eval(train_cmd::EvalArgs),
     /// Personalize a side network on one author's text; next-word metrics before/after.
     Personalize(train_cmd::PersonalizeArgs),
+    /// Keyboard demo in the terminal: next-word suggestions, base vs personalized.
+    Keyboard(train_cmd::KeyboardArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -116,6 +118,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Train(a) => train_cmd::train_cmd(a),
         Cmd::Eval(a) => train_cmd::eval_cmd(a),
         Cmd::Personalize(a) => train_cmd::personalize_cmd(a),
+        Cmd::Keyboard(a) => train_cmd::keyboard_cmd(a),
         Cmd::Bench { what } => match what {
             BenchCmd::Model(a) => bench::model(a),
             BenchCmd::Rounds(a) => runtime()?.block_on(bench_net::rounds(a)),

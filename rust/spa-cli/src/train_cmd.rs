@@ -473,3 +473,93 @@ async fn measure_rounds(
     srv.shutdown().await;
     Ok(out)
 }
+
+#[derive(clap::Args)]
+pub struct KeyboardArgs {
+    /// The writer whose held-out text is typed: moby-dick | sotu:NAME | email.
+    #[arg(long, default_value = "sotu:obama")]
+    author: String,
+    /// Personal weights from `spa personalize` (trained now when absent).
+    #[arg(long)]
+    personal: Option<PathBuf>,
+    /// Training steps when training now.
+    #[arg(long, default_value_t = 120)]
+    steps: usize,
+    /// Words of held-out text to show.
+    #[arg(long, default_value_t = 30)]
+    words: usize,
+    /// GGUF model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+/// `spa keyboard`: the keyboard demo in a terminal. The author's later text is "typed"; for
+/// every word the suggestion strip of the base and of the personalized model are shown, and
+/// the keystroke savings of both are measured over the held-out text.
+pub fn keyboard_cmd(a: KeyboardArgs) -> Result<()> {
+    use spa_train::personalize::{next_word_trace, FeatureSource, WordEvent};
+    let model = assets::model_path(a.model.as_deref())?;
+    let width = 64;
+    let plugin = match &a.personal {
+        Some(p) => SidePlugin::load(p)?,
+        None => {
+            eprintln!(
+                "training personal weights on {}'s earlier text ({} steps)...",
+                a.author, a.steps
+            );
+            let cfg = PersonalizeConfig {
+                steps: a.steps,
+                ..Default::default()
+            };
+            personalize_run(&model, &a.author, width, &cfg, false)?.0
+        }
+    };
+    let base = BaseModel::load(&model)?;
+    let proj = projection(&base, plugin.weights.config.width)?;
+    plugin.check_compatible(base.identity(), &proj)?;
+    let text = data::load_author(&assets::spa_home(), &a.author)?;
+    let tok = base.tokenizer();
+    let mut held = personalize::chunk_texts(tok, &text.held_out, 64)?;
+    held.truncate(24);
+    let mut src = LocalFeatures {
+        base: &base,
+        proj: &proj,
+        quiet: true,
+    };
+    let feats = src.features(&held, 32)?;
+    let graph = spa_train::sidegrad::SideGraph::new(
+        &plugin.weights,
+        spa_train::sidegrad::SideInput::BaseTaps,
+        base.head_weight_f32()?,
+        0,
+    )?;
+    let (mut ev_base, mut ev_pers): (Vec<WordEvent>, Vec<WordEvent>) = (Vec::new(), Vec::new());
+    let mb = next_word_trace(tok, None, &feats, &mut |e| ev_base.push(e.clone()))?;
+    let mp = next_word_trace(tok, Some(&graph), &feats, &mut |e| ev_pers.push(e.clone()))?;
+    println!(
+        "typing {}'s held-out text; suggestions shown before each word (* = hit)\n",
+        a.author
+    );
+    println!("{:<14} {:<34} {:<34}", "word", "base", "personalized");
+    let show = |e: &WordEvent| {
+        e.suggestions
+            .iter()
+            .map(|s| {
+                if *s == e.word {
+                    format!("*{s}")
+                } else {
+                    s.clone()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    for (b, p) in ev_base.iter().zip(&ev_pers).take(a.words) {
+        println!("{:<14} {:<34} {:<34}", b.word, show(b), show(p));
+    }
+    println!(
+        "\nover {} held-out words: keystroke savings base {:.1}% -> personalized {:.1}% ; top-3 {:.1}% -> {:.1}% ; top-1 {:.1}% -> {:.1}%",
+        mb.words, mb.keystroke_savings, mp.keystroke_savings, mb.top3, mp.top3, mb.top1, mp.top1
+    );
+    Ok(())
+}

@@ -178,11 +178,34 @@ impl WordTable {
     }
 }
 
+/// One word of held-out text as the suggestion strip saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WordEvent {
+    /// The word the user wrote.
+    pub word: String,
+    /// The three suggestions shown before its first letter.
+    pub suggestions: Vec<String>,
+    /// Keys spent with suggestions (letters typed + one tap, or letters + space).
+    pub keys: usize,
+    /// Keys without suggestions (letters + space).
+    pub keys_without: usize,
+}
+
 /// Next-word metrics of the base (`graph = None`) or of the gated side network on `feats`.
 pub fn next_word_metrics(
     tok: &SpaTokenizer,
     graph: Option<&SideGraph>,
     feats: &[SeqFeatures],
+) -> Result<NextWordMetrics> {
+    next_word_trace(tok, graph, feats, &mut |_| {})
+}
+
+/// [`next_word_metrics`], also reporting every word to `on_word` (the keyboard demo).
+pub fn next_word_trace(
+    tok: &SpaTokenizer,
+    graph: Option<&SideGraph>,
+    feats: &[SeqFeatures],
+    on_word: &mut dyn FnMut(&WordEvent),
 ) -> Result<NextWordMetrics> {
     let mut table = WordTable {
         text: HashMap::new(),
@@ -281,6 +304,12 @@ pub fn next_word_metrics(
                     }
                 }
                 saved += word_len + 1 - cost;
+                on_word(&WordEvent {
+                    word: word.clone(),
+                    suggestions: cands.iter().take(3).cloned().collect(),
+                    keys: cost,
+                    keys_without: word_len + 1,
+                });
             }
         }
     }

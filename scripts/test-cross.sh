@@ -28,10 +28,13 @@ cd "$root"
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(packaging aarch64 android ios size)
 
-# Integration tests of spa-model run on aarch64 (the others are slow under emulation and test
-# nothing target-specific; the x86_64 suite runs all of them): quant = q8/q4 side + head vs f32 on
-# real text, through the quantized kernels.
-AARCH64_TESTS="${AARCH64_TESTS:-quant}"
+# Integration tests of spa-model run on aarch64 (the x86_64 suite runs all of them):
+#   base_golden  the real SmolLM2 forward on aarch64 against the numpy float64 reference (top-5
+#                logits, greedy outputs): catches any aarch64 numeric difference end to end;
+#   corrupt      damaged GGUF/safetensors files -> typed errors, no panic.
+# The others are slow under emulation (quant, side: > 7 min each here) and test nothing that
+# base_golden and the kernel unit tests do not already cover for this target.
+AARCH64_TESTS="${AARCH64_TESTS:-base_golden corrupt}"
 
 . scripts/cross-env.sh
 export SPA_HOME="${SPA_HOME:-$HOME/.cache/spa-mobile}"

@@ -290,7 +290,7 @@ fn budget_matching_picks_comparable_sizes() {
 /// target tokens each). Run: `cargo test --release -p spa-train --test basegrad -- --ignored
 /// --nocapture step_timing`.
 #[test]
-#[ignore = "timing only (about a minute per method on 2 cores)"]
+#[ignore = "timing only (minutes per method on 2 cores)"]
 fn step_timing() {
     let Some(path) = model_path() else { return };
     let methods = [
@@ -316,7 +316,7 @@ fn step_timing() {
         .expect("opt");
         let mut fwd = 0f64;
         let mut all = 0f64;
-        let steps = 3;
+        let steps = 2;
         for s in 0..=steps {
             let t0 = std::time::Instant::now();
             let loss = m.loss(&batch).expect("loss");

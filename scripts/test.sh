@@ -16,3 +16,4 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 echo "== cargo test =="
 cargo test --workspace 2>&1 | tee /tmp/spa-test.log
+bash scripts/test-cross.sh # aarch64 tests under qemu, android/ios check + staticlib, device lib size

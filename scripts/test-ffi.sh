@@ -40,20 +40,27 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "== ffi: model =="
+echo "== ffi: model and personal text =="
 MODEL=$(bash scripts/fetch-assets.sh model | sed -n 's/^[A-Za-z_]*=//p' | head -n1)
 [ -f "$MODEL" ] || { echo "model not found: '$MODEL'" >&2; exit 2; }
+bash scripts/fetch-assets.sh personal >/dev/null
+# The user's text of the personalization tests: two Moby Dick chapters to learn, one held out.
+mkdir -p "$WORK/texts"
+MOBY="$SPA_HOME/data/personal/moby-dick"
+cp "$MOBY/chapter_1.txt" "$WORK/texts/train1.txt"
+cp "$MOBY/chapter_2.txt" "$WORK/texts/train2.txt"
+cp "$MOBY/chapter_3.txt" "$WORK/texts/held.txt"
 
 echo "== ffi: build libspa_ffi + uniffi-bindgen + spa (debug) =="
-cargo build -q -p spa-ffi --features bindgen --lib --bin uniffi-bindgen
-cargo build -q -p spa-cli --bin spa
+# One invocation, so both share one feature resolution (and one set of dependency builds).
+cargo build -q -p spa-ffi -p spa-cli --features spa-ffi/bindgen
 LIB="$TARGET/debug/libspa_ffi.so"
 BINDGEN="$TARGET/debug/uniffi-bindgen"
 
 echo "== ffi: generate bindings =="
 GEN="$WORK/gen"
 "$BINDGEN" generate --library "$LIB" --config uniffi.toml --language kotlin --out-dir "$GEN/kotlin" --no-format >/dev/null
-"$BINDGEN" generate --library "$LIB" --config uniffi.toml --language swift --out-dir "$GEN/swift" >/dev/null
+"$BINDGEN" generate --library "$LIB" --config uniffi.toml --language swift --out-dir "$GEN/swift" --no-format >/dev/null
 KT_GEN="$GEN/kotlin/ai/spa/mobile/ffi/spa_ffi.kt"
 declare -A committed=(
 	["$KT_GEN"]=android/src/main/kotlin/ai/spa/mobile/ffi/spa_ffi.kt
@@ -91,6 +98,7 @@ done
 grep -q "listening on" "$WORK/server.log" || { echo "server did not start" >&2; cat "$WORK/server.log" >&2; exit 1; }
 export SPA_TEST_URL="https://127.0.0.1:$PORT" SPA_TEST_KEY="$KEY" SPA_TEST_CA="$WORK/cert/dev-cert.pem"
 export SPA_TEST_MODEL="$MODEL" SPA_TEST_DOWN_URL="https://127.0.0.1:$DOWN_PORT"
+export SPA_TEST_TEXTS="$WORK/texts" SPA_TEST_DIR="$WORK"
 echo "server up at $SPA_TEST_URL after $(($(date +%s) - t_start)) s"
 
 status=0
@@ -131,6 +139,7 @@ if [ "$run_swift" = 1 ]; then
 	cp "$GEN/swift/SpaMobileFFIFFI.modulemap" "$ROOT$D/"
 	cp ios/Sources/SpaMobileFFI/SpaMobileFFI.swift ios/Sources/SpaMobile/SpaMobile.swift \
 		ios/Tests/SpaMobileLinuxTests/SpaMobileTests.swift "$SPA_TEST_CA" "$ROOT$D/"
+	cp -r "$WORK/texts" "$ROOT$D/texts"
 	# The model inside the chroot: a hard link when on the same filesystem, else a copy.
 	mkdir -p "$ROOT/opt/spa-models"
 	[ "$ROOT/opt/spa-models/model.gguf" -nt "$MODEL" ] ||
@@ -139,6 +148,7 @@ if [ "$run_swift" = 1 ]; then
 	chroot "$ROOT" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root LD_LIBRARY_PATH="$D/lib" \
 		SPA_TEST_URL="$SPA_TEST_URL" SPA_TEST_KEY="$SPA_TEST_KEY" SPA_TEST_CA="$D/dev-cert.pem" \
 		SPA_TEST_MODEL=/opt/spa-models/model.gguf SPA_TEST_DOWN_URL="$SPA_TEST_DOWN_URL" \
+		SPA_TEST_TEXTS="$D/texts" SPA_TEST_DIR="$D" \
 		/bin/sh -c "cd $D && swiftc -parse-as-library -module-name SpaMobileSwiftTests \
 			-Xcc -fmodule-map-file=$D/SpaMobileFFIFFI.modulemap -I $D \
 			SpaMobileFFI.swift SpaMobile.swift SpaMobileTests.swift -L $D/lib -lspa_ffi -o spa-swift-tests &&

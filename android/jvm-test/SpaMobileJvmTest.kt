@@ -6,6 +6,8 @@ import ai.spa.mobile.SpaMobile
 import ai.spa.mobile.ffi.GenerateParams
 import ai.spa.mobile.ffi.GenerationListener
 import ai.spa.mobile.ffi.GenerationStats
+import ai.spa.mobile.ffi.PersonalizeOptions
+import ai.spa.mobile.ffi.TrainProgress
 import ai.spa.mobile.ffi.Role
 import ai.spa.mobile.ffi.SpaConfig
 import ai.spa.mobile.ffi.SpaMobileException
@@ -14,6 +16,8 @@ import java.util.concurrent.CountDownLatch
 import java.util.concurrent.TimeUnit
 import java.util.concurrent.atomic.AtomicInteger
 import kotlin.system.exitProcess
+import kotlinx.coroutines.Dispatchers
+import kotlinx.coroutines.async
 import kotlinx.coroutines.flow.take
 import kotlinx.coroutines.flow.toList
 import kotlinx.coroutines.runBlocking
@@ -147,6 +151,60 @@ fun main(): Unit = runBlocking {
                 }
                 expect(chat.history.isEmpty()) { "failed turn kept in history" }
                 expect(chat.send("Hi!", short).text.isNotBlank()) { "chat unusable after a throwing listener" }
+            }
+        }
+
+        val textDir = File(env("SPA_TEST_TEXTS"))
+        val train = listOf(File(textDir, "train1.txt").readText(), File(textDir, "train2.txt").readText())
+        val held = listOf(File(textDir, "held.txt").readText())
+        val storage = File(env("SPA_TEST_DIR"), "kotlin-storage").path
+        val options = PersonalizeOptions(steps = 12u, maxChunks = 16u, seed = 1uL)
+
+        test("personalization: progress, before/after report, atomic save, reload") {
+            spa.personalization(storage).use { p ->
+                p.delete()
+                expect(!p.hasSavedWeights) { "weights present after delete" }
+                val steps = mutableListOf<TrainProgress>()
+                val r = p.train(train, held, options) { steps.add(it) }
+                println("  -> ${steps.size} progress calls, ${r.steps} steps on ${r.trainTokens} tokens; " +
+                    "top-3 ${"%.1f".format(r.before.top3)}% -> ${"%.1f".format(r.after.top3)}%, " +
+                    "perplexity ${"%.1f".format(r.before.perplexity)} -> ${"%.1f".format(r.after.perplexity)}")
+                expect(steps.isNotEmpty() && steps.zipWithNext().all { (a, b) -> b.step > a.step }) { "progress $steps" }
+                expect(steps.all { it.loss.isFinite() }) { "non-finite loss" }
+                expect(r.before.words > 100u && r.after.words == r.before.words) { "report $r" }
+                expect(r.after.perplexity.isFinite() && r.before.perplexity.isFinite()) { "report $r" }
+                expect(r.weightsPath == p.weightsPath && p.hasSavedWeights) { "weights not saved at ${p.weightsPath}" }
+                expect(File(storage).listFiles()!!.none { it.name.contains(".tmp") }) { "temporary file left behind" }
+                SpaMobile.connect(config().copy(personalWeightsPath = r.weightsPath)).use { again ->
+                    expect(again.isPersonalized) { "reloaded client does not use the personal weights" }
+                    again.chat().use { c -> expect(c.send("Hi!", short).text.isNotBlank()) { "no answer with personal weights" } }
+                }
+                p.delete()
+                expect(!p.hasSavedWeights) { "weights present after delete" }
+                SpaMobile.connect(config().copy(personalWeightsPath = r.weightsPath)).use { again ->
+                    expect(!again.isPersonalized) { "deleted weights still used" }
+                }
+            }
+        }
+
+        test("personalization: cancel and a throwing progress listener save nothing") {
+            spa.personalization(storage).use { p ->
+                p.delete()
+                val first = CountDownLatch(1)
+                val run = async(Dispatchers.IO) { p.train(train, held, options.copy(steps = 1000u)) { first.countDown() } }
+                expect(first.await(300, TimeUnit.SECONDS)) { "no progress" }
+                p.cancel()
+                try {
+                    run.await()
+                    throw AssertionError("train() returned after cancel")
+                } catch (e: SpaMobileException.Cancelled) {
+                }
+                try {
+                    p.train(train, held, options) { throw IllegalStateException("app bug") }
+                    throw AssertionError("train() returned although the listener threw")
+                } catch (e: SpaMobileException.Callback) {
+                }
+                expect(!p.hasSavedWeights) { "weights saved by a cancelled or failed run" }
             }
         }
     }

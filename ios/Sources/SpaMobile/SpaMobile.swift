@@ -29,6 +29,14 @@ public final class SpaMobile: @unchecked Sendable {
 
     /// A new conversation (multi-turn chat).
     public func chat() -> Chat { Chat(conversation: client.conversation()) }
+
+    /// Whether this connection runs personal weights.
+    public var isPersonalized: Bool { client.isPersonalized() }
+
+    /// Personalization with its weights in `storageDir` (an app-private directory).
+    public func personalization(storageDir: String) -> Personalization {
+        Personalization(personalizer: client.personalizer(storageDir: storageDir))
+    }
 }
 
 private func ffiConnect(_ config: SpaConfig) async throws -> SpaClient {
@@ -105,4 +113,44 @@ private final class ClosureListener: GenerationListener, @unchecked Sendable {
     func onToken(text: String) throws { try f(text) }
     func onDone(stats: GenerationStats) throws {}
     func onError(error: SpaMobileError) throws {}
+}
+
+/// Trains personal weights on the user's texts (on the device; the server only computes base
+/// features of the token ids) and keeps them in app storage. Connect again with
+/// `personalWeightsPath: weightsPath` to use them.
+public final class Personalization: @unchecked Sendable {
+    /// The bindings' personalizer.
+    public let personalizer: Personalizer
+
+    init(personalizer: Personalizer) { self.personalizer = personalizer }
+
+    /// Trains, reports next-word quality before/after on `heldOut`, and saves the weights
+    /// atomically. Cancelling the task (or `cancel()`) stops it and saves nothing.
+    public func train(_ texts: [String], heldOut: [String], options: PersonalizeOptions = PersonalizeOptions(),
+                      onProgress: @escaping @Sendable (TrainProgress) throws -> Void = { _ in }) async throws -> PersonalizationReport {
+        let p = personalizer
+        return try await withTaskCancellationHandler {
+            try await p.train(texts: texts, heldOut: heldOut, options: options, listener: ProgressListener(onProgress))
+        } onCancel: {
+            p.cancel()
+        }
+    }
+
+    /// Stops a running `train`.
+    public func cancel() { personalizer.cancel() }
+
+    /// Where the weights are saved.
+    public var weightsPath: String { personalizer.weightsPath() }
+
+    /// Whether weights are saved.
+    public var hasSavedWeights: Bool { personalizer.hasSavedWeights() }
+
+    /// Deletes the saved weights.
+    public func delete() throws { try personalizer.deleteWeights() }
+}
+
+private final class ProgressListener: PersonalizeListener, @unchecked Sendable {
+    let f: @Sendable (TrainProgress) throws -> Void
+    init(_ f: @escaping @Sendable (TrainProgress) throws -> Void) { self.f = f }
+    func onProgress(progress: TrainProgress) throws { try f(progress) }
 }

@@ -167,6 +167,69 @@ struct SpaMobileLinuxTests {
             try expect(!r.text.isEmpty, "chat unusable after a throwing listener")
         }
 
+        let textDir = env("SPA_TEST_TEXTS")
+        let read = { (name: String) -> String in (try? String(contentsOfFile: textDir + "/" + name, encoding: .utf8)) ?? "" }
+        let train = [read("train1.txt"), read("train2.txt")]
+        let held = [read("held.txt")]
+        let storage = env("SPA_TEST_DIR") + "/swift-storage"
+        let options = PersonalizeOptions(steps: 12, maxChunks: 16, seed: 1)
+
+        await test("personalization: progress, before/after report, atomic save, reload") {
+            let p = spa.personalization(storageDir: storage)
+            try p.delete()
+            try expect(!p.hasSavedWeights, "weights present after delete")
+            let steps = Steps()
+            let r = try await p.train(train, heldOut: held, options: options) { steps.add($0) }
+            let s = steps.all
+            print("  -> \(s.count) progress calls, \(r.steps) steps on \(r.trainTokens) tokens; top-3 "
+                + "\(r.before.top3)% -> \(r.after.top3)%, perplexity \(r.before.perplexity) -> \(r.after.perplexity)")
+            try expect(!s.isEmpty && zip(s, s.dropFirst()).allSatisfy { $1.step > $0.step }, "progress \(s)")
+            try expect(s.allSatisfy { $0.loss.isFinite }, "non-finite loss")
+            try expect(r.before.words > 100 && r.after.words == r.before.words, "report \(r)")
+            try expect(r.after.perplexity.isFinite && r.before.perplexity.isFinite, "report \(r)")
+            try expect(r.weightsPath == p.weightsPath && p.hasSavedWeights, "weights not saved")
+            let files = try FileManager.default.contentsOfDirectory(atPath: storage)
+            try expect(!files.contains { $0.contains(".tmp") }, "temporary file left behind")
+            var c = try config()
+            c.personalWeightsPath = r.weightsPath
+            let again = try await SpaMobile.connect(c)
+            try expect(again.isPersonalized, "reloaded client does not use the personal weights")
+            let answer = try await again.chat().send("Hi!", params: short)
+            try expect(!answer.text.isEmpty, "no answer with personal weights")
+            try p.delete()
+            try expect(!p.hasSavedWeights, "weights present after delete")
+            let fallback = try await SpaMobile.connect(c)
+            try expect(!fallback.isPersonalized, "deleted weights still used")
+        }
+
+        await test("personalization: cancel and a throwing progress listener save nothing") {
+            let p = spa.personalization(storageDir: storage)
+            try p.delete()
+            let first = DispatchSemaphore(value: 0)
+            let flag = Counter()
+            var long = options
+            long.steps = 1000
+            let run = Task { [long] in
+                try await p.train(train, heldOut: held, options: long) { _ in
+                    flag.add()
+                    if flag.value == 1 { first.signal() }
+                }
+            }
+            try expect(first.wait(timeout: .now() + 300) == .success, "no progress")
+            p.cancel()
+            do {
+                _ = try await run.value
+                throw TestFailure(description: "train() returned after cancel")
+            } catch SpaMobileError.Cancelled {
+            }
+            do {
+                _ = try await p.train(train, heldOut: held, options: options) { _ in throw AppBug() }
+                throw TestFailure(description: "train() returned although the listener threw")
+            } catch SpaMobileError.Callback {
+            }
+            try expect(!p.hasSavedWeights, "weights saved by a cancelled or failed run")
+        }
+
         await test("wrong API key -> .unauthorized") {
             do {
                 _ = try await SpaMobile.connect(try config(key: "not-a-valid-key"))
@@ -201,4 +264,11 @@ final class SeenText: @unchecked Sendable {
     private var s = ""
     func append(_ t: String) { lock.lock(); s += t; lock.unlock() }
     var text: String { lock.lock(); defer { lock.unlock() }; return s }
+}
+
+final class Steps: @unchecked Sendable {
+    private let lock = NSLock()
+    private var v: [TrainProgress] = []
+    func add(_ p: TrainProgress) { lock.lock(); v.append(p); lock.unlock() }
+    var all: [TrainProgress] { lock.lock(); defer { lock.unlock() }; return v }
 }

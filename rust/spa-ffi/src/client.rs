@@ -2,7 +2,8 @@
 
 use crate::config::{ChatMessage, GenerateParams, GenerationStats, ModelManifest, Reply, Role};
 use crate::error::{Result, SpaMobileError};
-use crate::{configure_threads, run_task, runtime, SpaConfig};
+use crate::personalize::Personalizer;
+use crate::{call, configure_threads, run_task, runtime, SpaConfig};
 use spa_model::{DeviceAssets, GateMode, PersonalVocab, SideConfig, SidePlugin};
 use spa_runtime::{Client, ClientConfig, DeviceModel, Mode, SpaSession};
 use std::path::Path;
@@ -38,9 +39,14 @@ pub async fn connect(config: SpaConfig) -> Result<Arc<SpaClient>> {
 /// conversations.
 #[derive(Debug, uniffi::Object)]
 pub struct SpaClient {
-    client: Client,
+    pub(crate) client: Client,
     device: Arc<DeviceModel>,
-    manifest: ModelManifest,
+    pub(crate) manifest: ModelManifest,
+    /// The side weights the device model was built from (start of personalization).
+    pub(crate) plugin: Arc<SidePlugin>,
+    pub(crate) model_path: String,
+    pub(crate) n_taps: usize,
+    personalized: bool,
 }
 
 impl SpaClient {
@@ -71,11 +77,13 @@ impl SpaClient {
         let cfg = config.clone();
         let mm = manifest.clone();
         let taps = m.taps.clone();
-        let device = tokio::task::spawn_blocking(move || load_device(&cfg, &mm, &taps))
-            .await
-            .map_err(|_| SpaMobileError::Internal {
-                reason: "loading the device model panicked".into(),
-            })??;
+        let n_taps = taps.len();
+        let (device, plugin, personalized) =
+            tokio::task::spawn_blocking(move || load_device(&cfg, &mm, &taps))
+                .await
+                .map_err(|_| SpaMobileError::Internal {
+                    reason: "loading the device model panicked".into(),
+                })??;
         device.check_manifest(&m)?;
         log::info!(
             "connected: side width {} over {} taps",
@@ -86,35 +94,45 @@ impl SpaClient {
             client,
             device: Arc::new(device),
             manifest,
+            plugin: Arc::new(plugin),
+            model_path: config.model_path,
+            n_taps,
+            personalized,
         })
     }
 }
 
-fn load_device(cfg: &SpaConfig, m: &ModelManifest, taps: &[u32]) -> Result<DeviceModel> {
+fn load_device(
+    cfg: &SpaConfig,
+    m: &ModelManifest,
+    taps: &[u32],
+) -> Result<(DeviceModel, SidePlugin, bool)> {
     let assets = DeviceAssets::load(&cfg.model_path)?;
-    let plugin = match cfg.personal_weights_path.as_deref().map(Path::new) {
-        Some(p) if p.is_file() => SidePlugin::load(p)?,
+    let (plugin, personalized) = match cfg.personal_weights_path.as_deref().map(Path::new) {
+        Some(p) if p.is_file() => (SidePlugin::load(p)?, true),
         _ => {
             let mut sc =
                 SideConfig::new(m.hidden as usize, m.layers as usize, m.side_width as usize);
             sc.taps = taps.iter().map(|&t| t as usize).collect();
-            SidePlugin::init_for(
+            let p = SidePlugin::init_for(
                 &m.base_identity,
                 m.layers as usize,
                 sc,
                 &m.projection_fingerprint,
                 1,
                 0.0,
-            )?
+            )?;
+            (p, false)
         }
     };
-    Ok(DeviceModel::new(
+    let device = DeviceModel::new(
         &assets,
         &plugin,
         cfg.quantization.into(),
         GateMode::Learned,
         PersonalVocab::default(),
-    )?)
+    )?;
+    Ok((device, plugin, personalized))
 }
 
 #[uniffi::export]
@@ -122,6 +140,16 @@ impl SpaClient {
     /// The server's manifest.
     pub fn manifest(&self) -> ModelManifest {
         self.manifest.clone()
+    }
+
+    /// Whether the device runs personal weights (`personal_weights_path` was loaded).
+    pub fn is_personalized(&self) -> bool {
+        self.personalized
+    }
+
+    /// Personalization with its weights kept in `storage_dir` (an app-private directory).
+    pub fn personalizer(&self, storage_dir: String) -> Arc<Personalizer> {
+        Arc::new(self.new_personalizer(storage_dir.into()))
     }
 
     /// A new, empty conversation.
@@ -149,16 +177,6 @@ pub struct Conversation {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Calls a listener method; a panic or exception is contained (and returned as an error).
-fn call(f: impl FnOnce() -> Result<()>) -> Result<()> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(_) => Err(SpaMobileError::Callback {
-            reason: "a listener method panicked".into(),
-        }),
-    }
 }
 
 #[uniffi::export]

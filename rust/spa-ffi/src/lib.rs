@@ -23,6 +23,7 @@
 mod client;
 mod config;
 mod error;
+mod personalize;
 
 pub use client::{connect, Conversation, Generation, GenerationListener, SpaClient};
 pub use config::{
@@ -30,6 +31,10 @@ pub use config::{
     SpaConfig,
 };
 pub use error::{Result, SpaMobileError};
+pub use personalize::{
+    NextWordQuality, PersonalizationReport, PersonalizeListener, PersonalizeOptions, Personalizer,
+    TrainProgress, WEIGHTS_FILE,
+};
 
 use std::future::Future;
 use std::sync::OnceLock;
@@ -87,6 +92,16 @@ pub(crate) fn configure_threads(threads: u32) {
             log::warn!("compute threads already configured: {e}");
         }
     });
+}
+
+/// Calls a listener method; a panic or exception is contained (and returned as an error).
+pub(crate) fn call(f: impl FnOnce() -> Result<()>) -> Result<()> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(_) => Err(SpaMobileError::Callback {
+            reason: "a listener method panicked".into(),
+        }),
+    }
 }
 
 /// The library version.

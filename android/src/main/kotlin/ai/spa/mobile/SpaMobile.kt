@@ -8,6 +8,11 @@ import ai.spa.mobile.ffi.GenerateParams
 import ai.spa.mobile.ffi.GenerationListener
 import ai.spa.mobile.ffi.GenerationStats
 import ai.spa.mobile.ffi.ModelManifest
+import ai.spa.mobile.ffi.PersonalizationReport
+import ai.spa.mobile.ffi.PersonalizeListener
+import ai.spa.mobile.ffi.PersonalizeOptions
+import ai.spa.mobile.ffi.Personalizer
+import ai.spa.mobile.ffi.TrainProgress
 import ai.spa.mobile.ffi.Reply
 import ai.spa.mobile.ffi.SpaClient
 import ai.spa.mobile.ffi.SpaConfig
@@ -38,6 +43,12 @@ class SpaMobile private constructor(private val client: SpaClient) : AutoCloseab
 
     /** A new conversation (multi-turn chat). */
     fun chat(): Chat = Chat(client.conversation())
+
+    /** Whether this connection runs personal weights. */
+    val isPersonalized: Boolean get() = client.isPersonalized()
+
+    /** Personalization with its weights in [storageDir] (e.g. `context.filesDir.path + "/spa"`). */
+    fun personalization(storageDir: String): Personalization = Personalization(client.personalizer(storageDir))
 
     override fun close() = client.close()
 }
@@ -103,4 +114,38 @@ class Chat internal constructor(val conversation: Conversation) : AutoCloseable 
     suspend fun reset() = conversation.reset()
 
     override fun close() = conversation.close()
+}
+
+/**
+ * Trains personal weights on the user's texts (on the device; the server only computes base
+ * features of the token ids) and keeps them in app storage. Connect again with
+ * `personalWeightsPath = weightsPath` to use them.
+ */
+class Personalization internal constructor(val personalizer: Personalizer) : AutoCloseable {
+    /**
+     * Trains, reports next-word quality before/after on [heldOut], and saves the weights
+     * atomically. Cancelling the coroutine (or [cancel]) stops it and saves nothing.
+     */
+    suspend fun train(
+        texts: List<String>,
+        heldOut: List<String>,
+        options: PersonalizeOptions = PersonalizeOptions(),
+        onProgress: (TrainProgress) -> Unit = {},
+    ): PersonalizationReport = personalizer.train(texts, heldOut, options, object : PersonalizeListener {
+        override fun onProgress(progress: TrainProgress) = onProgress(progress)
+    })
+
+    /** Stops a running [train]. */
+    fun cancel() = personalizer.cancel()
+
+    /** Where the weights are saved. */
+    val weightsPath: String get() = personalizer.weightsPath()
+
+    /** Whether weights are saved. */
+    val hasSavedWeights: Boolean get() = personalizer.hasSavedWeights()
+
+    /** Deletes the saved weights. */
+    fun delete() = personalizer.deleteWeights()
+
+    override fun close() = personalizer.close()
 }

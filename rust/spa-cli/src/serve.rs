@@ -45,9 +45,70 @@ pub struct ServeArgs {
     /// Global KV-cache budget in MiB (LRU eviction above it).
     #[arg(long, default_value_t = 2048)]
     pub kv_budget_mb: usize,
-    /// Most sessions per key.
+    /// Most sessions per key (429 with Retry-After beyond).
     #[arg(long, default_value_t = 64)]
     pub max_sessions_per_key: usize,
+    /// Largest K (drafts per round) a client may ask for.
+    #[arg(long, default_value_t = 64)]
+    pub max_draft: usize,
+    /// Most positions (prompt tokens + K) in one round.
+    #[arg(long, default_value_t = 4096)]
+    pub max_positions_per_round: usize,
+    /// Largest request frame in KiB (413 beyond).
+    #[arg(long, default_value_t = 16384)]
+    pub max_frame_kib: usize,
+    /// Seconds a connection may take to send a request's headers (and its first request).
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout_s: u64,
+    /// Seconds a request may take to send its body (408 beyond).
+    #[arg(long, default_value_t = 30)]
+    pub body_timeout_s: u64,
+}
+
+/// The TLS certificate to serve with: `--tls-cert/--tls-key`, or a dev certificate written to
+/// `--dev-cert DIR`. Without either, the server refuses to start unless `--insecure-dev` asks
+/// for plain HTTP (`Ok(None)`).
+pub fn tls_choice(args: &ServeArgs) -> Result<Option<tls::CertPair>> {
+    Ok(
+        match (&args.tls_cert, &args.tls_key, &args.dev_cert, args.insecure_dev) {
+            (Some(c), Some(k), _, _) => {
+                Some(tls::read_pem_files(c, k).map_err(anyhow::Error::msg)?)
+            }
+            (_, _, Some(dir), _) => {
+                let p = tls::write_dev_cert(dir).map_err(anyhow::Error::msg)?;
+                eprintln!(
+                    "dev certificate written to {}/dev-cert.pem (trust it on the client)",
+                    dir.display()
+                );
+                Some(p)
+            }
+            (_, _, _, true) => {
+                log::warn!("serving plain HTTP (--insecure-dev): never expose this port");
+                None
+            }
+            _ => bail!(
+                "TLS is required: pass --tls-cert/--tls-key, or --dev-cert DIR; --insecure-dev for plain HTTP"
+            ),
+        },
+    )
+}
+
+/// The server settings the flags ask for.
+pub fn server_config(args: &ServeArgs, keys: Keys) -> ServerConfig {
+    ServerConfig {
+        keys,
+        kv_budget_bytes: args.kv_budget_mb << 20,
+        max_sessions_per_key: args.max_sessions_per_key,
+        limits: spa_protocol::Limits {
+            max_frame_bytes: args.max_frame_kib << 10,
+            max_positions_per_round: args.max_positions_per_round,
+            max_draft: args.max_draft,
+            ..spa_protocol::Limits::default()
+        },
+        header_timeout: std::time::Duration::from_secs(args.header_timeout_s),
+        body_timeout: std::time::Duration::from_secs(args.body_timeout_s),
+        ..ServerConfig::default()
+    }
 }
 
 /// Loads the base and the projection the server publishes.
@@ -96,29 +157,20 @@ fn keys_from(args: &ServeArgs) -> Result<Keys> {
 
 pub async fn serve(args: ServeArgs) -> Result<()> {
     let keys = keys_from(&args)?;
-    let tls = match (&args.tls_cert, &args.tls_key, &args.dev_cert, args.insecure_dev) {
-        (Some(c), Some(k), _, _) => Some(tls::read_pem_files(c, k).map_err(anyhow::Error::msg)?),
-        (_, _, Some(dir), _) => {
-            let p = tls::write_dev_cert(dir).map_err(anyhow::Error::msg)?;
-            eprintln!("dev certificate written to {}/dev-cert.pem (trust it on the client)", dir.display());
-            Some(p)
-        }
-        (_, _, _, true) => None,
-        _ => bail!("TLS is required: pass --tls-cert/--tls-key, or --dev-cert DIR; --insecure-dev for plain HTTP"),
-    };
+    let tls = tls_choice(&args)?;
     let (base, proj) = load_server_parts(args.model.as_deref(), args.width, &args.projection)?;
-    let cfg = ServerConfig {
-        keys,
-        kv_budget_bytes: args.kv_budget_mb << 20,
-        max_sessions_per_key: args.max_sessions_per_key,
-        ..ServerConfig::default()
-    };
+    let cfg = server_config(&args, keys);
     let state = Arc::new(AppState::new(base, proj, cfg));
     let srv = spa_server::start(state, args.addr, tls.as_ref())
         .await
         .map_err(anyhow::Error::msg)?;
     eprintln!("spa serve: listening on {}", srv.url());
-    tokio::signal::ctrl_c().await?;
+    // Ctrl-C, or SIGTERM (what Kubernetes sends before stopping a pod).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
     eprintln!("shutting down");
     srv.shutdown().await;
     Ok(())
@@ -349,4 +401,100 @@ pub async fn demo(a: DemoArgs) -> Result<()> {
     }
     srv.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn args(extra: &[&str]) -> ServeArgs {
+        Cli::try_parse_from(std::iter::once("spa").chain(extra.iter().copied()))
+            .unwrap()
+            .serve
+    }
+
+    #[test]
+    fn tls_is_required_unless_insecure_dev() {
+        let e = tls_choice(&args(&[])).unwrap_err().to_string();
+        assert!(e.contains("TLS is required"), "{e}");
+        assert!(tls_choice(&args(&["--insecure-dev"])).unwrap().is_none());
+        let dir = std::env::temp_dir().join(format!("spa-serve-test-{}", std::process::id()));
+        let pair = tls_choice(&args(&["--dev-cert", dir.to_str().unwrap()])).unwrap();
+        assert!(pair.is_some() && dir.join("dev-cert.pem").exists());
+        // A certificate wins over --insecure-dev.
+        let both = args(&["--dev-cert", dir.to_str().unwrap(), "--insecure-dev"]);
+        assert!(tls_choice(&both).unwrap().is_some());
+        // --tls-cert without --tls-key is refused by the parser.
+        assert!(Cli::try_parse_from(["spa", "--tls-cert", "c.pem"]).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn limit_and_timeout_flags_reach_the_server() {
+        let a = args(&[
+            "--max-draft",
+            "8",
+            "--max-positions-per-round",
+            "256",
+            "--max-frame-kib",
+            "512",
+            "--max-sessions-per-key",
+            "3",
+            "--kv-budget-mb",
+            "100",
+            "--header-timeout-s",
+            "4",
+            "--body-timeout-s",
+            "6",
+        ]);
+        let c = server_config(&a, Keys::new(&["k"]));
+        assert_eq!(c.limits.max_draft, 8);
+        assert_eq!(c.limits.max_positions_per_round, 256);
+        assert_eq!(c.limits.max_frame_bytes, 512 << 10);
+        assert_eq!(c.max_sessions_per_key, 3);
+        assert_eq!(c.kv_budget_bytes, 100 << 20);
+        assert_eq!(c.header_timeout, std::time::Duration::from_secs(4));
+        assert_eq!(c.body_timeout, std::time::Duration::from_secs(6));
+    }
+
+    /// deploy/k8s/spa-serve.yaml starts `spa` with flags this parser must accept, and gives the
+    /// container more memory than the KV bound it configures.
+    #[test]
+    fn kubernetes_manifest_matches_the_flags() {
+        let yaml = include_str!("../../../deploy/k8s/spa-serve.yaml");
+        let line = yaml
+            .lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix("args: "))
+            .expect("args line");
+        let argv: Vec<String> = serde_json::from_str(line).expect("args is a JSON-style list");
+        assert_eq!(argv[0], "serve");
+        let a =
+            Cli::try_parse_from(std::iter::once("spa").chain(argv[1..].iter().map(String::as_str)))
+                .expect("flags of the manifest");
+        assert!(
+            a.serve.tls_cert.is_some() && !a.serve.insecure_dev,
+            "the pod must serve TLS"
+        );
+        let limit_gi: usize = yaml
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("limits: {cpu: \"2\", memory: "))
+            .and_then(|r| r.strip_suffix("Gi}"))
+            .expect("memory limit")
+            .parse()
+            .unwrap();
+        // Model and runtime take ~0.7 GiB next to the KV bound (docs/reliability.md).
+        assert!(
+            (limit_gi << 10) >= a.serve.kv_budget_mb + 700,
+            "memory limit {limit_gi} GiB below KV bound {} MiB + 700 MiB",
+            a.serve.kv_budget_mb
+        );
+    }
 }

@@ -164,9 +164,11 @@ async fn load(clients: usize, secs: f64, kv_budget: usize) -> Report {
     let lat = Arc::new(Mutex::new(Vec::new()));
     let statuses = Arc::new(Mutex::new(BTreeMap::new()));
     let max_kv = Arc::new(Mutex::new(0usize));
+    // Samples until every client has returned (in-flight steps included).
+    let joined = Arc::new(AtomicBool::new(false));
     let monitor = {
         let (state, stop, max_kv): (Arc<AppState>, _, _) =
-            (state.clone(), stop.clone(), max_kv.clone());
+            (state.clone(), joined.clone(), max_kv.clone());
         tokio::spawn(async move {
             while !stop.load(Relaxed) {
                 let b = state.sessions.lock().unwrap().total_bytes();
@@ -212,6 +214,7 @@ async fn load(clients: usize, secs: f64, kv_budget: usize) -> Report {
         tokens += tk;
     }
     let elapsed = t0.elapsed().as_secs_f64();
+    joined.store(true, Relaxed);
     monitor.await.unwrap();
     let mut l = lat.lock().unwrap().clone();
     l.sort_by(|a, b| a.total_cmp(b));

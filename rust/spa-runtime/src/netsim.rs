@@ -475,7 +475,9 @@ async fn read_pump(
                         continue;
                     }
                     Some(Fault::Duplicate) => {
-                        if tx.send(Item::Data(at, buf[..n].to_vec())).await.is_err() {
+                        // The first copy here, the second one below.
+                        let first = tx.send(Item::Data(at, buf[..n].to_vec())).await;
+                        if first.is_err() {
                             return End::Done;
                         }
                     }

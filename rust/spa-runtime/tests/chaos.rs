@@ -324,6 +324,8 @@ impl ServerProcess {
             }
             line.clear();
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("server process exited before listening");
     }
 }

@@ -16,4 +16,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 echo "== cargo test =="
 cargo test --workspace 2>&1 | tee /tmp/spa-test.log
+
+echo "== mobile bindings: Kotlin (JVM) + Swift (Linux) =="
+bash scripts/test-ffi.sh
 bash scripts/test-cross.sh # aarch64 tests under qemu, android/ios check + staticlib, device lib size
+bash scripts/fuzz.sh 15 # cargo-fuzz targets, 15 s each (docs/reliability.md)

@@ -16,6 +16,7 @@ import java.util.concurrent.CountDownLatch
 import java.util.concurrent.TimeUnit
 import java.util.concurrent.atomic.AtomicInteger
 import kotlin.system.exitProcess
+import kotlinx.coroutines.CoroutineScope
 import kotlinx.coroutines.Dispatchers
 import kotlinx.coroutines.async
 import kotlinx.coroutines.flow.take
@@ -191,7 +192,8 @@ fun main(): Unit = runBlocking {
             spa.personalization(storage).use { p ->
                 p.delete()
                 val first = CountDownLatch(1)
-                val run = async(Dispatchers.IO) { p.train(train, held, options.copy(steps = 1000u)) { first.countDown() } }
+                // Not a child of runBlocking: its failure must not cancel the suite.
+                val run = CoroutineScope(Dispatchers.IO).async { p.train(train, held, options.copy(steps = 1000u, maxChunks = 6u)) { first.countDown() } }
                 expect(first.await(300, TimeUnit.SECONDS)) { "no progress" }
                 p.cancel()
                 try {
@@ -200,7 +202,7 @@ fun main(): Unit = runBlocking {
                 } catch (e: SpaMobileException.Cancelled) {
                 }
                 try {
-                    p.train(train, held, options) { throw IllegalStateException("app bug") }
+                    p.train(train, held, options.copy(maxChunks = 6u)) { throw IllegalStateException("app bug") }
                     throw AssertionError("train() returned although the listener threw")
                 } catch (e: SpaMobileException.Callback) {
                 }

@@ -264,6 +264,13 @@ typedef void (*UniffiCallbackInterfaceGenerationListenerMethod2)(uint64_t, RustB
     );
 
 #endif
+#ifndef UNIFFI_FFIDEF_CALLBACK_INTERFACE_PERSONALIZE_LISTENER_METHOD0
+#define UNIFFI_FFIDEF_CALLBACK_INTERFACE_PERSONALIZE_LISTENER_METHOD0
+typedef void (*UniffiCallbackInterfacePersonalizeListenerMethod0)(uint64_t, RustBuffer, void* _Nonnull, 
+        RustCallStatus *_Nonnull uniffiCallStatus
+    );
+
+#endif
 #ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_GENERATION_LISTENER
 #define UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_GENERATION_LISTENER
 typedef struct UniffiVTableCallbackInterfaceGenerationListener {
@@ -273,6 +280,15 @@ typedef struct UniffiVTableCallbackInterfaceGenerationListener {
     UniffiCallbackInterfaceGenerationListenerMethod1 _Nonnull onDone;
     UniffiCallbackInterfaceGenerationListenerMethod2 _Nonnull onError;
 } UniffiVTableCallbackInterfaceGenerationListener;
+
+#endif
+#ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_PERSONALIZE_LISTENER
+#define UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_PERSONALIZE_LISTENER
+typedef struct UniffiVTableCallbackInterfacePersonalizeListener {
+    UniffiCallbackInterfaceFree _Nonnull uniffiFree;
+    UniffiCallbackInterfaceClone _Nonnull uniffiClone;
+    UniffiCallbackInterfacePersonalizeListenerMethod0 _Nonnull onProgress;
+} UniffiVTableCallbackInterfacePersonalizeListener;
 
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_CLONE_CONVERSATION
@@ -340,14 +356,64 @@ void uniffi_spa_ffi_fn_free_spaclient(uint64_t handle, RustCallStatus *_Nonnull 
 uint64_t uniffi_spa_ffi_fn_method_spaclient_conversation(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_SPACLIENT_IS_PERSONALIZED
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_SPACLIENT_IS_PERSONALIZED
+int8_t uniffi_spa_ffi_fn_method_spaclient_is_personalized(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_SPACLIENT_MANIFEST
 #define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_SPACLIENT_MANIFEST
 RustBuffer uniffi_spa_ffi_fn_method_spaclient_manifest(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_SPACLIENT_PERSONALIZER
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_SPACLIENT_PERSONALIZER
+uint64_t uniffi_spa_ffi_fn_method_spaclient_personalizer(uint64_t ptr, RustBuffer storage_dir, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_CLONE_PERSONALIZER
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_CLONE_PERSONALIZER
+uint64_t uniffi_spa_ffi_fn_clone_personalizer(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_FREE_PERSONALIZER
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_FREE_PERSONALIZER
+void uniffi_spa_ffi_fn_free_personalizer(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_PERSONALIZER_CANCEL
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_PERSONALIZER_CANCEL
+void uniffi_spa_ffi_fn_method_personalizer_cancel(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_PERSONALIZER_DELETE_WEIGHTS
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_PERSONALIZER_DELETE_WEIGHTS
+void uniffi_spa_ffi_fn_method_personalizer_delete_weights(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_PERSONALIZER_HAS_SAVED_WEIGHTS
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_PERSONALIZER_HAS_SAVED_WEIGHTS
+int8_t uniffi_spa_ffi_fn_method_personalizer_has_saved_weights(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_PERSONALIZER_TRAIN
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_PERSONALIZER_TRAIN
+uint64_t uniffi_spa_ffi_fn_method_personalizer_train(uint64_t ptr, RustBuffer texts, RustBuffer held_out, RustBuffer options, uint64_t listener
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_PERSONALIZER_WEIGHTS_PATH
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_PERSONALIZER_WEIGHTS_PATH
+RustBuffer uniffi_spa_ffi_fn_method_personalizer_weights_path(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_INIT_CALLBACK_VTABLE_GENERATIONLISTENER
 #define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_INIT_CALLBACK_VTABLE_GENERATIONLISTENER
 void uniffi_spa_ffi_fn_init_callback_vtable_generationlistener(const UniffiVTableCallbackInterfaceGenerationListener* _Nonnull vtable
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_INIT_CALLBACK_VTABLE_PERSONALIZELISTENER
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_INIT_CALLBACK_VTABLE_PERSONALIZELISTENER
+void uniffi_spa_ffi_fn_init_callback_vtable_personalizelistener(const UniffiVTableCallbackInterfacePersonalizeListener* _Nonnull vtable
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_FUNC_LIBRARY_VERSION
@@ -675,9 +741,51 @@ uint16_t uniffi_spa_ffi_checksum_method_spaclient_conversation(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_SPACLIENT_IS_PERSONALIZED
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_SPACLIENT_IS_PERSONALIZED
+uint16_t uniffi_spa_ffi_checksum_method_spaclient_is_personalized(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_SPACLIENT_MANIFEST
 #define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_SPACLIENT_MANIFEST
 uint16_t uniffi_spa_ffi_checksum_method_spaclient_manifest(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_SPACLIENT_PERSONALIZER
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_SPACLIENT_PERSONALIZER
+uint16_t uniffi_spa_ffi_checksum_method_spaclient_personalizer(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_CANCEL
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_CANCEL
+uint16_t uniffi_spa_ffi_checksum_method_personalizer_cancel(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_DELETE_WEIGHTS
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_DELETE_WEIGHTS
+uint16_t uniffi_spa_ffi_checksum_method_personalizer_delete_weights(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_HAS_SAVED_WEIGHTS
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_HAS_SAVED_WEIGHTS
+uint16_t uniffi_spa_ffi_checksum_method_personalizer_has_saved_weights(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_TRAIN
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_TRAIN
+uint16_t uniffi_spa_ffi_checksum_method_personalizer_train(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_WEIGHTS_PATH
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_WEIGHTS_PATH
+uint16_t uniffi_spa_ffi_checksum_method_personalizer_weights_path(void
     
 );
 #endif
@@ -696,6 +804,12 @@ uint16_t uniffi_spa_ffi_checksum_method_generationlistener_on_done(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_GENERATIONLISTENER_ON_ERROR
 #define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_GENERATIONLISTENER_ON_ERROR
 uint16_t uniffi_spa_ffi_checksum_method_generationlistener_on_error(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZELISTENER_ON_PROGRESS
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZELISTENER_ON_PROGRESS
+uint16_t uniffi_spa_ffi_checksum_method_personalizelistener_on_progress(void
     
 );
 #endif

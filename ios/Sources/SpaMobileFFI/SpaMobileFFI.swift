@@ -535,6 +535,30 @@ fileprivate struct FfiConverterDouble: FfiConverterPrimitive {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterBool : FfiConverter {
+    typealias FfiType = Int8
+    typealias SwiftType = Bool
+
+    public static func lift(_ value: Int8) throws -> Bool {
+        return value != 0
+    }
+
+    public static func lower(_ value: Bool) -> Int8 {
+        return value ? 1 : 0
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Bool {
+        return try lift(readInt(&buf))
+    }
+
+    public static func write(_ value: Bool, into buf: inout [UInt8]) {
+        writeInt(&buf, lower(value))
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterString: FfiConverter {
     typealias SwiftType = String
     typealias FfiType = RustBuffer
@@ -944,6 +968,220 @@ public func FfiConverterTypeGeneration_lower(_ value: Generation) -> UInt64 {
 
 
 /**
+ * Trains personal weights and manages them in an app-storage directory. One run at a time.
+ */
+public protocol PersonalizerProtocol: AnyObject, Sendable {
+    
+    /**
+     * Stops a running [`Personalizer::train`] (it ends with `Cancelled`, nothing is saved).
+     */
+    func cancel() 
+    
+    /**
+     * Deletes the saved personal weights (no error when there are none). Clients connected
+     * with them keep them until they are closed.
+     */
+    func deleteWeights() throws 
+    
+    /**
+     * Whether personal weights are saved.
+     */
+    func hasSavedWeights()  -> Bool
+    
+    /**
+     * Trains the personal side network on `texts` (the user's writing, at least ~300 tokens)
+     * starting from the client's current weights, measures next-word quality on `held_out`
+     * before and after, and saves the weights atomically to [`Personalizer::weights_path`].
+     * Cancel with [`Personalizer::cancel`] or by cancelling the calling coroutine/task (nothing
+     * is saved then). The texts never leave the device except as token ids sent to the base
+     * server, as when they are typed.
+     */
+    func train(texts: [String], heldOut: [String], options: PersonalizeOptions, listener: PersonalizeListener) async throws  -> PersonalizationReport
+    
+    /**
+     * Where the personal weights are kept (`<storage dir>/personal.safetensors`).
+     */
+    func weightsPath()  -> String
+    
+}
+/**
+ * Trains personal weights and manages them in an app-storage directory. One run at a time.
+ */
+open class Personalizer: PersonalizerProtocol, @unchecked Sendable {
+    fileprivate let handle: UInt64
+
+    /// Used to instantiate a [FFIObject] without an actual handle, for fakes in tests, mostly.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public struct NoHandle {
+        public init() {}
+    }
+
+    // TODO: We'd like this to be `private` but for Swifty reasons,
+    // we can't implement `FfiConverter` without making this `required` and we can't
+    // make it `required` without making it `public`.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    required public init(unsafeFromHandle handle: UInt64) {
+        self.handle = handle
+    }
+
+    // This constructor can be used to instantiate a fake object.
+    // - Parameter noHandle: Placeholder value so we can have a constructor separate from the default empty one that may be implemented for classes extending [FFIObject].
+    //
+    // - Warning:
+    //     Any object instantiated with this constructor cannot be passed to an actual Rust-backed object. Since there isn't a backing handle the FFI lower functions will crash.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public init(noHandle: NoHandle) {
+        self.handle = 0
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public func uniffiCloneHandle() -> UInt64 {
+        return try! rustCall { uniffi_spa_ffi_fn_clone_personalizer(self.handle, $0) }
+    }
+    // No primary constructor declared for this class.
+
+    deinit {
+        if handle == 0 {
+            // Mock objects have handle=0 don't try to free them
+            return
+        }
+
+        try! rustCall { uniffi_spa_ffi_fn_free_personalizer(handle, $0) }
+    }
+
+    
+
+    
+    /**
+     * Stops a running [`Personalizer::train`] (it ends with `Cancelled`, nothing is saved).
+     */
+open func cancel()  {try! rustCall() {
+        uniffiCallStatus in
+    uniffi_spa_ffi_fn_method_personalizer_cancel(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+}
+}
+    
+    /**
+     * Deletes the saved personal weights (no error when there are none). Clients connected
+     * with them keep them until they are closed.
+     */
+open func deleteWeights()throws   {try rustCallWithError(FfiConverterTypeSpaMobileError_lift) {
+        uniffiCallStatus in
+    uniffi_spa_ffi_fn_method_personalizer_delete_weights(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+}
+}
+    
+    /**
+     * Whether personal weights are saved.
+     */
+open func hasSavedWeights() -> Bool  {
+    return try!  FfiConverterBool.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_spa_ffi_fn_method_personalizer_has_saved_weights(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Trains the personal side network on `texts` (the user's writing, at least ~300 tokens)
+     * starting from the client's current weights, measures next-word quality on `held_out`
+     * before and after, and saves the weights atomically to [`Personalizer::weights_path`].
+     * Cancel with [`Personalizer::cancel`] or by cancelling the calling coroutine/task (nothing
+     * is saved then). The texts never leave the device except as token ids sent to the base
+     * server, as when they are typed.
+     */
+open func train(texts: [String], heldOut: [String], options: PersonalizeOptions, listener: PersonalizeListener)async throws  -> PersonalizationReport  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_spa_ffi_fn_method_personalizer_train(
+                        self.uniffiCloneHandle(),FfiConverterSequenceString.lower(texts),FfiConverterSequenceString.lower(heldOut),FfiConverterTypePersonalizeOptions_lower(options),FfiConverterCallbackInterfacePersonalizeListener_lower(listener)
+                )
+            },
+            pollFunc: ffi_spa_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_spa_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_spa_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterTypePersonalizationReport_lift,
+            errorHandler: FfiConverterTypeSpaMobileError_lift
+        )
+}
+    
+    /**
+     * Where the personal weights are kept (`<storage dir>/personal.safetensors`).
+     */
+open func weightsPath() -> String  {
+    return try!  FfiConverterString.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_spa_ffi_fn_method_personalizer_weights_path(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+
+    
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypePersonalizer: FfiConverter {
+    typealias FfiType = UInt64
+    typealias SwiftType = Personalizer
+
+    public static func lift(_ handle: UInt64) throws -> Personalizer {
+        return Personalizer(unsafeFromHandle: handle)
+    }
+
+    public static func lower(_ value: Personalizer) -> UInt64 {
+        return value.uniffiCloneHandle()
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Personalizer {
+        let handle: UInt64 = try readInt(&buf)
+        return try lift(handle)
+    }
+
+    public static func write(_ value: Personalizer, into buf: inout [UInt8]) {
+        writeInt(&buf, lower(value))
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePersonalizer_lift(_ handle: UInt64) throws -> Personalizer {
+    return try FfiConverterTypePersonalizer.lift(handle)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePersonalizer_lower(_ value: Personalizer) -> UInt64 {
+    return FfiConverterTypePersonalizer.lower(value)
+}
+
+
+
+
+
+
+/**
  * A connection to one base server plus the device model. Cheap to share between
  * conversations.
  */
@@ -955,9 +1193,19 @@ public protocol SpaClientProtocol: AnyObject, Sendable {
     func conversation()  -> Conversation
     
     /**
+     * Whether the device runs personal weights (`personal_weights_path` was loaded).
+     */
+    func isPersonalized()  -> Bool
+    
+    /**
      * The server's manifest.
      */
     func manifest()  -> ModelManifest
+    
+    /**
+     * Personalization with its weights kept in `storage_dir` (an app-private directory).
+     */
+    func personalizer(storageDir: String)  -> Personalizer
     
 }
 /**
@@ -1030,6 +1278,18 @@ open func conversation() -> Conversation  {
 }
     
     /**
+     * Whether the device runs personal weights (`personal_weights_path` was loaded).
+     */
+open func isPersonalized() -> Bool  {
+    return try!  FfiConverterBool.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_spa_ffi_fn_method_spaclient_is_personalized(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
      * The server's manifest.
      */
 open func manifest() -> ModelManifest  {
@@ -1037,6 +1297,19 @@ open func manifest() -> ModelManifest  {
         uniffiCallStatus in
     uniffi_spa_ffi_fn_method_spaclient_manifest(
             self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Personalization with its weights kept in `storage_dir` (an app-private directory).
+     */
+open func personalizer(storageDir: String) -> Personalizer  {
+    return try!  FfiConverterTypePersonalizer_lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_spa_ffi_fn_method_spaclient_personalizer(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(storageDir),uniffiCallStatus
     )
 })
 }
@@ -1556,6 +1829,293 @@ public func FfiConverterTypeModelManifest_lower(_ value: ModelManifest) -> RustB
 
 
 /**
+ * Next-word suggestion quality on the held-out texts.
+ */
+public struct NextWordQuality: Equatable, Hashable {
+    /**
+     * Words evaluated.
+     */
+    public var words: UInt32
+    /**
+     * The actual next word is the first suggestion (%).
+     */
+    public var top1: Double
+    /**
+     * The actual next word is among the first three suggestions (%).
+     */
+    public var top3: Double
+    /**
+     * Keystrokes saved by tapping suggestions (%).
+     */
+    public var keystrokeSavings: Double
+    /**
+     * Perplexity over the device's shortlist.
+     */
+    public var perplexity: Double
+    /**
+     * Positions where the personal side path was used (%).
+     */
+    public var sideUsage: Double
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Words evaluated.
+         */words: UInt32, 
+        /**
+         * The actual next word is the first suggestion (%).
+         */top1: Double, 
+        /**
+         * The actual next word is among the first three suggestions (%).
+         */top3: Double, 
+        /**
+         * Keystrokes saved by tapping suggestions (%).
+         */keystrokeSavings: Double, 
+        /**
+         * Perplexity over the device's shortlist.
+         */perplexity: Double, 
+        /**
+         * Positions where the personal side path was used (%).
+         */sideUsage: Double) {
+        self.words = words
+        self.top1 = top1
+        self.top3 = top3
+        self.keystrokeSavings = keystrokeSavings
+        self.perplexity = perplexity
+        self.sideUsage = sideUsage
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension NextWordQuality: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeNextWordQuality: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> NextWordQuality {
+        return
+            try NextWordQuality(
+                words: FfiConverterUInt32.read(from: &buf), 
+                top1: FfiConverterDouble.read(from: &buf), 
+                top3: FfiConverterDouble.read(from: &buf), 
+                keystrokeSavings: FfiConverterDouble.read(from: &buf), 
+                perplexity: FfiConverterDouble.read(from: &buf), 
+                sideUsage: FfiConverterDouble.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: NextWordQuality, into buf: inout [UInt8]) {
+        FfiConverterUInt32.write(value.words, into: &buf)
+        FfiConverterDouble.write(value.top1, into: &buf)
+        FfiConverterDouble.write(value.top3, into: &buf)
+        FfiConverterDouble.write(value.keystrokeSavings, into: &buf)
+        FfiConverterDouble.write(value.perplexity, into: &buf)
+        FfiConverterDouble.write(value.sideUsage, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeNextWordQuality_lift(_ buf: RustBuffer) throws -> NextWordQuality {
+    return try FfiConverterTypeNextWordQuality.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeNextWordQuality_lower(_ value: NextWordQuality) -> RustBuffer {
+    return FfiConverterTypeNextWordQuality.lower(value)
+}
+
+
+/**
+ * What a personalization run did.
+ */
+public struct PersonalizationReport: Equatable, Hashable {
+    /**
+     * The base alone on the held-out texts.
+     */
+    public var before: NextWordQuality
+    /**
+     * With the new personal weights.
+     */
+    public var after: NextWordQuality
+    /**
+     * Steps trained.
+     */
+    public var steps: UInt32
+    /**
+     * Training tokens used.
+     */
+    public var trainTokens: UInt32
+    /**
+     * Where the weights were saved (pass it as `SpaConfig.personal_weights_path`).
+     */
+    public var weightsPath: String
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The base alone on the held-out texts.
+         */before: NextWordQuality, 
+        /**
+         * With the new personal weights.
+         */after: NextWordQuality, 
+        /**
+         * Steps trained.
+         */steps: UInt32, 
+        /**
+         * Training tokens used.
+         */trainTokens: UInt32, 
+        /**
+         * Where the weights were saved (pass it as `SpaConfig.personal_weights_path`).
+         */weightsPath: String) {
+        self.before = before
+        self.after = after
+        self.steps = steps
+        self.trainTokens = trainTokens
+        self.weightsPath = weightsPath
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension PersonalizationReport: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypePersonalizationReport: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> PersonalizationReport {
+        return
+            try PersonalizationReport(
+                before: FfiConverterTypeNextWordQuality.read(from: &buf), 
+                after: FfiConverterTypeNextWordQuality.read(from: &buf), 
+                steps: FfiConverterUInt32.read(from: &buf), 
+                trainTokens: FfiConverterUInt32.read(from: &buf), 
+                weightsPath: FfiConverterString.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: PersonalizationReport, into buf: inout [UInt8]) {
+        FfiConverterTypeNextWordQuality.write(value.before, into: &buf)
+        FfiConverterTypeNextWordQuality.write(value.after, into: &buf)
+        FfiConverterUInt32.write(value.steps, into: &buf)
+        FfiConverterUInt32.write(value.trainTokens, into: &buf)
+        FfiConverterString.write(value.weightsPath, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePersonalizationReport_lift(_ buf: RustBuffer) throws -> PersonalizationReport {
+    return try FfiConverterTypePersonalizationReport.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePersonalizationReport_lower(_ value: PersonalizationReport) -> RustBuffer {
+    return FfiConverterTypePersonalizationReport.lower(value)
+}
+
+
+/**
+ * Settings of a personalization run.
+ */
+public struct PersonalizeOptions: Equatable, Hashable {
+    /**
+     * Training steps (more: better fit, longer run).
+     */
+    public var steps: UInt32
+    /**
+     * Most training sequences of 64 tokens used (bounds time and memory).
+     */
+    public var maxChunks: UInt32
+    /**
+     * Seed (same texts and seed: same weights).
+     */
+    public var seed: UInt64
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Training steps (more: better fit, longer run).
+         */steps: UInt32 = UInt32(200), 
+        /**
+         * Most training sequences of 64 tokens used (bounds time and memory).
+         */maxChunks: UInt32 = UInt32(400), 
+        /**
+         * Seed (same texts and seed: same weights).
+         */seed: UInt64 = UInt64(0)) {
+        self.steps = steps
+        self.maxChunks = maxChunks
+        self.seed = seed
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension PersonalizeOptions: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypePersonalizeOptions: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> PersonalizeOptions {
+        return
+            try PersonalizeOptions(
+                steps: FfiConverterUInt32.read(from: &buf), 
+                maxChunks: FfiConverterUInt32.read(from: &buf), 
+                seed: FfiConverterUInt64.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: PersonalizeOptions, into buf: inout [UInt8]) {
+        FfiConverterUInt32.write(value.steps, into: &buf)
+        FfiConverterUInt32.write(value.maxChunks, into: &buf)
+        FfiConverterUInt64.write(value.seed, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePersonalizeOptions_lift(_ buf: RustBuffer) throws -> PersonalizeOptions {
+    return try FfiConverterTypePersonalizeOptions.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePersonalizeOptions_lower(_ value: PersonalizeOptions) -> RustBuffer {
+    return FfiConverterTypePersonalizeOptions.lower(value)
+}
+
+
+/**
  * The answer of one generation.
  */
 public struct Reply: Equatable, Hashable {
@@ -1764,6 +2324,95 @@ public func FfiConverterTypeSpaConfig_lift(_ buf: RustBuffer) throws -> SpaConfi
 #endif
 public func FfiConverterTypeSpaConfig_lower(_ value: SpaConfig) -> RustBuffer {
     return FfiConverterTypeSpaConfig.lower(value)
+}
+
+
+/**
+ * Progress of a run, reported after each training step.
+ */
+public struct TrainProgress: Equatable, Hashable {
+    /**
+     * Steps done.
+     */
+    public var step: UInt32
+    /**
+     * Step budget (training may stop earlier when validation stops improving).
+     */
+    public var maxSteps: UInt32
+    /**
+     * Training loss of this step.
+     */
+    public var loss: Double
+    /**
+     * Latest validation loss.
+     */
+    public var valLoss: Double?
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Steps done.
+         */step: UInt32, 
+        /**
+         * Step budget (training may stop earlier when validation stops improving).
+         */maxSteps: UInt32, 
+        /**
+         * Training loss of this step.
+         */loss: Double, 
+        /**
+         * Latest validation loss.
+         */valLoss: Double?) {
+        self.step = step
+        self.maxSteps = maxSteps
+        self.loss = loss
+        self.valLoss = valLoss
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension TrainProgress: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeTrainProgress: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> TrainProgress {
+        return
+            try TrainProgress(
+                step: FfiConverterUInt32.read(from: &buf), 
+                maxSteps: FfiConverterUInt32.read(from: &buf), 
+                loss: FfiConverterDouble.read(from: &buf), 
+                valLoss: FfiConverterOptionDouble.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: TrainProgress, into buf: inout [UInt8]) {
+        FfiConverterUInt32.write(value.step, into: &buf)
+        FfiConverterUInt32.write(value.maxSteps, into: &buf)
+        FfiConverterDouble.write(value.loss, into: &buf)
+        FfiConverterOptionDouble.write(value.valLoss, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTrainProgress_lift(_ buf: RustBuffer) throws -> TrainProgress {
+    return try FfiConverterTypeTrainProgress.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTrainProgress_lower(_ value: TrainProgress) -> RustBuffer {
+    return FfiConverterTypeTrainProgress.lower(value)
 }
 
 
@@ -2340,6 +2989,173 @@ public func FfiConverterCallbackInterfaceGenerationListener_lower(_ v: Generatio
     return FfiConverterCallbackInterfaceGenerationListener.lower(v)
 }
 
+
+
+
+/**
+ * Receives a personalization run's progress (on a library thread). Throwing stops the run with
+ * `SpaMobileError::Callback`; nothing is saved then.
+ */
+public protocol PersonalizeListener: AnyObject, Sendable {
+    
+    /**
+     * After each training step.
+     */
+    func onProgress(progress: TrainProgress) throws 
+    
+}
+
+
+// Put the implementation in a struct so we don't pollute the top-level namespace
+fileprivate struct UniffiCallbackInterfacePersonalizeListener {
+
+    // Create the VTable using a series of closures.
+    // Swift automatically converts these into C callback functions.
+    //
+    // Store the vtable directly.
+    static let vtable: UniffiVTableCallbackInterfacePersonalizeListener = UniffiVTableCallbackInterfacePersonalizeListener(
+        uniffiFree: { (uniffiHandle: UInt64) -> () in
+            do {
+                try FfiConverterCallbackInterfacePersonalizeListener.handleMap.remove(handle: uniffiHandle)
+            } catch {
+                print("Uniffi callback interface PersonalizeListener: handle missing in uniffiFree")
+            }
+        },
+        uniffiClone: { (uniffiHandle: UInt64) -> UInt64 in
+            do {
+                return try FfiConverterCallbackInterfacePersonalizeListener.handleMap.clone(handle: uniffiHandle)
+            } catch {
+                fatalError("Uniffi callback interface PersonalizeListener: handle missing in uniffiClone")
+            }
+        },
+        onProgress: { (
+            uniffiHandle: UInt64,
+            progress: RustBuffer,
+            uniffiOutReturn: UnsafeMutableRawPointer,
+            uniffiCallStatus: UnsafeMutablePointer<RustCallStatus>
+        ) in
+            let makeCall = {
+                () throws -> () in
+                guard let uniffiObj = try? FfiConverterCallbackInterfacePersonalizeListener.handleMap.get(handle: uniffiHandle) else {
+                    throw UniffiInternalError.unexpectedStaleHandle
+                }
+                return try uniffiObj.onProgress(
+                     progress: try FfiConverterTypeTrainProgress_lift(progress)
+                )
+            }
+
+            
+            let writeReturn = { () }
+            uniffiTraitInterfaceCallWithError(
+                callStatus: uniffiCallStatus,
+                makeCall: makeCall,
+                writeReturn: writeReturn,
+                lowerError: FfiConverterTypeSpaMobileError_lower
+            )
+        }
+    )
+
+    // Rust stores this pointer for future callback invocations, so it must live
+    // for the process lifetime (not just for the init function call).
+    //
+    // `nonisolated(unsafe)` is needed under Swift 6 strict concurrency.
+    // This is safe because the pointee is initialized once during static init
+    // and never mutated by either side of the FFI.  Its fields are C function pointers.
+    nonisolated(unsafe) static let vtablePtr: UnsafePointer<UniffiVTableCallbackInterfacePersonalizeListener> = {
+        let ptr = UnsafeMutablePointer<UniffiVTableCallbackInterfacePersonalizeListener>.allocate(capacity: 1)
+        ptr.initialize(to: vtable)
+        return UnsafePointer(ptr)
+    }()
+}
+
+private func uniffiCallbackInitPersonalizeListener() {
+    uniffi_spa_ffi_fn_init_callback_vtable_personalizelistener(UniffiCallbackInterfacePersonalizeListener.vtablePtr)
+}
+
+// FfiConverter protocol for callback interfaces
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterCallbackInterfacePersonalizeListener {
+    fileprivate static let handleMap = UniffiHandleMap<PersonalizeListener>()
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+extension FfiConverterCallbackInterfacePersonalizeListener : FfiConverter {
+    typealias SwiftType = PersonalizeListener
+    typealias FfiType = UInt64
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public static func lift(_ handle: UInt64) throws -> SwiftType {
+        try handleMap.get(handle: handle)
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        let handle: UInt64 = try readInt(&buf)
+        return try lift(handle)
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public static func lower(_ v: SwiftType) -> UInt64 {
+        return handleMap.insert(obj: v)
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public static func write(_ v: SwiftType, into buf: inout [UInt8]) {
+        writeInt(&buf, lower(v))
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterCallbackInterfacePersonalizeListener_lift(_ handle: UInt64) throws -> PersonalizeListener {
+    return try FfiConverterCallbackInterfacePersonalizeListener.lift(handle)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterCallbackInterfacePersonalizeListener_lower(_ v: PersonalizeListener) -> UInt64 {
+    return FfiConverterCallbackInterfacePersonalizeListener.lower(v)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionDouble: FfiConverterRustBuffer {
+    typealias SwiftType = Double?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterDouble.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterDouble.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
@@ -2361,6 +3177,31 @@ fileprivate struct FfiConverterOptionString: FfiConverterRustBuffer {
         case 1: return try FfiConverterString.read(from: &buf)
         default: throw UniffiInternalError.unexpectedOptionalTag
         }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterSequenceString: FfiConverterRustBuffer {
+    typealias SwiftType = [String]
+
+    public static func write(_ value: [String], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterString.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [String] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [String]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterString.read(from: &buf))
+        }
+        return seq
     }
 }
 
@@ -2508,7 +3349,28 @@ private let initializationResult: InitializationResult = {
     if (uniffi_spa_ffi_checksum_method_spaclient_conversation() != 17595) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_spa_ffi_checksum_method_spaclient_is_personalized() != 9335) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_spa_ffi_checksum_method_spaclient_manifest() != 57072) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_spa_ffi_checksum_method_spaclient_personalizer() != 24995) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_spa_ffi_checksum_method_personalizer_cancel() != 47164) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_spa_ffi_checksum_method_personalizer_delete_weights() != 20516) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_spa_ffi_checksum_method_personalizer_has_saved_weights() != 41804) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_spa_ffi_checksum_method_personalizer_train() != 7665) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_spa_ffi_checksum_method_personalizer_weights_path() != 24540) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_spa_ffi_checksum_method_generationlistener_on_token() != 693) {
@@ -2520,8 +3382,12 @@ private let initializationResult: InitializationResult = {
     if (uniffi_spa_ffi_checksum_method_generationlistener_on_error() != 19524) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_spa_ffi_checksum_method_personalizelistener_on_progress() != 42322) {
+        return InitializationResult.apiChecksumMismatch
+    }
 
     uniffiCallbackInitGenerationListener()
+    uniffiCallbackInitPersonalizeListener()
     return InitializationResult.ok
 }()
 

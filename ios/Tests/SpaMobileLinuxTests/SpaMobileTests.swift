@@ -78,6 +78,7 @@ struct SpaMobileLinuxTests {
     }
 
     static func main() async {
+        setvbuf(stdout, nil, _IOLBF, 0)  // line-buffered output through the pipe
         let spa: SpaMobile
         do {
             spa = try await SpaMobile.connect(try config())
@@ -209,7 +210,9 @@ struct SpaMobileLinuxTests {
             let flag = Counter()
             var long = options
             long.steps = 1000
-            let run = Task { [long] in
+            long.maxChunks = 6
+            // Detached: a plain Task would inherit the main actor, which the semaphore below blocks.
+            let run = Task.detached { [long] in
                 try await p.train(train, heldOut: held, options: long) { _ in
                     flag.add()
                     if flag.value == 1 { first.signal() }
@@ -223,7 +226,7 @@ struct SpaMobileLinuxTests {
             } catch SpaMobileError.Cancelled {
             }
             do {
-                _ = try await p.train(train, heldOut: held, options: options) { _ in throw AppBug() }
+                _ = try await p.train(train, heldOut: held, options: long) { _ in throw AppBug() }
                 throw TestFailure(description: "train() returned although the listener threw")
             } catch SpaMobileError.Callback {
             }

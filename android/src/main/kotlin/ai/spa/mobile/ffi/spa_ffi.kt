@@ -666,6 +666,9 @@ internal interface UniffiCallbackInterfaceGenerationListenerMethod1 : com.sun.jn
 internal interface UniffiCallbackInterfaceGenerationListenerMethod2 : com.sun.jna.Callback {
     fun callback(`uniffiHandle`: Long,`error`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,)
 }
+internal interface UniffiCallbackInterfacePersonalizeListenerMethod0 : com.sun.jna.Callback {
+    fun callback(`uniffiHandle`: Long,`progress`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,)
+}
 @Structure.FieldOrder("uniffiFree", "uniffiClone", "onToken", "onDone", "onError")
 internal open class UniffiVTableCallbackInterfaceGenerationListener(
     @JvmField internal var `uniffiFree`: UniffiCallbackInterfaceFree? = null,
@@ -688,6 +691,25 @@ internal open class UniffiVTableCallbackInterfaceGenerationListener(
         `onToken` = other.`onToken`
         `onDone` = other.`onDone`
         `onError` = other.`onError`
+    }
+
+}
+@Structure.FieldOrder("uniffiFree", "uniffiClone", "onProgress")
+internal open class UniffiVTableCallbackInterfacePersonalizeListener(
+    @JvmField internal var `uniffiFree`: UniffiCallbackInterfaceFree? = null,
+    @JvmField internal var `uniffiClone`: UniffiCallbackInterfaceClone? = null,
+    @JvmField internal var `onProgress`: UniffiCallbackInterfacePersonalizeListenerMethod0? = null,
+) : Structure() {
+    class UniffiByValue(
+        `uniffiFree`: UniffiCallbackInterfaceFree? = null,
+        `uniffiClone`: UniffiCallbackInterfaceClone? = null,
+        `onProgress`: UniffiCallbackInterfacePersonalizeListenerMethod0? = null,
+    ): UniffiVTableCallbackInterfacePersonalizeListener(`uniffiFree`,`uniffiClone`,`onProgress`,), Structure.ByValue
+
+   internal fun uniffiSetValue(other: UniffiVTableCallbackInterfacePersonalizeListener) {
+        `uniffiFree` = other.`uniffiFree`
+        `uniffiClone` = other.`uniffiClone`
+        `onProgress` = other.`onProgress`
     }
 
 }
@@ -734,13 +756,29 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_spa_ffi_checksum_method_spaclient_conversation(
     ): Int
+    external fun uniffi_spa_ffi_checksum_method_spaclient_is_personalized(
+    ): Int
     external fun uniffi_spa_ffi_checksum_method_spaclient_manifest(
+    ): Int
+    external fun uniffi_spa_ffi_checksum_method_spaclient_personalizer(
+    ): Int
+    external fun uniffi_spa_ffi_checksum_method_personalizer_cancel(
+    ): Int
+    external fun uniffi_spa_ffi_checksum_method_personalizer_delete_weights(
+    ): Int
+    external fun uniffi_spa_ffi_checksum_method_personalizer_has_saved_weights(
+    ): Int
+    external fun uniffi_spa_ffi_checksum_method_personalizer_train(
+    ): Int
+    external fun uniffi_spa_ffi_checksum_method_personalizer_weights_path(
     ): Int
     external fun uniffi_spa_ffi_checksum_method_generationlistener_on_token(
     ): Int
     external fun uniffi_spa_ffi_checksum_method_generationlistener_on_done(
     ): Int
     external fun uniffi_spa_ffi_checksum_method_generationlistener_on_error(
+    ): Int
+    external fun uniffi_spa_ffi_checksum_method_personalizelistener_on_progress(
     ): Int
     external fun ffi_spa_ffi_uniffi_contract_version(
     ): Int
@@ -759,6 +797,7 @@ internal object UniffiLib {
     init {
         Native.register(UniffiLib::class.java, findLibraryName(componentName = "spa_ffi"))
         uniffiCallbackInterfaceGenerationListener.register(this)
+        uniffiCallbackInterfacePersonalizeListener.register(this)
         
     }
 
@@ -789,9 +828,29 @@ internal object UniffiLib {
     ): Unit
     external fun uniffi_spa_ffi_fn_method_spaclient_conversation(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
+    external fun uniffi_spa_ffi_fn_method_spaclient_is_personalized(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Byte
     external fun uniffi_spa_ffi_fn_method_spaclient_manifest(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
+    external fun uniffi_spa_ffi_fn_method_spaclient_personalizer(`ptr`: Long,`storageDir`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_spa_ffi_fn_clone_personalizer(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_spa_ffi_fn_free_personalizer(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_spa_ffi_fn_method_personalizer_cancel(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_spa_ffi_fn_method_personalizer_delete_weights(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_spa_ffi_fn_method_personalizer_has_saved_weights(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Byte
+    external fun uniffi_spa_ffi_fn_method_personalizer_train(`ptr`: Long,`texts`: RustBuffer.ByValue,`heldOut`: RustBuffer.ByValue,`options`: RustBuffer.ByValue,`listener`: Long,
+    ): Long
+    external fun uniffi_spa_ffi_fn_method_personalizer_weights_path(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
     external fun uniffi_spa_ffi_fn_init_callback_vtable_generationlistener(`vtable`: UniffiVTableCallbackInterfaceGenerationListener,
+    ): Unit
+    external fun uniffi_spa_ffi_fn_init_callback_vtable_personalizelistener(`vtable`: UniffiVTableCallbackInterfacePersonalizeListener,
     ): Unit
     external fun uniffi_spa_ffi_fn_func_library_version(uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
@@ -943,7 +1002,28 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_spa_ffi_checksum_method_spaclient_conversation() and 0xFFFF) != 17595) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_spa_ffi_checksum_method_spaclient_is_personalized() and 0xFFFF) != 9335) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_spa_ffi_checksum_method_spaclient_manifest() and 0xFFFF) != 57072) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_spa_ffi_checksum_method_spaclient_personalizer() and 0xFFFF) != 24995) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_spa_ffi_checksum_method_personalizer_cancel() and 0xFFFF) != 47164) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_spa_ffi_checksum_method_personalizer_delete_weights() and 0xFFFF) != 20516) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_spa_ffi_checksum_method_personalizer_has_saved_weights() and 0xFFFF) != 41804) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_spa_ffi_checksum_method_personalizer_train() and 0xFFFF) != 7665) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_spa_ffi_checksum_method_personalizer_weights_path() and 0xFFFF) != 24540) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_spa_ffi_checksum_method_generationlistener_on_token() and 0xFFFF) != 693) {
@@ -953,6 +1033,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_spa_ffi_checksum_method_generationlistener_on_error() and 0xFFFF) != 19524) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_spa_ffi_checksum_method_personalizelistener_on_progress() and 0xFFFF) != 42322) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
 }
@@ -1272,6 +1355,29 @@ public object FfiConverterDouble: FfiConverter<Double, Double> {
 
     override fun write(value: Double, buf: ByteBuffer) {
         buf.putDouble(value)
+    }
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterBoolean: FfiConverter<Boolean, Byte> {
+    override fun lift(value: Byte): Boolean {
+        return value.toInt() != 0
+    }
+
+    override fun read(buf: ByteBuffer): Boolean {
+        return lift(buf.get())
+    }
+
+    override fun lower(value: Boolean): Byte {
+        return if (value) 1.toByte() else 0.toByte()
+    }
+
+    override fun allocationSize(value: Boolean) = 1UL
+
+    override fun write(value: Boolean, buf: ByteBuffer) {
+        buf.put(lower(value))
     }
 }
 
@@ -2088,6 +2194,380 @@ public object FfiConverterTypeGeneration: FfiConverter<Generation, Long> {
 
 
 /**
+ * Trains personal weights and manages them in an app-storage directory. One run at a time.
+ */
+public interface PersonalizerInterface {
+    
+    /**
+     * Stops a running [`Personalizer::train`] (it ends with `Cancelled`, nothing is saved).
+     */
+    fun `cancel`()
+    
+    /**
+     * Deletes the saved personal weights (no error when there are none). Clients connected
+     * with them keep them until they are closed.
+     */
+    fun `deleteWeights`()
+    
+    /**
+     * Whether personal weights are saved.
+     */
+    fun `hasSavedWeights`(): kotlin.Boolean
+    
+    /**
+     * Trains the personal side network on `texts` (the user's writing, at least ~300 tokens)
+     * starting from the client's current weights, measures next-word quality on `held_out`
+     * before and after, and saves the weights atomically to [`Personalizer::weights_path`].
+     * Cancel with [`Personalizer::cancel`] or by cancelling the calling coroutine/task (nothing
+     * is saved then). The texts never leave the device except as token ids sent to the base
+     * server, as when they are typed.
+     */
+    suspend fun `train`(`texts`: List<kotlin.String>, `heldOut`: List<kotlin.String>, `options`: PersonalizeOptions, `listener`: PersonalizeListener): PersonalizationReport
+    
+    /**
+     * Where the personal weights are kept (`<storage dir>/personal.safetensors`).
+     */
+    fun `weightsPath`(): kotlin.String
+    
+    companion object
+}
+
+/**
+ * Trains personal weights and manages them in an app-storage directory. One run at a time.
+ */
+open class Personalizer: Disposable, AutoCloseable, PersonalizerInterface
+{
+
+    @Suppress("UNUSED_PARAMETER")
+    /**
+     * @suppress
+     */
+    constructor(withHandle: UniffiWithHandle, handle: Long) {
+        this.handle = handle
+        this.cleanable = UniffiLib.CLEANER.register(this, UniffiCleanAction(handle))
+    }
+
+    /**
+     * @suppress
+     *
+     * This constructor can be used to instantiate a fake object. Only used for tests. Any
+     * attempt to actually use an object constructed this way will fail as there is no
+     * connected Rust object.
+     */
+    @Suppress("UNUSED_PARAMETER")
+    constructor(noHandle: NoHandle) {
+        this.handle = 0
+        this.cleanable = null
+    }
+
+    protected val handle: Long
+    protected val cleanable: UniffiCleaner.Cleanable?
+
+    private val wasDestroyed = AtomicBoolean(false)
+    private val callCounter = AtomicLong(1)
+
+    /**
+     * Whether the current object has been destroyed and its reference is gone in the Rust side.
+     */
+    val uniffiIsDestroyed: Boolean get() = wasDestroyed.get()
+
+    override fun destroy() {
+        // Only allow a single call to this method.
+        // TODO: maybe we should log a warning if called more than once?
+        if (this.wasDestroyed.compareAndSet(false, true)) {
+            // This decrement always matches the initial count of 1 given at creation time.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    @Synchronized
+    override fun close() {
+        this.destroy()
+    }
+
+    internal inline fun <R> callWithHandle(block: (handle: Long) -> R): R {
+        // Check and increment the call counter, to keep the object alive.
+        // This needs a compare-and-set retry loop in case of concurrent updates.
+        do {
+            val c = this.callCounter.get()
+            if (c == 0L) {
+                throw IllegalStateException("${this.javaClass.simpleName} object has already been destroyed")
+            }
+            if (c == Long.MAX_VALUE) {
+                throw IllegalStateException("${this.javaClass.simpleName} call counter would overflow")
+            }
+        } while (! this.callCounter.compareAndSet(c, c + 1L))
+        // Now we can safely do the method call without the handle being freed concurrently.
+        try {
+            return block(this.uniffiCloneHandle())
+        } finally {
+            // This decrement always matches the increment we performed above.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    // Use a static inner class instead of a closure so as not to accidentally
+    // capture `this` as part of the cleanable's action.
+    private class UniffiCleanAction(private val handle: Long) : Runnable {
+        override fun run() {
+            if (handle == 0.toLong()) {
+                // Fake object created with `NoHandle`, don't try to free.
+                return;
+            }
+            uniffiRustCall { status ->
+                UniffiLib.uniffi_spa_ffi_fn_free_personalizer(handle, status)
+            }
+        }
+    }
+
+    /**
+     * @suppress
+     */
+    fun uniffiCloneHandle(): Long {
+        if (handle == 0.toLong()) {
+            throw InternalException("uniffiCloneHandle() called on NoHandle object");
+        }
+        return uniffiRustCall() { status ->
+            UniffiLib.uniffi_spa_ffi_fn_clone_personalizer(handle, status)
+        }
+    }
+
+    
+    /**
+     * Stops a running [`Personalizer::train`] (it ends with `Cancelled`, nothing is saved).
+     */override fun `cancel`()
+        = 
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_spa_ffi_fn_method_personalizer_cancel(
+        it,
+        _status)
+}
+    }
+    
+    
+
+    
+    /**
+     * Deletes the saved personal weights (no error when there are none). Clients connected
+     * with them keep them until they are closed.
+     */
+    @Throws(SpaMobileException::class)override fun `deleteWeights`()
+        = 
+    callWithHandle {
+    uniffiRustCallWithError(SpaMobileException) { _status ->
+    UniffiLib.uniffi_spa_ffi_fn_method_personalizer_delete_weights(
+        it,
+        _status)
+}
+    }
+    
+    
+
+    
+    /**
+     * Whether personal weights are saved.
+     */override fun `hasSavedWeights`(): kotlin.Boolean {
+            return FfiConverterBoolean.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_spa_ffi_fn_method_personalizer_has_saved_weights(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Trains the personal side network on `texts` (the user's writing, at least ~300 tokens)
+     * starting from the client's current weights, measures next-word quality on `held_out`
+     * before and after, and saves the weights atomically to [`Personalizer::weights_path`].
+     * Cancel with [`Personalizer::cancel`] or by cancelling the calling coroutine/task (nothing
+     * is saved then). The texts never leave the device except as token ids sent to the base
+     * server, as when they are typed.
+     */
+    @Throws(SpaMobileException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `train`(`texts`: List<kotlin.String>, `heldOut`: List<kotlin.String>, `options`: PersonalizeOptions, `listener`: PersonalizeListener) : PersonalizationReport {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_spa_ffi_fn_method_personalizer_train(
+                uniffiHandle,
+                
+        FfiConverterSequenceString.lower(`texts`),
+        FfiConverterSequenceString.lower(`heldOut`),
+        FfiConverterTypePersonalizeOptions.lower(`options`),
+        FfiConverterTypePersonalizeListener.lower(`listener`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_spa_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_spa_ffi_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_spa_ffi_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterTypePersonalizationReport.lift(it) },
+        // Error FFI converter
+        SpaMobileException.ErrorHandler,
+    )
+    }
+
+    
+    /**
+     * Where the personal weights are kept (`<storage dir>/personal.safetensors`).
+     */override fun `weightsPath`(): kotlin.String {
+            return FfiConverterString.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_spa_ffi_fn_method_personalizer_weights_path(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+
+    
+
+
+    
+    
+    /**
+     * @suppress
+     */
+    companion object
+    
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypePersonalizer: FfiConverter<Personalizer, Long> {
+    override fun lower(value: Personalizer): Long {
+        return value.uniffiCloneHandle()
+    }
+
+    override fun lift(value: Long): Personalizer {
+        return Personalizer(UniffiWithHandle, value)
+    }
+
+    override fun read(buf: ByteBuffer): Personalizer {
+        return lift(buf.getLong())
+    }
+
+    override fun allocationSize(value: Personalizer) = 8UL
+
+    override fun write(value: Personalizer, buf: ByteBuffer) {
+        buf.putLong(lower(value))
+    }
+}
+
+
+// This template implements a class for working with a Rust struct via a handle
+// to the live Rust struct on the other side of the FFI.
+//
+// There's some subtlety here, because we have to be careful not to operate on a Rust
+// struct after it has been dropped, and because we must expose a public API for freeing
+// theq Kotlin wrapper object in lieu of reliable finalizers. The core requirements are:
+//
+//   * Each instance holds an opaque handle to the underlying Rust struct.
+//     Method calls need to read this handle from the object's state and pass it in to
+//     the Rust FFI.
+//
+//   * When an instance is no longer needed, its handle should be passed to a
+//     special destructor function provided by the Rust FFI, which will drop the
+//     underlying Rust struct.
+//
+//   * Given an instance, calling code is expected to call the special
+//     `destroy` method in order to free it after use, either by calling it explicitly
+//     or by using a higher-level helper like the `use` method. Failing to do so risks
+//     leaking the underlying Rust struct.
+//
+//   * We can't assume that calling code will do the right thing, and must be prepared
+//     to handle Kotlin method calls executing concurrently with or even after a call to
+//     `destroy`, and to handle multiple (possibly concurrent!) calls to `destroy`.
+//
+//   * We must never allow Rust code to operate on the underlying Rust struct after
+//     the destructor has been called, and must never call the destructor more than once.
+//     Doing so may trigger memory unsafety.
+//
+//   * To mitigate many of the risks of leaking memory and use-after-free unsafety, a `Cleaner`
+//     is implemented to call the destructor when the Kotlin object becomes unreachable.
+//     This is done in a background thread. This is not a panacea, and client code should be aware that
+//      1. the thread may starve if some there are objects that have poorly performing
+//     `drop` methods or do significant work in their `drop` methods.
+//      2. the thread is shared across the whole library. This can be tuned by using `android_cleaner = true`,
+//         or `android = true` in the [`kotlin` section of the `uniffi.toml` file](https://mozilla.github.io/uniffi-rs/kotlin/configuration.html).
+//
+// If we try to implement this with mutual exclusion on access to the handle, there is the
+// possibility of a race between a method call and a concurrent call to `destroy`:
+//
+//    * Thread A starts a method call, reads the value of the handle, but is interrupted
+//      before it can pass the handle over the FFI to Rust.
+//    * Thread B calls `destroy` and frees the underlying Rust struct.
+//    * Thread A resumes, passing the already-read handle value to Rust and triggering
+//      a use-after-free.
+//
+// One possible solution would be to use a `ReadWriteLock`, with each method call taking
+// a read lock (and thus allowed to run concurrently) and the special `destroy` method
+// taking a write lock (and thus blocking on live method calls). However, we aim not to
+// generate methods with any hidden blocking semantics, and a `destroy` method that might
+// block if called incorrectly seems to meet that bar.
+//
+// So, we achieve our goals by giving each instance an associated `AtomicLong` counter to track
+// the number of in-flight method calls, and an `AtomicBoolean` flag to indicate whether `destroy`
+// has been called. These are updated according to the following rules:
+//
+//    * The initial value of the counter is 1, indicating a live object with no in-flight calls.
+//      The initial value for the flag is false.
+//
+//    * At the start of each method call, we atomically check the counter.
+//      If it is 0 then the underlying Rust struct has already been destroyed and the call is aborted.
+//      If it is nonzero them we atomically increment it by 1 and proceed with the method call.
+//
+//    * At the end of each method call, we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+//    * When `destroy` is called, we atomically flip the flag from false to true.
+//      If the flag was already true we silently fail.
+//      Otherwise we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+// Astute readers may observe that this all sounds very similar to the way that Rust's `Arc<T>` works,
+// and indeed it is, with the addition of a flag to guard against multiple calls to `destroy`.
+//
+// The overall effect is that the underlying Rust struct is destroyed only when `destroy` has been
+// called *and* all in-flight method calls have completed, avoiding violating any of the expectations
+// of the underlying Rust code.
+//
+// This makes a cleaner a better alternative to _not_ calling `destroy()` as
+// and when the object is finished with, but the abstraction is not perfect: if the Rust object's `drop`
+// method is slow, and/or there are many objects to cleanup, and it's on a low end Android device, then the cleaner
+// thread may be starved, and the app will leak memory.
+//
+// In this case, `destroy`ing manually may be a better solution.
+//
+// The cleaner can live side by side with the manual calling of `destroy`. In the order of responsiveness, uniffi objects
+// with Rust peers are reclaimed:
+//
+// 1. By calling the `destroy` method of the object, which calls `rustObject.free()`. If that doesn't happen:
+// 2. When the object becomes unreachable, AND the Cleaner thread gets to call `rustObject.free()`. If the thread is starved then:
+// 3. The memory is reclaimed when the process terminates.
+//
+// [1] https://stackoverflow.com/questions/24376768/can-java-finalize-an-object-when-it-is-still-in-scope/24380219
+//
+
+
+/**
  * A connection to one base server plus the device model. Cheap to share between
  * conversations.
  */
@@ -2099,9 +2579,19 @@ public interface SpaClientInterface {
     fun `conversation`(): Conversation
     
     /**
+     * Whether the device runs personal weights (`personal_weights_path` was loaded).
+     */
+    fun `isPersonalized`(): kotlin.Boolean
+    
+    /**
      * The server's manifest.
      */
     fun `manifest`(): ModelManifest
+    
+    /**
+     * Personalization with its weights kept in `storage_dir` (an app-private directory).
+     */
+    fun `personalizer`(`storageDir`: kotlin.String): Personalizer
     
     companion object
 }
@@ -2229,6 +2719,22 @@ open class SpaClient: Disposable, AutoCloseable, SpaClientInterface
 
     
     /**
+     * Whether the device runs personal weights (`personal_weights_path` was loaded).
+     */override fun `isPersonalized`(): kotlin.Boolean {
+            return FfiConverterBoolean.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_spa_ffi_fn_method_spaclient_is_personalized(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
      * The server's manifest.
      */override fun `manifest`(): ModelManifest {
             return FfiConverterTypeModelManifest.lift(
@@ -2237,6 +2743,23 @@ open class SpaClient: Disposable, AutoCloseable, SpaClientInterface
     UniffiLib.uniffi_spa_ffi_fn_method_spaclient_manifest(
         it,
         _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Personalization with its weights kept in `storage_dir` (an app-private directory).
+     */override fun `personalizer`(`storageDir`: kotlin.String): Personalizer {
+            return FfiConverterTypePersonalizer.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_spa_ffi_fn_method_spaclient_personalizer(
+        it,
+        
+        FfiConverterString.lower(`storageDir`),_status)
 }
     }
     )
@@ -2624,6 +3147,211 @@ public object FfiConverterTypeModelManifest: FfiConverterRustBuffer<ModelManifes
 
 
 /**
+ * Next-word suggestion quality on the held-out texts.
+ */
+data class NextWordQuality (
+    /**
+     * Words evaluated.
+     */
+    var `words`: kotlin.UInt
+    , 
+    /**
+     * The actual next word is the first suggestion (%).
+     */
+    var `top1`: kotlin.Double
+    , 
+    /**
+     * The actual next word is among the first three suggestions (%).
+     */
+    var `top3`: kotlin.Double
+    , 
+    /**
+     * Keystrokes saved by tapping suggestions (%).
+     */
+    var `keystrokeSavings`: kotlin.Double
+    , 
+    /**
+     * Perplexity over the device's shortlist.
+     */
+    var `perplexity`: kotlin.Double
+    , 
+    /**
+     * Positions where the personal side path was used (%).
+     */
+    var `sideUsage`: kotlin.Double
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeNextWordQuality: FfiConverterRustBuffer<NextWordQuality> {
+    override fun read(buf: ByteBuffer): NextWordQuality {
+        return NextWordQuality(
+            FfiConverterUInt.read(buf),
+            FfiConverterDouble.read(buf),
+            FfiConverterDouble.read(buf),
+            FfiConverterDouble.read(buf),
+            FfiConverterDouble.read(buf),
+            FfiConverterDouble.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: NextWordQuality) = (
+            FfiConverterUInt.allocationSize(value.`words`) +
+            FfiConverterDouble.allocationSize(value.`top1`) +
+            FfiConverterDouble.allocationSize(value.`top3`) +
+            FfiConverterDouble.allocationSize(value.`keystrokeSavings`) +
+            FfiConverterDouble.allocationSize(value.`perplexity`) +
+            FfiConverterDouble.allocationSize(value.`sideUsage`)
+    )
+
+    override fun write(value: NextWordQuality, buf: ByteBuffer) {
+            FfiConverterUInt.write(value.`words`, buf)
+            FfiConverterDouble.write(value.`top1`, buf)
+            FfiConverterDouble.write(value.`top3`, buf)
+            FfiConverterDouble.write(value.`keystrokeSavings`, buf)
+            FfiConverterDouble.write(value.`perplexity`, buf)
+            FfiConverterDouble.write(value.`sideUsage`, buf)
+    }
+}
+
+
+
+/**
+ * What a personalization run did.
+ */
+data class PersonalizationReport (
+    /**
+     * The base alone on the held-out texts.
+     */
+    var `before`: NextWordQuality
+    , 
+    /**
+     * With the new personal weights.
+     */
+    var `after`: NextWordQuality
+    , 
+    /**
+     * Steps trained.
+     */
+    var `steps`: kotlin.UInt
+    , 
+    /**
+     * Training tokens used.
+     */
+    var `trainTokens`: kotlin.UInt
+    , 
+    /**
+     * Where the weights were saved (pass it as `SpaConfig.personal_weights_path`).
+     */
+    var `weightsPath`: kotlin.String
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypePersonalizationReport: FfiConverterRustBuffer<PersonalizationReport> {
+    override fun read(buf: ByteBuffer): PersonalizationReport {
+        return PersonalizationReport(
+            FfiConverterTypeNextWordQuality.read(buf),
+            FfiConverterTypeNextWordQuality.read(buf),
+            FfiConverterUInt.read(buf),
+            FfiConverterUInt.read(buf),
+            FfiConverterString.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: PersonalizationReport) = (
+            FfiConverterTypeNextWordQuality.allocationSize(value.`before`) +
+            FfiConverterTypeNextWordQuality.allocationSize(value.`after`) +
+            FfiConverterUInt.allocationSize(value.`steps`) +
+            FfiConverterUInt.allocationSize(value.`trainTokens`) +
+            FfiConverterString.allocationSize(value.`weightsPath`)
+    )
+
+    override fun write(value: PersonalizationReport, buf: ByteBuffer) {
+            FfiConverterTypeNextWordQuality.write(value.`before`, buf)
+            FfiConverterTypeNextWordQuality.write(value.`after`, buf)
+            FfiConverterUInt.write(value.`steps`, buf)
+            FfiConverterUInt.write(value.`trainTokens`, buf)
+            FfiConverterString.write(value.`weightsPath`, buf)
+    }
+}
+
+
+
+/**
+ * Settings of a personalization run.
+ */
+data class PersonalizeOptions (
+    /**
+     * Training steps (more: better fit, longer run).
+     */
+    var `steps`: kotlin.UInt = 200u 
+    , 
+    /**
+     * Most training sequences of 64 tokens used (bounds time and memory).
+     */
+    var `maxChunks`: kotlin.UInt = 400u 
+    , 
+    /**
+     * Seed (same texts and seed: same weights).
+     */
+    var `seed`: kotlin.ULong = 0uL 
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypePersonalizeOptions: FfiConverterRustBuffer<PersonalizeOptions> {
+    override fun read(buf: ByteBuffer): PersonalizeOptions {
+        return PersonalizeOptions(
+            FfiConverterUInt.read(buf),
+            FfiConverterUInt.read(buf),
+            FfiConverterULong.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: PersonalizeOptions) = (
+            FfiConverterUInt.allocationSize(value.`steps`) +
+            FfiConverterUInt.allocationSize(value.`maxChunks`) +
+            FfiConverterULong.allocationSize(value.`seed`)
+    )
+
+    override fun write(value: PersonalizeOptions, buf: ByteBuffer) {
+            FfiConverterUInt.write(value.`steps`, buf)
+            FfiConverterUInt.write(value.`maxChunks`, buf)
+            FfiConverterULong.write(value.`seed`, buf)
+    }
+}
+
+
+
+/**
  * The answer of one generation.
  */
 data class Reply (
@@ -2770,6 +3498,69 @@ public object FfiConverterTypeSpaConfig: FfiConverterRustBuffer<SpaConfig> {
             FfiConverterUInt.write(value.`threads`, buf)
             FfiConverterULong.write(value.`timeoutMs`, buf)
             FfiConverterUInt.write(value.`maxAttempts`, buf)
+    }
+}
+
+
+
+/**
+ * Progress of a run, reported after each training step.
+ */
+data class TrainProgress (
+    /**
+     * Steps done.
+     */
+    var `step`: kotlin.UInt
+    , 
+    /**
+     * Step budget (training may stop earlier when validation stops improving).
+     */
+    var `maxSteps`: kotlin.UInt
+    , 
+    /**
+     * Training loss of this step.
+     */
+    var `loss`: kotlin.Double
+    , 
+    /**
+     * Latest validation loss.
+     */
+    var `valLoss`: kotlin.Double?
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeTrainProgress: FfiConverterRustBuffer<TrainProgress> {
+    override fun read(buf: ByteBuffer): TrainProgress {
+        return TrainProgress(
+            FfiConverterUInt.read(buf),
+            FfiConverterUInt.read(buf),
+            FfiConverterDouble.read(buf),
+            FfiConverterOptionalDouble.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: TrainProgress) = (
+            FfiConverterUInt.allocationSize(value.`step`) +
+            FfiConverterUInt.allocationSize(value.`maxSteps`) +
+            FfiConverterDouble.allocationSize(value.`loss`) +
+            FfiConverterOptionalDouble.allocationSize(value.`valLoss`)
+    )
+
+    override fun write(value: TrainProgress, buf: ByteBuffer) {
+            FfiConverterUInt.write(value.`step`, buf)
+            FfiConverterUInt.write(value.`maxSteps`, buf)
+            FfiConverterDouble.write(value.`loss`, buf)
+            FfiConverterOptionalDouble.write(value.`valLoss`, buf)
     }
 }
 
@@ -3283,6 +4074,110 @@ public object FfiConverterTypeGenerationListener: FfiConverterCallbackInterface<
 
 
 
+
+/**
+ * Receives a personalization run's progress (on a library thread). Throwing stops the run with
+ * `SpaMobileError::Callback`; nothing is saved then.
+ */
+public interface PersonalizeListener {
+    
+    /**
+     * After each training step.
+     */
+    fun `onProgress`(`progress`: TrainProgress)
+    
+    companion object
+}
+
+
+
+// Put the implementation in an object so we don't pollute the top-level namespace
+internal object uniffiCallbackInterfacePersonalizeListener {
+    internal object `onProgress`: UniffiCallbackInterfacePersonalizeListenerMethod0 {
+        override fun callback(`uniffiHandle`: Long,`progress`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,) {
+            val uniffiObj = FfiConverterTypePersonalizeListener.handleMap.get(uniffiHandle)
+            val makeCall = { ->
+                uniffiObj.`onProgress`(
+                    FfiConverterTypeTrainProgress.lift(`progress`),
+                )
+            }
+            val writeReturn = { _: Unit -> Unit }
+            uniffiTraitInterfaceCallWithError(
+                uniffiCallStatus,
+                makeCall,
+                writeReturn,
+                { e: SpaMobileException -> FfiConverterTypeSpaMobileError.lower(e) }
+            )
+        }
+    }
+
+    internal object uniffiFree: UniffiCallbackInterfaceFree {
+        override fun callback(handle: Long) {
+            FfiConverterTypePersonalizeListener.handleMap.remove(handle)
+        }
+    }
+
+    internal object uniffiClone: UniffiCallbackInterfaceClone {
+        override fun callback(handle: Long): Long {
+            return FfiConverterTypePersonalizeListener.handleMap.clone(handle)
+        }
+    }
+
+    internal var vtable = UniffiVTableCallbackInterfacePersonalizeListener.UniffiByValue(
+        uniffiFree,
+        uniffiClone,
+        `onProgress`,
+    )
+
+    // Registers the foreign callback with the Rust side.
+    // This method is generated for each callback interface.
+    internal fun register(lib: UniffiLib) {
+        lib.uniffi_spa_ffi_fn_init_callback_vtable_personalizelistener(vtable)
+    }
+}
+
+/**
+ * The ffiConverter which transforms the Callbacks in to handles to pass to Rust.
+ *
+ * @suppress
+ */
+public object FfiConverterTypePersonalizeListener: FfiConverterCallbackInterface<PersonalizeListener>()
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalDouble: FfiConverterRustBuffer<kotlin.Double?> {
+    override fun read(buf: ByteBuffer): kotlin.Double? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterDouble.read(buf)
+    }
+
+    override fun allocationSize(value: kotlin.Double?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterDouble.allocationSize(value)
+        }
+    }
+
+    override fun write(value: kotlin.Double?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterDouble.write(value, buf)
+        }
+    }
+}
+
+
+
+
 /**
  * @suppress
  */
@@ -3308,6 +4203,34 @@ public object FfiConverterOptionalString: FfiConverterRustBuffer<kotlin.String?>
         } else {
             buf.put(1)
             FfiConverterString.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceString: FfiConverterRustBuffer<List<kotlin.String>> {
+    override fun read(buf: ByteBuffer): List<kotlin.String> {
+        val len = buf.getInt()
+        return List<kotlin.String>(len) {
+            FfiConverterString.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<kotlin.String>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterString.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<kotlin.String>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterString.write(it, buf)
         }
     }
 }

@@ -159,7 +159,7 @@ fun main(): Unit = runBlocking {
         val train = listOf(File(textDir, "train1.txt").readText(), File(textDir, "train2.txt").readText())
         val held = listOf(File(textDir, "held.txt").readText())
         val storage = File(env("SPA_TEST_DIR"), "kotlin-storage").path
-        val options = PersonalizeOptions(steps = 12u, maxChunks = 16u, seed = 1uL)
+        val options = PersonalizeOptions(steps = 8u, maxChunks = 8u, seed = 1uL)
 
         test("personalization: progress, before/after report, atomic save, reload") {
             spa.personalization(storage).use { p ->

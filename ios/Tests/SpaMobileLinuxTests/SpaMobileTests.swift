@@ -173,7 +173,7 @@ struct SpaMobileLinuxTests {
         let train = [read("train1.txt"), read("train2.txt")]
         let held = [read("held.txt")]
         let storage = env("SPA_TEST_DIR") + "/swift-storage"
-        let options = PersonalizeOptions(steps: 12, maxChunks: 16, seed: 1)
+        let options = PersonalizeOptions(steps: 8, maxChunks: 8, seed: 1)
 
         await test("personalization: progress, before/after report, atomic save, reload") {
             let p = spa.personalization(storageDir: storage)

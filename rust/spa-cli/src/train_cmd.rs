@@ -351,7 +351,7 @@ fn personalize_run(
     v["train_chunks"] = serde_json::json!(feats.len());
     v["held_out_chunks"] = serde_json::json!(held.len());
     v["peak_rss_scope"] = serde_json::json!(if reset {
-        "training phase only (base unloaded; f32 head + side + features + optimizer)"
+        "process peak since the training phase began (base unloaded), including memory the process already held (in spa eval: everything the evaluation left resident)"
     } else {
         "whole process (peak reset unavailable)"
     });

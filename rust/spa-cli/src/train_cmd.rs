@@ -136,10 +136,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         data::take_split(&all, split, n)
             .iter()
             .map(|e| {
-                let prompt = tok.encode(&tok.chat_prompt(&e.prompt))?;
-                let mut target = tok.encode_fragment(&e.reference)?;
-                target.truncate(60);
-                target.extend(tok.eos_ids().first().copied());
+                let (prompt, target) = e.tokenize(tok)?;
                 Ok(SeqSpec {
                     loss_start: prompt.len(),
                     tokens: prompt.into_iter().chain(target).collect(),

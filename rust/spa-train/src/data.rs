@@ -107,10 +107,23 @@ pub struct Example {
     pub reference: String,
 }
 
+/// Longest reference kept for training (tokens, before the end-of-turn token).
+pub const MAX_TARGET_TOKENS: usize = 60;
+
 impl Example {
     /// Split of this example.
     pub fn split(&self) -> Split {
         split_of(&self.id)
+    }
+
+    /// Token ids of the prompt (in the chat template) and of the target (the reference cut to
+    /// [`MAX_TARGET_TOKENS`], then the end-of-turn token).
+    pub fn tokenize(&self, tok: &spa_model::SpaTokenizer) -> Result<(Vec<u32>, Vec<u32>)> {
+        let prompt = tok.encode(&tok.chat_prompt(&self.prompt))?;
+        let mut target = tok.encode_fragment(&self.reference)?;
+        target.truncate(MAX_TARGET_TOKENS);
+        target.extend(tok.eos_ids().first().copied());
+        Ok((prompt, target))
     }
 }
 

@@ -278,14 +278,9 @@ struct Tok {
 }
 
 fn tokenize(base: &BaseModel, exs: &[Example]) -> Result<Vec<Tok>> {
-    let t = base.tokenizer();
-    let eos = t.eos_ids().first().copied();
     exs.iter()
         .map(|e| {
-            let prompt = t.encode(&t.chat_prompt(&e.prompt))?;
-            let mut target = t.encode_fragment(&e.reference)?;
-            target.truncate(60);
-            target.extend(eos);
+            let (prompt, target) = e.tokenize(base.tokenizer())?;
             Ok(Tok {
                 ex: e.clone(),
                 prompt,

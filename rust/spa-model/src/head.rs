@@ -112,3 +112,29 @@ pub fn top_k(logits: &[f32], k: usize) -> Vec<u32> {
     idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
     idx
 }
+
+/// The base's top-`k` candidates at one position plus the next token `y`, as `k + 1` slots of
+/// (id, logit): the last slot holds `y`, with logit `pad` when `y` is already among the top-k.
+/// Returns the ids, their logits and the slot index of `y` (the training shortlist; the server's
+/// features answer uses the same layout).
+pub fn shortlist_with_target(
+    logits: &[f32],
+    y: u32,
+    k: usize,
+    pad: f32,
+) -> (Vec<u32>, Vec<f32>, u32) {
+    let mut ids = top_k(logits, k);
+    let mut vals: Vec<f32> = ids.iter().map(|&t| logits[t as usize]).collect();
+    let target = match ids.iter().position(|&t| t == y) {
+        Some(p) => {
+            vals.push(pad);
+            p
+        }
+        None => {
+            vals.push(logits[y as usize]);
+            k
+        }
+    };
+    ids.push(y);
+    (ids, vals, target as u32)
+}

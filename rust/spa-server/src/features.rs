@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use spa_model::top_k;
+use spa_model::shortlist_with_target;
 use spa_protocol::{
     decode_frame, encode_i8_rows, ErrorCode, FeaturesRequest, FeaturesResponse, FrameKind,
 };
@@ -73,22 +73,10 @@ pub(crate) async fn features_h(
         };
         for (j, row) in logits.iter().enumerate() {
             let y = req.tokens[j + 1];
-            let ids = top_k(row, k);
-            for &t in &ids {
-                resp.cand_ids.push(t);
-                resp.cand_logits.push(row[t as usize]);
-            }
-            resp.cand_ids.push(y);
-            match ids.iter().position(|&t| t == y) {
-                Some(p) => {
-                    resp.cand_logits.push(-1.0e4);
-                    resp.target_idx.push(p as u32);
-                }
-                None => {
-                    resp.cand_logits.push(row[y as usize]);
-                    resp.target_idx.push(k as u32);
-                }
-            }
+            let (ids, vals, t) = shortlist_with_target(row, y, k, -1.0e4);
+            resp.cand_ids.extend(ids);
+            resp.cand_logits.extend(vals);
+            resp.target_idx.push(t);
         }
         resp.compute_us = t0.elapsed().as_micros() as u64;
         Ok(resp)

@@ -16,7 +16,7 @@ use crate::error::{Result, TrainError};
 use half::f16;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use spa_model::{top_k, BaseModel, DownProjection};
+use spa_model::{shortlist_with_target, BaseModel, DownProjection};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -189,24 +189,10 @@ pub fn compute(
         let mut target_idx = Vec::with_capacity(n_loss);
         for (j, row) in logits.iter().enumerate() {
             let y = spec.tokens[lp0 + j + 1];
-            let ids = top_k(row, top);
-            let pos = ids.iter().position(|&t| t == y);
-            for &t in &ids {
-                cand_ids.push(t);
-                cand_logits.push(row[t as usize]);
-            }
-            match pos {
-                Some(p) => {
-                    cand_ids.push(y);
-                    cand_logits.push(PAD_LOGIT);
-                    target_idx.push(p as u32);
-                }
-                None => {
-                    cand_ids.push(y);
-                    cand_logits.push(row[y as usize]);
-                    target_idx.push(top as u32);
-                }
-            }
+            let (ids, vals, t) = shortlist_with_target(row, y, top, PAD_LOGIT);
+            cand_ids.extend(ids);
+            cand_logits.extend(vals);
+            target_idx.push(t);
         }
         for (set, proj) in sets.iter_mut().zip(projs) {
             let z = proj.apply_taps(&out.taps)?;

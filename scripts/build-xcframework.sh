@@ -2,7 +2,7 @@
 # build-xcframework.sh - build SpaMobileFFIFFI.xcframework (the Rust core of the Swift package in
 # ios/) on a Mac with Xcode.
 #
-#   1. cargo build --release -p spa-ffi --lib for aarch64-apple-ios (device) and
+#   1. cargo rustc --release -p spa-ffi --lib --crate-type staticlib for aarch64-apple-ios (device) and
 #      aarch64-apple-ios-sim + x86_64-apple-ios (simulator), iOS 14.0, no debug info
 #   2. lipo: one fat simulator libspa_ffi.a (arm64 + x86_64)
 #   3. uniffi-bindgen (library mode, uniffi.toml) on a host build: the C header + modulemap for the
@@ -82,8 +82,8 @@ mkdir -p "$build/slices" "$build/gen" "$build/headers"
 
 cd "$root"
 for t in "$device" "${sims[@]}"; do
-	echo "== cargo build --release -p spa-ffi --lib --target $t =="
-	cargo build --release -p spa-ffi --lib --target "$t"
+	echo "== cargo rustc --release -p spa-ffi --lib --target $t --crate-type staticlib =="
+	cargo rustc --release -p spa-ffi --lib --target "$t" --crate-type staticlib
 done
 
 echo "== lipo: simulator arm64 + x86_64 =="

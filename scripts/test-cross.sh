@@ -7,9 +7,9 @@
 #             kernels on every ISA the CPU offers, i.e. scalar, NEON and NEON+dotprod, checked
 #             against the scalar path and dequantized f32), spa-protocol's tests, and the
 #             selected integration tests against the real model in $AARCH64_TESTS.
-#   android   cargo check + release staticlib of spa-ffi for aarch64-linux-android (ring's C via
+#   android   release staticlib of spa-ffi for aarch64-linux-android (ring's C via
 #             scripts/cc-wrappers/aarch64-linux-android-clang, no NDK)
-#   ios       cargo check + release staticlib of spa-ffi for aarch64-apple-ios (clang with the minimal
+#   ios       release staticlib of spa-ffi for aarch64-apple-ios (clang with the minimal
 #             SDK of headers in scripts/cc-wrappers/ios-sdk, no Xcode)
 #   size      release cdylib of spa-ffi for aarch64-unknown-linux-gnu, stripped: the device library
 #             size (the model is not in it); target <= 15 MB
@@ -60,12 +60,11 @@ t0=$SECONDS
 lap() { echo "-- $1: $((SECONDS - t0)) s"; t0=$SECONDS; }
 human() { awk -v b="$1" 'BEGIN { printf "%.2f MB (%d bytes)", b / 1e6, b }'; }
 
-# Staticlib of spa-ffi for an SDK-less target: cargo check, then the release archive.
+# Staticlib of spa-ffi for an SDK-less target: the release archive (building it type-checks and
+# compiles everything a separate `cargo check` would, so there is none).
 # (`cargo rustc --crate-type staticlib`: the cdylib of the crate would need the vendor linker.)
 staticlib() {
 	local t="$1"
-	echo "== cargo check -p spa-ffi --target $t =="
-	cargo check -p spa-ffi --lib --target "$t"
 	echo "== staticlib: cargo rustc -p spa-ffi --lib --release --target $t --crate-type staticlib =="
 	CARGO_PROFILE_RELEASE_DEBUG=0 cargo rustc -p spa-ffi --lib --release --target "$t" --crate-type staticlib
 	local a="$target_dir/$t/release/libspa_ffi.a"

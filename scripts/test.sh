@@ -4,22 +4,31 @@
 # Usage: scripts/test.sh            (what CI runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+t_all=$SECONDS
+t_step=$SECONDS
+lap() { echo "-- test.sh: $1 took $((SECONDS - t_step)) s (total $((SECONDS - t_all)) s, target/ $(du -sh "${CARGO_TARGET_DIR:-target}" 2>/dev/null | cut -f1))"; t_step=$SECONDS; }
 
 echo "== fetch assets (model, Gemma, BIG-bench tasks, personal text) =="
 bash scripts/fetch-assets.sh model gemma data personal
+lap assets
 
 echo "== cargo fmt --check =="
 cargo fmt --all -- --check
+lap fmt
 
 echo "== cargo clippy =="
 cargo clippy --workspace --all-targets -- -D warnings
+lap clippy
 
 echo "== cargo test =="
 cargo test --workspace 2>&1 | tee /tmp/spa-test.log
+lap "cargo test"
 
 echo "== mobile bindings: Kotlin (JVM) + Swift (Linux) =="
 bash scripts/test-ffi.sh
-bash scripts/test-cross.sh # aarch64 tests under qemu, android/ios check + staticlib, device lib size
+lap "Kotlin + Swift bindings"
+bash scripts/test-cross.sh # aarch64 tests under qemu, android/ios release staticlibs, packaging
+lap "cross targets"
 # Live fuzzing needs a cold nightly + sanitizer build of the whole decoder stack (~15 min on a
 # 2-core machine), which would push CI past its time budget; the fuzz corpus and every found input
 # are replayed by `cargo test` (rust/spa-server/tests/fuzz_regressions.rs). SPA_CI_FUZZ=1 runs it.

@@ -6,7 +6,9 @@
 #   - the Kotlin suite (android/jvm-test) on the JVM: kotlinc from npm `kotlin-compiler`, JNA
 #     from Debian libjna-java;
 #   - the Swift suite (ios/Tests/SpaMobileLinuxTests) with Swift 6.0.3 in a Debian trixie chroot
-#     (scripts/swift-chroot.sh).
+#     (scripts/swift-chroot.sh);
+#   - after each, the sample apps' view models (sample-apps/: chat + keyboard demo) and their
+#     tests (sample-apps/jvm-test, sample-apps/swift-test) against the same server.
 # Prints each suite's "N passed, M failed" line; exits non-zero if anything fails.
 #
 # Usage: scripts/test-ffi.sh [--update-bindings] [--kotlin-only|--swift-only]
@@ -87,7 +89,9 @@ KEY=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
 echo "$KEY" >"$WORK/keys"
 mkdir -p "$WORK/cert"
 # A random projection keeps the start fast; the server is the real spa-server either way.
-"$TARGET/debug/spa" serve --addr "127.0.0.1:$PORT" --model "$MODEL" --dev-cert "$WORK/cert" \
+# The access log (one line per request: method, route, status, body size) backs the sample
+# apps' privacy test: nothing but base-feature requests reaches the server while personalizing.
+RUST_LOG="${RUST_LOG:-warn},spa_server::access=info" "$TARGET/debug/spa" serve --addr "127.0.0.1:$PORT" --model "$MODEL" --dev-cert "$WORK/cert" \
 	--keys-file "$WORK/keys" --projection random:7 >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 for _ in $(seq 1 600); do
@@ -98,7 +102,7 @@ done
 grep -q "listening on" "$WORK/server.log" || { echo "server did not start" >&2; cat "$WORK/server.log" >&2; exit 1; }
 export SPA_TEST_URL="https://127.0.0.1:$PORT" SPA_TEST_KEY="$KEY" SPA_TEST_CA="$WORK/cert/dev-cert.pem"
 export SPA_TEST_MODEL="$MODEL" SPA_TEST_DOWN_URL="https://127.0.0.1:$DOWN_PORT"
-export SPA_TEST_TEXTS="$WORK/texts" SPA_TEST_DIR="$WORK"
+export SPA_TEST_TEXTS="$WORK/texts" SPA_TEST_DIR="$WORK" SPA_TEST_SERVER_LOG="$WORK/server.log"
 echo "server up at $SPA_TEST_URL after $(($(date +%s) - t_start)) s"
 
 status=0
@@ -124,6 +128,22 @@ if [ "$run_kotlin" = 1 ]; then
 	rc=${PIPESTATUS[0]}
 	set -e
 	line=$(grep '^kotlin: ' "$WORK/kotlin.log" || echo "kotlin: did not finish (exit $rc)")
+	summary+=("$line ($(($(date +%s) - t0)) s incl. compile)")
+	[ "$rc" = 0 ] || status=1
+
+	echo "== ffi: sample apps' view models (Kotlin, JVM) =="
+	t0=$(date +%s)
+	"$KOTLIN_HOME/bin/kotlinc" -nowarn -cp "$CP:$WORK/kt.jar" -d "$WORK/samples.jar" \
+		sample-apps/chat-android/src/main/kotlin/ai/spa/sample/chat/ChatViewModel.kt \
+		sample-apps/keyboard-demo/android/src/main/kotlin/ai/spa/sample/keyboard/KeyboardViewModel.kt \
+		sample-apps/jvm-test/SampleAppsJvmTest.kt
+	set +e
+	java -Djna.library.path="$(dirname "$LIB")" \
+		-cp "$CP:$KOTLIN_HOME/lib/kotlin-stdlib.jar:$WORK/kt.jar:$WORK/samples.jar" \
+		SampleAppsJvmTestKt 2>&1 | tee "$WORK/samples-kotlin.log"
+	rc=${PIPESTATUS[0]}
+	set -e
+	line=$(grep '^samples-kotlin: ' "$WORK/samples-kotlin.log" || echo "samples-kotlin: did not finish (exit $rc)")
 	summary+=("$line ($(($(date +%s) - t0)) s incl. compile)")
 	[ "$rc" = 0 ] || status=1
 fi
@@ -156,6 +176,25 @@ if [ "$run_swift" = 1 ]; then
 	rc=${PIPESTATUS[0]}
 	set -e
 	line=$(grep '^swift: ' "$WORK/swift.log" || echo "swift: did not finish (exit $rc)")
+	summary+=("$line ($(($(date +%s) - t0)) s incl. compile)")
+	[ "$rc" = 0 ] || status=1
+
+	echo "== ffi: sample apps' view models (Swift, Linux) =="
+	t0=$(date +%s)
+	cp sample-apps/chat-ios/ChatViewModel.swift sample-apps/keyboard-demo/ios/KeyboardViewModel.swift \
+		sample-apps/swift-test/SampleAppsTests.swift "$ROOT$D/"
+	set +e
+	chroot "$ROOT" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root LD_LIBRARY_PATH="$D/lib" \
+		SPA_TEST_URL="$SPA_TEST_URL" SPA_TEST_KEY="$SPA_TEST_KEY" SPA_TEST_CA="$D/dev-cert.pem" \
+		SPA_TEST_MODEL=/opt/spa-models/model.gguf SPA_TEST_DOWN_URL="$SPA_TEST_DOWN_URL" \
+		SPA_TEST_TEXTS="$D/texts" SPA_TEST_DIR="$D" \
+		/bin/sh -c "cd $D && swiftc -parse-as-library -module-name SpaMobileSamples \
+			-Xcc -fmodule-map-file=$D/SpaMobileFFIFFI.modulemap -I $D \
+			SpaMobileFFI.swift SpaMobile.swift ChatViewModel.swift KeyboardViewModel.swift SampleAppsTests.swift \
+			-L $D/lib -lspa_ffi -o spa-samples-tests && ./spa-samples-tests" 2>&1 | tee "$WORK/samples-swift.log"
+	rc=${PIPESTATUS[0]}
+	set -e
+	line=$(grep '^samples-swift: ' "$WORK/samples-swift.log" || echo "samples-swift: did not finish (exit $rc)")
 	summary+=("$line ($(($(date +%s) - t0)) s incl. compile)")
 	[ "$rc" = 0 ] || status=1
 fi

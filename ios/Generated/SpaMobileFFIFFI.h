@@ -371,6 +371,11 @@ RustBuffer uniffi_spa_ffi_fn_method_spaclient_manifest(uint64_t ptr, RustCallSta
 uint64_t uniffi_spa_ffi_fn_method_spaclient_personalizer(uint64_t ptr, RustBuffer storage_dir, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_SPACLIENT_SUGGEST
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_SPACLIENT_SUGGEST
+uint64_t uniffi_spa_ffi_fn_method_spaclient_suggest(uint64_t ptr, RustBuffer text, uint32_t count
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_CLONE_PERSONALIZER
 #define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_CLONE_PERSONALIZER
 uint64_t uniffi_spa_ffi_fn_clone_personalizer(uint64_t handle, RustCallStatus *_Nonnull out_status
@@ -756,6 +761,12 @@ uint16_t uniffi_spa_ffi_checksum_method_spaclient_manifest(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_SPACLIENT_PERSONALIZER
 #define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_SPACLIENT_PERSONALIZER
 uint16_t uniffi_spa_ffi_checksum_method_spaclient_personalizer(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_SPACLIENT_SUGGEST
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_SPACLIENT_SUGGEST
+uint16_t uniffi_spa_ffi_checksum_method_spaclient_suggest(void
     
 );
 #endif

@@ -33,6 +33,12 @@ public final class SpaMobile: @unchecked Sendable {
     /// Whether this connection runs personal weights.
     public var isPersonalized: Bool { client.isPersonalized() }
 
+    /// Up to `count` next-word suggestions for `textBeforeCursor` (a keyboard's suggestion
+    /// strip; a partly typed word is completed). One request to the server.
+    public func suggest(_ textBeforeCursor: String, count: Int = 3) async throws -> Suggestions {
+        try await client.suggest(text: textBeforeCursor, count: UInt32(clamping: count))
+    }
+
     /// Personalization with its weights in `storageDir` (an app-private directory).
     public func personalization(storageDir: String) -> Personalization {
         Personalization(personalizer: client.personalizer(storageDir: storageDir))

@@ -1207,6 +1207,15 @@ public protocol SpaClientProtocol: AnyObject, Sendable {
      */
     func personalizer(storageDir: String)  -> Personalizer
     
+    /**
+     * Up to `count` next-word suggestions for `text`, the text before the cursor (a keyboard's
+     * suggestion strip). When `text` ends inside a word, the suggestions complete it. One
+     * stateless request to the server (the base's features of the context's token ids); the
+     * personal side network and gate run here. Words the tokenizer splits into several tokens
+     * are never suggested.
+     */
+    func suggest(text: String, count: UInt32) async throws  -> Suggestions
+    
 }
 /**
  * A connection to one base server plus the device model. Cheap to share between
@@ -1312,6 +1321,29 @@ open func personalizer(storageDir: String) -> Personalizer  {
         FfiConverterString.lower(storageDir),uniffiCallStatus
     )
 })
+}
+    
+    /**
+     * Up to `count` next-word suggestions for `text`, the text before the cursor (a keyboard's
+     * suggestion strip). When `text` ends inside a word, the suggestions complete it. One
+     * stateless request to the server (the base's features of the context's token ids); the
+     * personal side network and gate run here. Words the tokenizer splits into several tokens
+     * are never suggested.
+     */
+open func suggest(text: String, count: UInt32)async throws  -> Suggestions  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_spa_ffi_fn_method_spaclient_suggest(
+                        self.uniffiCloneHandle(),FfiConverterString.lower(text),FfiConverterUInt32.lower(count)
+                )
+            },
+            pollFunc: ffi_spa_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_spa_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_spa_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterTypeSuggestions_lift,
+            errorHandler: FfiConverterTypeSpaMobileError_lift
+        )
 }
     
 
@@ -2324,6 +2356,85 @@ public func FfiConverterTypeSpaConfig_lift(_ buf: RustBuffer) throws -> SpaConfi
 #endif
 public func FfiConverterTypeSpaConfig_lower(_ value: SpaConfig) -> RustBuffer {
     return FfiConverterTypeSpaConfig.lower(value)
+}
+
+
+/**
+ * Next-word suggestions for one cursor position (see `SpaClient::suggest`).
+ */
+public struct Suggestions: Equatable, Hashable {
+    /**
+     * Whole words, best first, each starting with `partial`.
+     */
+    public var words: [String]
+    /**
+     * The partly typed word they complete ("" after a space or punctuation).
+     */
+    public var partial: String
+    /**
+     * The personal side path chose them (the gate picked it at this position).
+     */
+    public var personal: Bool
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Whole words, best first, each starting with `partial`.
+         */words: [String], 
+        /**
+         * The partly typed word they complete ("" after a space or punctuation).
+         */partial: String, 
+        /**
+         * The personal side path chose them (the gate picked it at this position).
+         */personal: Bool) {
+        self.words = words
+        self.partial = partial
+        self.personal = personal
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension Suggestions: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeSuggestions: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Suggestions {
+        return
+            try Suggestions(
+                words: FfiConverterSequenceString.read(from: &buf), 
+                partial: FfiConverterString.read(from: &buf), 
+                personal: FfiConverterBool.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: Suggestions, into buf: inout [UInt8]) {
+        FfiConverterSequenceString.write(value.words, into: &buf)
+        FfiConverterString.write(value.partial, into: &buf)
+        FfiConverterBool.write(value.personal, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeSuggestions_lift(_ buf: RustBuffer) throws -> Suggestions {
+    return try FfiConverterTypeSuggestions.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeSuggestions_lower(_ value: Suggestions) -> RustBuffer {
+    return FfiConverterTypeSuggestions.lower(value)
 }
 
 
@@ -3356,6 +3467,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_spa_ffi_checksum_method_spaclient_personalizer() != 24995) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_spa_ffi_checksum_method_spaclient_suggest() != 48386) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_spa_ffi_checksum_method_personalizer_cancel() != 47164) {

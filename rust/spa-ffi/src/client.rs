@@ -1,6 +1,8 @@
 //! Client, conversation and generation objects: newtypes over `spa_runtime`'s types.
 
-use crate::config::{ChatMessage, GenerateParams, GenerationStats, ModelManifest, Reply, Role};
+use crate::config::{
+    ChatMessage, GenerateParams, GenerationStats, ModelManifest, Reply, Role, Suggestions,
+};
 use crate::error::{Result, SpaMobileError};
 use crate::personalize::Personalizer;
 use crate::{call, configure_threads, run_task, runtime, SpaConfig};
@@ -150,6 +152,30 @@ impl SpaClient {
     /// Personalization with its weights kept in `storage_dir` (an app-private directory).
     pub fn personalizer(&self, storage_dir: String) -> Arc<Personalizer> {
         Arc::new(self.new_personalizer(storage_dir.into()))
+    }
+
+    /// Up to `count` next-word suggestions for `text`, the text before the cursor (a keyboard's
+    /// suggestion strip). When `text` ends inside a word, the suggestions complete it. One
+    /// stateless request to the server (the base's features of the context's token ids); the
+    /// personal side network and gate run here. Words the tokenizer splits into several tokens
+    /// are never suggested.
+    pub async fn suggest(&self, text: String, count: u32) -> Result<Suggestions> {
+        if count == 0 || count > 16 {
+            return Err(SpaMobileError::InvalidConfig {
+                reason: "count must be in 1..=16".into(),
+            });
+        }
+        let client = self.client.clone();
+        let device = self.device.clone();
+        run_task(async move {
+            let s = spa_runtime::suggest(&client, &device, &text, count as usize).await?;
+            Ok(Suggestions {
+                words: s.words,
+                partial: s.partial,
+                personal: s.side,
+            })
+        })
+        .await
     }
 
     /// A new, empty conversation.

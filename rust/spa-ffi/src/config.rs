@@ -193,3 +193,14 @@ pub struct ModelManifest {
     /// Largest K the server accepts.
     pub max_draft: u32,
 }
+
+/// Next-word suggestions for one cursor position (see `SpaClient::suggest`).
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct Suggestions {
+    /// Whole words, best first, each starting with `partial`.
+    pub words: Vec<String>,
+    /// The partly typed word they complete ("" after a space or punctuation).
+    pub partial: String,
+    /// The personal side path chose them (the gate picked it at this position).
+    pub personal: bool,
+}

@@ -9,6 +9,7 @@
 //! - [`SpaClient::conversation`] → [`Conversation::generate`] (async) or
 //!   [`Conversation::start`] → [`Generation`] (cancel, cancel on drop, `finish`), streaming text
 //!   to a foreign [`GenerationListener`];
+//! - [`SpaClient::suggest`]: next-word suggestions for a keyboard's suggestion strip;
 //! - one error type, [`SpaMobileError`], mapped once from the runtime's errors.
 //!
 //! No panic crosses the boundary: UniFFI's scaffolding catches panics of exported calls (they
@@ -28,7 +29,7 @@ mod personalize;
 pub use client::{connect, Conversation, Generation, GenerationListener, SpaClient};
 pub use config::{
     ChatMessage, GenerateParams, GenerationStats, ModelManifest, Quantization, Reply, Role,
-    SpaConfig,
+    SpaConfig, Suggestions,
 };
 pub use error::{Result, SpaMobileError};
 pub use personalize::{

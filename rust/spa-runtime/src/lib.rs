@@ -33,9 +33,11 @@ pub mod layer_split;
 pub mod netsim;
 pub mod reference;
 pub mod session;
+pub mod suggest;
 
 pub use client::{Client, ClientConfig};
 pub use device::{Decision, DeviceModel, WireSampling};
 pub use error::{Result, RuntimeError};
 pub use session::{GenerationStats, RuntimeParams, SpaSession};
 pub use spa_protocol::Mode;
+pub use suggest::{suggest, Suggestions};

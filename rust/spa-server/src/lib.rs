@@ -576,9 +576,45 @@ async fn body_guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -
             }
         }
         Ok(Ok(bytes)) => {
-            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
-                .await
+            let (method, route, len) = (
+                parts.method.clone(),
+                route_of(parts.uri.path()),
+                bytes.len(),
+            );
+            let t0 = std::time::Instant::now();
+            let r = next
+                .run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await;
+            log::info!(
+                target: ACCESS_LOG,
+                "{method} {route} {} body={len}B {}ms",
+                r.status().as_u16(),
+                t0.elapsed().as_millis()
+            );
+            r
         }
+    }
+}
+
+/// Log target of the access log: one info line per request with a body read, `METHOD ROUTE
+/// STATUS body=<bytes>B <ms>ms`, session ids replaced by `{id}` (never keys, ids or content).
+/// `spa serve` shows it with `RUST_LOG=spa_server::access=info`.
+pub const ACCESS_LOG: &str = "spa_server::access";
+
+/// The route of `path` with session ids redacted (`/v1/sessions/{id}/step`); unknown paths are
+/// reported as `other`, so nothing a client chose reaches the log.
+fn route_of(path: &str) -> &'static str {
+    let seg: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    match seg.as_slice() {
+        ["", "healthz"] => "/healthz",
+        ["", "metrics"] => "/metrics",
+        ["", "v1", "model"] => "/v1/model",
+        ["", "v1", "features"] => "/v1/features",
+        ["", "v1", "sessions"] => "/v1/sessions",
+        ["", "v1", "sessions", _] => "/v1/sessions/{id}",
+        ["", "v1", "sessions", _, "step"] => "/v1/sessions/{id}/step",
+        ["", "v1", "sessions", _, "layer"] => "/v1/sessions/{id}/layer",
+        _ => "other",
     }
 }
 
@@ -664,4 +700,27 @@ pub async fn start(
         handle,
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_of;
+
+    #[test]
+    fn access_log_routes_redact_ids_and_unknown_paths() {
+        assert_eq!(route_of("/v1/features"), "/v1/features");
+        assert_eq!(route_of("/v1/sessions"), "/v1/sessions");
+        assert_eq!(
+            route_of("/v1/sessions/3f9a1c/step"),
+            "/v1/sessions/{id}/step"
+        );
+        assert_eq!(
+            route_of("/v1/sessions/3f9a1c/layer"),
+            "/v1/sessions/{id}/layer"
+        );
+        assert_eq!(route_of("/v1/sessions/3f9a1c"), "/v1/sessions/{id}");
+        assert_eq!(route_of("/v1/model/"), "/v1/model");
+        assert_eq!(route_of("/secret-user-text"), "other");
+        assert_eq!(route_of("/v1/sessions/a/b/c"), "other");
+    }
 }

@@ -17,6 +17,7 @@ import ai.spa.mobile.ffi.Reply
 import ai.spa.mobile.ffi.SpaClient
 import ai.spa.mobile.ffi.SpaConfig
 import ai.spa.mobile.ffi.SpaMobileException
+import ai.spa.mobile.ffi.Suggestions
 import kotlinx.coroutines.channels.awaitClose
 import kotlinx.coroutines.channels.trySendBlocking
 import kotlinx.coroutines.flow.Flow
@@ -46,6 +47,13 @@ class SpaMobile private constructor(private val client: SpaClient) : AutoCloseab
 
     /** Whether this connection runs personal weights. */
     val isPersonalized: Boolean get() = client.isPersonalized()
+
+    /**
+     * Up to [count] next-word suggestions for [textBeforeCursor] (a keyboard's suggestion strip;
+     * a partly typed word is completed). Suspends for one request to the server.
+     */
+    suspend fun suggest(textBeforeCursor: String, count: Int = 3): Suggestions =
+        client.suggest(textBeforeCursor, count.toUInt())
 
     /** Personalization with its weights in [storageDir] (e.g. `context.filesDir.path + "/spa"`). */
     fun personalization(storageDir: String): Personalization = Personalization(client.personalizer(storageDir))

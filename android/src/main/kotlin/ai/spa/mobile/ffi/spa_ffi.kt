@@ -762,6 +762,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_spa_ffi_checksum_method_spaclient_personalizer(
     ): Int
+    external fun uniffi_spa_ffi_checksum_method_spaclient_suggest(
+    ): Int
     external fun uniffi_spa_ffi_checksum_method_personalizer_cancel(
     ): Int
     external fun uniffi_spa_ffi_checksum_method_personalizer_delete_weights(
@@ -833,6 +835,8 @@ internal object UniffiLib {
     external fun uniffi_spa_ffi_fn_method_spaclient_manifest(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_spa_ffi_fn_method_spaclient_personalizer(`ptr`: Long,`storageDir`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_spa_ffi_fn_method_spaclient_suggest(`ptr`: Long,`text`: RustBuffer.ByValue,`count`: Int,
     ): Long
     external fun uniffi_spa_ffi_fn_clone_personalizer(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
@@ -1009,6 +1013,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_spa_ffi_checksum_method_spaclient_personalizer() and 0xFFFF) != 24995) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_spa_ffi_checksum_method_spaclient_suggest() and 0xFFFF) != 48386) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_spa_ffi_checksum_method_personalizer_cancel() and 0xFFFF) != 47164) {
@@ -2593,6 +2600,15 @@ public interface SpaClientInterface {
      */
     fun `personalizer`(`storageDir`: kotlin.String): Personalizer
     
+    /**
+     * Up to `count` next-word suggestions for `text`, the text before the cursor (a keyboard's
+     * suggestion strip). When `text` ends inside a word, the suggestions complete it. One
+     * stateless request to the server (the base's features of the context's token ids); the
+     * personal side network and gate run here. Words the tokenizer splits into several tokens
+     * are never suggested.
+     */
+    suspend fun `suggest`(`text`: kotlin.String, `count`: kotlin.UInt): Suggestions
+    
     companion object
 }
 
@@ -2765,6 +2781,36 @@ open class SpaClient: Disposable, AutoCloseable, SpaClientInterface
     )
     }
     
+
+    
+    /**
+     * Up to `count` next-word suggestions for `text`, the text before the cursor (a keyboard's
+     * suggestion strip). When `text` ends inside a word, the suggestions complete it. One
+     * stateless request to the server (the base's features of the context's token ids); the
+     * personal side network and gate run here. Words the tokenizer splits into several tokens
+     * are never suggested.
+     */
+    @Throws(SpaMobileException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `suggest`(`text`: kotlin.String, `count`: kotlin.UInt) : Suggestions {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_spa_ffi_fn_method_spaclient_suggest(
+                uniffiHandle,
+                
+        FfiConverterString.lower(`text`),
+        FfiConverterUInt.lower(`count`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_spa_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_spa_ffi_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_spa_ffi_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterTypeSuggestions.lift(it) },
+        // Error FFI converter
+        SpaMobileException.ErrorHandler,
+    )
+    }
 
     
 
@@ -3498,6 +3544,61 @@ public object FfiConverterTypeSpaConfig: FfiConverterRustBuffer<SpaConfig> {
             FfiConverterUInt.write(value.`threads`, buf)
             FfiConverterULong.write(value.`timeoutMs`, buf)
             FfiConverterUInt.write(value.`maxAttempts`, buf)
+    }
+}
+
+
+
+/**
+ * Next-word suggestions for one cursor position (see `SpaClient::suggest`).
+ */
+data class Suggestions (
+    /**
+     * Whole words, best first, each starting with `partial`.
+     */
+    var `words`: List<kotlin.String>
+    , 
+    /**
+     * The partly typed word they complete ("" after a space or punctuation).
+     */
+    var `partial`: kotlin.String
+    , 
+    /**
+     * The personal side path chose them (the gate picked it at this position).
+     */
+    var `personal`: kotlin.Boolean
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeSuggestions: FfiConverterRustBuffer<Suggestions> {
+    override fun read(buf: ByteBuffer): Suggestions {
+        return Suggestions(
+            FfiConverterSequenceString.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterBoolean.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: Suggestions) = (
+            FfiConverterSequenceString.allocationSize(value.`words`) +
+            FfiConverterString.allocationSize(value.`partial`) +
+            FfiConverterBoolean.allocationSize(value.`personal`)
+    )
+
+    override fun write(value: Suggestions, buf: ByteBuffer) {
+            FfiConverterSequenceString.write(value.`words`, buf)
+            FfiConverterString.write(value.`partial`, buf)
+            FfiConverterBoolean.write(value.`personal`, buf)
     }
 }
 

@@ -117,7 +117,7 @@ struct SampleAppsTests {
         let train = [read("train1.txt"), read("train2.txt")]
         let held = read("held.txt")
         let storage = env("SPA_TEST_DIR") + "/keyboard-swift"
-        let options = PersonalizeOptions(steps: 24, maxChunks: 24, seed: 1)
+        let options = PersonalizeOptions(steps: 16, maxChunks: 16, seed: 1)
 
         await test("keyboard: a strip of 3 whole words, partial words completed, a tap inserts the word") {
             try? FileManager.default.removeItem(atPath: storage)

@@ -98,6 +98,29 @@ impl PersonalVocab {
     }
 }
 
+/// The gate's mixture over one shortlist: `g · softmax(side) + (1 - g) · softmax(base)`, the
+/// next-token distribution SPA training fits (`g` = the gate's probability of the side path).
+///
+/// ```
+/// let p = spa_model::gate_mixture(0.25, &[0.0, 0.0], &[10.0, -10.0]);
+/// assert!((p[0] - 0.875).abs() < 1e-4 && (p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+/// ```
+pub fn gate_mixture(g: f32, side: &[f32], base: &[f32]) -> Vec<f32> {
+    softmax(side)
+        .into_iter()
+        .zip(softmax(base))
+        .map(|(s, b)| g * s + (1.0 - g) * b)
+        .collect()
+}
+
+/// Softmax of `x` (empty for an empty `x`).
+pub fn softmax(x: &[f32]) -> Vec<f32> {
+    let mx = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let e: Vec<f32> = x.iter().map(|v| (v - mx).exp()).collect();
+    let z: f32 = e.iter().sum();
+    e.into_iter().map(|v| v / z).collect()
+}
+
 /// The `k` ids with the largest logits, in decreasing order.
 pub fn top_k(logits: &[f32], k: usize) -> Vec<u32> {
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();

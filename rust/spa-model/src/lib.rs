@@ -39,7 +39,7 @@ pub use base::{argmax, sha256_hex, BaseModel, BaseOutput, DeviceAssets};
 pub use config::{Arch, BaseConfig};
 pub use error::{Result, SpaError};
 pub use generate::{generate, BaseDecoder, Decoder, GenerateParams, Sampling};
-pub use head::{shortlist_with_target, top_k, DeviceHead, PersonalVocab};
+pub use head::{gate_mixture, shortlist_with_target, softmax, top_k, DeviceHead, PersonalVocab};
 pub use kv_cache::KvCache;
 pub use linear::{BaseKernel, Linear, QuantMode};
 pub use projection::{DownProjection, ProjectionMeta, PROJECTION_VERSION};

@@ -4,10 +4,11 @@
 //! One stateless `POST /v1/features` round trip: the server runs the frozen base over the
 //! context's token ids and returns the tapped states of every position plus the base's top-k
 //! candidates for the next token; the device runs the personal side network and gate over those
-//! states (quantized, as when generating) and, where the gate picks the side path, re-scores
-//! the candidates with the side's correction of the final hidden state. Because the LM head is
-//! linear, the side path's logit of candidate `t` is the base's logit plus `head[t] · up(state)`,
-//! so the server never needs the side network and the device never needs the base.
+//! states (quantized, as when generating) and ranks the candidates by the gate's mixture of the
+//! side path and the base, `g · P_side + (1 - g) · P_base` (the distribution SPA training fits).
+//! Because the LM head is linear, the side path's logit of candidate `t` is the base's logit plus
+//! `head[t] · up(state)`, so the server never needs the side network and the device never needs
+//! the base.
 //!
 //! The candidates are whole words (a token with a leading space and letters only) matching the
 //! partly typed word, best first. This is the rule the keystroke-savings metric of
@@ -32,7 +33,7 @@ pub struct Suggestions {
     pub words: Vec<String>,
     /// The partly typed word they complete ("" at a word boundary).
     pub partial: String,
-    /// The gate chose the personal side path at this position.
+    /// The personal side path dominates the ranking (the gate's probability is above 0.5).
     pub side: bool,
     /// The gate's probability of the side path.
     pub p_side: f32,
@@ -138,25 +139,33 @@ pub async fn suggest(
     let row = (n - 1) * c;
     // The first k slots are the base's top-k (the last one is the placeholder or a pad).
     let cand = &resp.cand_ids[row..row + c - 1];
-    let mut logits = resp.cand_logits[row..row + c - 1].to_vec();
+    let base = &resp.cand_logits[row..row + c - 1];
+    if base.iter().any(|x| !x.is_finite()) {
+        return Err(RuntimeError::Protocol("non-finite candidate logits".into()));
+    }
+    // The side path's logits: `step.hidden` is the side's correction alone (the base hidden
+    // passed in was zero), and the head is linear.
+    let side_logits = || -> Result<Vec<f32>> {
+        let delta = device
+            .head
+            .shortlist(cand, &step.hidden)
+            .map_err(|e| RuntimeError::Model(e.to_string()))?;
+        Ok(base.iter().zip(&delta).map(|(b, d)| b + d).collect())
+    };
+    // Ranked by the gate's mixture of both paths (the distribution SPA training fits); a strip,
+    // unlike generation, need not pick one path.
+    let probs = match device.gate {
+        GateMode::Learned => spa_model::gate_mixture(step.p_side, &side_logits()?, base),
+        GateMode::AlwaysSide => spa_model::softmax(&side_logits()?),
+        GateMode::AlwaysBase => spa_model::softmax(base),
+    };
     let side = match device.gate {
         GateMode::Learned => step.p_side > 0.5,
         GateMode::AlwaysSide => true,
         GateMode::AlwaysBase => false,
     };
-    if side {
-        // `step.hidden` is the side's correction alone (the base hidden passed in was zero).
-        let delta = device
-            .head
-            .shortlist(cand, &step.hidden)
-            .map_err(|e| RuntimeError::Model(e.to_string()))?;
-        logits.iter_mut().zip(&delta).for_each(|(l, d)| *l += d);
-    }
-    if logits.iter().any(|x| !x.is_finite()) {
-        return Err(RuntimeError::Protocol("non-finite candidate logits".into()));
-    }
     let mut order: Vec<usize> = (0..cand.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
     let mut words: Vec<String> = Vec::new();
     for i in order {
         if words.len() == count {

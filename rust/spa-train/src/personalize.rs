@@ -14,7 +14,12 @@
 //! - keystroke savings: the user types a word letter by letter and taps a suggestion as soon as
 //!   the word is among the top three suggestions matching the typed prefix (a tap costs one key
 //!   and inserts the word and its space); savings = keys saved / keys without suggestions;
-//! - perplexity over the shortlist (target included), of the emitted distribution.
+//! - perplexity over the shortlist (target included).
+//!
+//! With a side network, suggestions rank the gate's mixture `g · P_side + (1 - g) · P_base` over
+//! the shortlist: the distribution SPA training fits. (Generation must pick one path per token for
+//! the round protocol; a suggestion strip need not, and the hard choice ranked worse.) This is
+//! the rule of `spa_runtime::suggest`, so the measured savings are what the SDK's strip gives.
 
 use crate::error::{Result, TrainError};
 use crate::features::{SeqFeatures, SeqSpec};
@@ -231,18 +236,21 @@ pub fn next_word_trace(
             let k = c - 1; // the last slot is the target (or a pad): not a suggestion
             for j in 0..s.n_loss() {
                 let base_row = &s.cand_logits[j * c..(j + 1) * c];
-                let use_side = graph.is_some() && p_side[row] > 0.5;
-                let logits: &[f32] = if use_side {
-                    side_n += 1;
-                    scores.as_ref().map(|x| &x[row][..]).unwrap_or(base_row)
-                } else {
-                    base_row
+                // The suggestion distribution: the gate's mixture of the side path and the base
+                // (the distribution SPA training fits), or the base alone.
+                let probs = match (&scores, graph) {
+                    (Some(sc), Some(_)) => {
+                        let g = p_side[row];
+                        if g > 0.5 {
+                            side_n += 1;
+                        }
+                        spa_model::gate_mixture(g, &sc[row], base_row)
+                    }
+                    _ => spa_model::softmax(base_row),
                 };
                 row += 1;
                 // Perplexity over the shortlist.
-                let mx = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let lse = mx + logits.iter().map(|x| (x - mx).exp()).sum::<f32>().ln();
-                nll += (lse - logits[s.target_idx[j] as usize]) as f64;
+                nll -= (probs[s.target_idx[j] as usize].max(1e-30) as f64).ln();
                 npos += 1;
                 // Word-start positions only.
                 let next = s.tokens[s.loss_start + j];
@@ -274,7 +282,7 @@ pub fn next_word_trace(
                 words += 1;
                 keys += word_len + 1;
                 let mut ranked: Vec<(f32, u32)> =
-                    (0..k).map(|i| (logits[i], s.cand_ids[j * c + i])).collect();
+                    (0..k).map(|i| (probs[i], s.cand_ids[j * c + i])).collect();
                 ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
                 let cands: Vec<String> = ranked
                     .iter()

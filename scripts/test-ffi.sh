@@ -36,9 +36,13 @@ export SPA_HOME
 TARGET="${CARGO_TARGET_DIR:-$REPO/target}"
 WORK=$(mktemp -d /tmp/spa-ffi-test.XXXXXX)
 SERVER_PID=""
+ROOT=""
 cleanup() {
 	if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
 	rm -rf "$WORK"
+	# The chroot's /proc (mounted by scripts/swift-chroot.sh): left mounted, `rm -rf $SPA_HOME`
+	# would fail on it.
+	if [ -n "$ROOT" ] && mountpoint -q "$ROOT/proc"; then umount "$ROOT/proc" || true; fi
 }
 trap cleanup EXIT
 

@@ -42,6 +42,8 @@ if [ ! -x "$ROOT/usr/bin/swiftc" ]; then
 		mirror="${DEBIAN_MIRROR:-$(host_mirror)}"
 		log "debootstrap trixie into $ROOT from $mirror"
 		mkdir -p "$ROOT"
+		# A /proc left mounted by an interrupted earlier run would make debootstrap fail.
+		if mountpoint -q "$ROOT/proc"; then umount "$ROOT/proc"; fi
 		debootstrap --variant=minbase --include=ca-certificates trixie "$ROOT" "$mirror" >&2
 	fi
 fi

@@ -140,6 +140,17 @@ pub enum GateMode {
     AlwaysBase,
 }
 
+impl GateMode {
+    /// Whether a position takes the side path, given the gate's probability of it.
+    pub fn use_side(self, p_side: f32) -> bool {
+        match self {
+            GateMode::Learned => p_side > 0.5,
+            GateMode::AlwaysSide => true,
+            GateMode::AlwaysBase => false,
+        }
+    }
+}
+
 /// Per-generation counters of a [`SpaDecoder`].
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SpaCounters {
@@ -201,11 +212,7 @@ impl Decoder for SpaDecoder<'_> {
             last = Some((self.side.step(zp, hp, &mut self.cache)?, hp));
         }
         let (step, h) = last.ok_or_else(|| SpaError::InvalidConfig("no tokens".into()))?;
-        let use_side = match self.gate {
-            GateMode::Learned => step.p_side > 0.5,
-            GateMode::AlwaysSide => true,
-            GateMode::AlwaysBase => false,
-        };
+        let use_side = self.gate.use_side(step.p_side);
         let base_logits = self.head.full(h)?;
         self.counters.positions += 1;
         if use_side {

@@ -226,6 +226,15 @@ impl SpaTokenizer {
         }
     }
 
+    /// The word token `id` stands for when it is a whole word with a leading space, letters and
+    /// apostrophes only (`" Paris"` -> `"Paris"`); `None` for punctuation, word pieces and ids
+    /// outside the vocabulary. The unit of next-word suggestions.
+    pub fn whole_word(&self, id: u32) -> Option<String> {
+        let s = self.decode(&[id]).ok()?;
+        let w = s.strip_prefix(' ')?;
+        (!w.is_empty() && w.chars().all(|c| c.is_alphabetic() || c == '\'')).then(|| w.to_string())
+    }
+
     /// Checks that every id is inside the vocabulary.
     pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
         match ids.iter().find(|&&id| id as usize >= self.vocab) {

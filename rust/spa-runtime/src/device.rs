@@ -154,11 +154,7 @@ impl DeviceModel {
             return Err(RuntimeError::Protocol("hidden state of wrong size".into()));
         }
         let step = self.side.step(&z, &hidden.data, cache)?;
-        let side = match self.gate {
-            GateMode::Learned => step.p_side > 0.5,
-            GateMode::AlwaysSide => true,
-            GateMode::AlwaysBase => false,
-        };
+        let side = self.gate.use_side(step.p_side);
         let token = if !side {
             s.draft_token
         } else if ws.temperature > 0.0 {

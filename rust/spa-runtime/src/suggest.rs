@@ -65,13 +65,6 @@ fn is_word_char(c: char) -> bool {
     c.is_alphabetic() || c == '\''
 }
 
-/// The word a token stands for when it is a whole word with a leading space.
-fn token_word(device: &DeviceModel, id: u32) -> Option<String> {
-    let s = device.tokenizer.decode(&[id]).ok()?;
-    let w = s.strip_prefix(' ')?;
-    (!w.is_empty() && w.chars().all(is_word_char)).then(|| w.to_string())
-}
-
 /// Up to `count` next-word suggestions for `text` (the text before the cursor).
 ///
 /// Errors are those of the features request (network, key, limits) and of a malformed answer
@@ -159,11 +152,7 @@ pub async fn suggest(
         GateMode::AlwaysSide => spa_model::softmax(&side_logits()?),
         GateMode::AlwaysBase => spa_model::softmax(base),
     };
-    let side = match device.gate {
-        GateMode::Learned => step.p_side > 0.5,
-        GateMode::AlwaysSide => true,
-        GateMode::AlwaysBase => false,
-    };
+    let side = device.gate.use_side(step.p_side);
     let mut order: Vec<usize> = (0..cand.len()).collect();
     order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
     let mut words: Vec<String> = Vec::new();
@@ -171,7 +160,7 @@ pub async fn suggest(
         if words.len() == count {
             break;
         }
-        if let Some(w) = token_word(device, cand[i]) {
+        if let Some(w) = device.tokenizer.whole_word(cand[i]) {
             if w.starts_with(partial) && !words.contains(&w) {
                 words.push(w);
             }

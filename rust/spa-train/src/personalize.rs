@@ -173,12 +173,7 @@ impl WordTable {
     fn word(&mut self, tok: &SpaTokenizer, id: u32) -> Option<String> {
         self.text
             .entry(id)
-            .or_insert_with(|| {
-                let s = tok.decode(&[id]).ok()?;
-                let w = s.strip_prefix(' ')?;
-                (!w.is_empty() && w.chars().all(|c| c.is_alphabetic() || c == '\''))
-                    .then(|| w.to_string())
-            })
+            .or_insert_with(|| tok.whole_word(id))
             .clone()
     }
 }

@@ -111,6 +111,14 @@ echo "server up at $SPA_TEST_URL after $(($(date +%s) - t_start)) s"
 
 status=0
 summary=()
+# After a suite ran with its output in $WORK/NAME.log: its "NAME: N passed, M failed" line (or
+# why it did not finish) and its time since $t0 go into the summary; a failure fails the script.
+record() {
+	local name=$1 rc=$2 line
+	line=$(grep "^$name: " "$WORK/$name.log" || echo "$name: did not finish (exit $rc)")
+	summary+=("$line ($(($(date +%s) - t0)) s incl. compile)")
+	[ "$rc" = 0 ] || status=1
+}
 
 if [ "$run_kotlin" = 1 ]; then
 	echo "== ffi: Kotlin (JVM) =="
@@ -131,9 +139,7 @@ if [ "$run_kotlin" = 1 ]; then
 		SpaMobileJvmTestKt 2>&1 | tee "$WORK/kotlin.log"
 	rc=${PIPESTATUS[0]}
 	set -e
-	line=$(grep '^kotlin: ' "$WORK/kotlin.log" || echo "kotlin: did not finish (exit $rc)")
-	summary+=("$line ($(($(date +%s) - t0)) s incl. compile)")
-	[ "$rc" = 0 ] || status=1
+	record kotlin "$rc"
 
 	echo "== ffi: sample apps' view models (Kotlin, JVM) =="
 	t0=$(date +%s)
@@ -147,9 +153,7 @@ if [ "$run_kotlin" = 1 ]; then
 		SampleAppsJvmTestKt 2>&1 | tee "$WORK/samples-kotlin.log"
 	rc=${PIPESTATUS[0]}
 	set -e
-	line=$(grep '^samples-kotlin: ' "$WORK/samples-kotlin.log" || echo "samples-kotlin: did not finish (exit $rc)")
-	summary+=("$line ($(($(date +%s) - t0)) s incl. compile)")
-	[ "$rc" = 0 ] || status=1
+	record samples-kotlin "$rc"
 fi
 
 if [ "$run_swift" = 1 ]; then
@@ -179,9 +183,7 @@ if [ "$run_swift" = 1 ]; then
 			./spa-swift-tests" 2>&1 | tee "$WORK/swift.log"
 	rc=${PIPESTATUS[0]}
 	set -e
-	line=$(grep '^swift: ' "$WORK/swift.log" || echo "swift: did not finish (exit $rc)")
-	summary+=("$line ($(($(date +%s) - t0)) s incl. compile)")
-	[ "$rc" = 0 ] || status=1
+	record swift "$rc"
 
 	echo "== ffi: sample apps' view models (Swift, Linux) =="
 	t0=$(date +%s)
@@ -198,9 +200,7 @@ if [ "$run_swift" = 1 ]; then
 			-L $D/lib -lspa_ffi -o spa-samples-tests && ./spa-samples-tests" 2>&1 | tee "$WORK/samples-swift.log"
 	rc=${PIPESTATUS[0]}
 	set -e
-	line=$(grep '^samples-swift: ' "$WORK/samples-swift.log" || echo "samples-swift: did not finish (exit $rc)")
-	summary+=("$line ($(($(date +%s) - t0)) s incl. compile)")
-	[ "$rc" = 0 ] || status=1
+	record samples-swift "$rc"
 fi
 
 echo "== ffi: summary =="

@@ -2,6 +2,7 @@
 
 mod assets;
 mod bench;
+mod bench_fair;
 mod bench_net;
 mod serve;
 mod train_cmd;
@@ -92,6 +93,8 @@ enum BenchCmd {
     Rounds(bench_net::RoundsArgs),
     /// Server throughput with concurrent sessions.
     Serve(bench_net::ServeBenchArgs),
+    /// Per-key fairness: one key's step latency alone and while another key floods steps.
+    Fairness(bench_fair::FairnessArgs),
 }
 
 fn main() {
@@ -123,6 +126,7 @@ fn run(cli: Cli) -> Result<()> {
             BenchCmd::Model(a) => bench::model(a),
             BenchCmd::Rounds(a) => runtime()?.block_on(bench_net::rounds(a)),
             BenchCmd::Serve(a) => runtime()?.block_on(bench_net::serve(a)),
+            BenchCmd::Fairness(a) => runtime()?.block_on(bench_fair::fairness(a)),
         },
     }
 }

@@ -45,9 +45,15 @@ pub struct ServeArgs {
     /// Global KV-cache budget in MiB (LRU eviction above it).
     #[arg(long, default_value_t = 2048)]
     pub kv_budget_mb: usize,
-    /// Most sessions per key (429 with Retry-After beyond).
+    /// Most live sessions per key. A key identifies an app, not a user: at the cap the key's
+    /// least-recently-used idle session is reclaimed (its device re-prefills); 429 with
+    /// Retry-After only when all of them are in a step. Size it for the app's concurrent chats.
     #[arg(long, default_value_t = 64)]
     pub max_sessions_per_key: usize,
+    /// Seconds a session may stay unused before it expires (its device re-prefills on its next
+    /// turn); 0 keeps sessions until deleted, reclaimed or evicted.
+    #[arg(long, default_value_t = 300)]
+    pub session_idle_s: u64,
     /// Largest K (drafts per round) a client may ask for.
     #[arg(long, default_value_t = 64)]
     pub max_draft: usize,
@@ -99,6 +105,8 @@ pub fn server_config(args: &ServeArgs, keys: Keys) -> ServerConfig {
         keys,
         kv_budget_bytes: args.kv_budget_mb << 20,
         max_sessions_per_key: args.max_sessions_per_key,
+        session_idle_ttl: (args.session_idle_s > 0)
+            .then(|| std::time::Duration::from_secs(args.session_idle_s)),
         limits: spa_protocol::Limits {
             max_frame_bytes: args.max_frame_kib << 10,
             max_positions_per_round: args.max_positions_per_round,
@@ -453,8 +461,18 @@ mod tests {
             "4",
             "--body-timeout-s",
             "6",
+            "--session-idle-s",
+            "90",
         ]);
         let c = server_config(&a, Keys::new(&["k"]));
+        assert_eq!(c.session_idle_ttl, Some(std::time::Duration::from_secs(90)));
+        let forever = server_config(&args(&["--session-idle-s", "0"]), Keys::new(&["k"]));
+        assert_eq!(forever.session_idle_ttl, None);
+        assert_eq!(
+            server_config(&args(&[]), Keys::new(&["k"])).session_idle_ttl,
+            Some(std::time::Duration::from_secs(300)),
+            "default: five minutes"
+        );
         assert_eq!(c.limits.max_draft, 8);
         assert_eq!(c.limits.max_positions_per_round, 256);
         assert_eq!(c.limits.max_frame_bytes, 512 << 10);

@@ -106,10 +106,16 @@ pub struct SpaSession {
     synced: usize,
     cache: SideCache,
     limits: Limits,
+    /// Where the drop's best-effort delete runs when the drop happens outside a runtime.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl SpaSession {
     /// A new session (the server session is created lazily on the first round).
+    ///
+    /// Dropping it deletes its server session, best effort and in the background, on the
+    /// tokio runtime current at the drop or, failing that, the one current here: the drop
+    /// never blocks or fails. (Without either, the server's idle expiry collects it.)
     pub fn new(client: Client, device: Arc<DeviceModel>, mode: Mode) -> Self {
         let cache = device.side.new_cache();
         Self {
@@ -121,6 +127,7 @@ impl SpaSession {
             synced: 0,
             cache,
             limits: Limits::default(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
@@ -142,6 +149,25 @@ impl SpaSession {
         self.history.clear();
         self.synced = 0;
         self.cache = self.device.side.new_cache();
+    }
+
+    /// Deletes the server session in the background (see [`SpaSession::new`]).
+    fn delete_in_background(&mut self) {
+        let Some(id) = self.id.take() else { return };
+        let rt = tokio::runtime::Handle::try_current()
+            .ok()
+            .or_else(|| self.runtime.clone());
+        let Some(rt) = rt else {
+            log::debug!("session dropped outside a runtime; the server's idle expiry ends it");
+            return;
+        };
+        let client = self.client.clone();
+        // A runtime that is shutting down drops the task: the delete is best effort.
+        rt.spawn(async move {
+            if let Err(e) = client.delete_session(&id).await {
+                log::debug!("deleting a dropped session failed (its idle expiry ends it): {e}");
+            }
+        });
     }
 
     async fn ensure_session(&mut self) -> Result<String> {
@@ -301,5 +327,11 @@ impl SpaSession {
         st.bytes_up = self.client.traffic.up.load(Relaxed) - up0;
         st.bytes_down = self.client.traffic.down.load(Relaxed) - down0;
         Ok((out, st))
+    }
+}
+
+impl Drop for SpaSession {
+    fn drop(&mut self) {
+        self.delete_in_background();
     }
 }

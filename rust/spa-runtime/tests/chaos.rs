@@ -7,6 +7,13 @@
 //! are a prefix of the clean run's (never a duplicated, lost or wrong token) and the session
 //! history is consistent.
 //!
+//! The server also ends sessions under the devices' feet: an idle TTL shorter than the stall
+//! faults expires sessions mid-generation, and a sibling install of each key (an "intruder"
+//! creating sessions straight at the server) keeps the key at its cap of 2, so idle sessions
+//! are reclaimed. Devices see 410 and re-prefill; the token checks above still hold. Half of the
+//! generations end with `reset()`, half by dropping the session (its delete runs in the
+//! background).
+//!
 //! `SPA_CHAOS_SEED` and `SPA_CHAOS_GENERATIONS` override the seed and the count.
 
 mod common;
@@ -31,6 +38,12 @@ const K: u32 = 3;
 /// Concurrent clients, each with its own proxy (its own seeded fault sequence) and key.
 const LANES: usize = 4;
 const TIMEOUT: Duration = Duration::from_secs(4);
+/// Idle TTL: shorter than a 300 ms stall, so stalled rounds find their session expired.
+const IDLE_TTL: Duration = Duration::from_millis(250);
+/// Sessions per key: the lane's own plus one of the intruder's.
+const CAP: usize = 2;
+/// How often each key's intruder creates a session.
+const INTRUDER_EVERY: Duration = Duration::from_millis(150);
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -77,6 +90,11 @@ fn faults() -> Vec<Fault> {
 struct Tally {
     completed: usize,
     failed: BTreeMap<String, usize>,
+    reprefills: usize,
+}
+
+fn s_reprefills<E>(r: &Result<(Vec<u32>, spa_runtime::GenerationStats), E>) -> usize {
+    r.as_ref().map_or(0, |(_, st)| st.reprefills)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,6 +105,8 @@ async fn randomized_faults_never_duplicate_or_lose_tokens() {
     let keys: Vec<String> = (0..LANES).map(|i| format!("chaos-key-{i}")).collect();
     let (srv, state) = common::start_server(ServerConfig {
         keys: Keys::new(&keys),
+        session_idle_ttl: Some(IDLE_TTL),
+        max_sessions_per_key: CAP,
         ..ServerConfig::default()
     })
     .await;
@@ -106,6 +126,22 @@ async fn randomized_faults_never_duplicate_or_lose_tokens() {
     }
     let cases = Arc::new(cases);
     let clean_rounds = state.metrics.rounds.load(Relaxed);
+    let stop_intruders = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let intruders: Vec<_> = keys
+        .iter()
+        .map(|k| {
+            let (c, stop) = (common::client(&srv.url(), k), stop_intruders.clone());
+            tokio::spawn(async move {
+                let mut n = 0usize;
+                while !stop.load(Relaxed) {
+                    c.create_session(Mode::Spa).await.expect("intruder create");
+                    n += 1;
+                    tokio::time::sleep(INTRUDER_EVERY).await;
+                }
+                n
+            })
+        })
+        .collect();
     eprintln!("chaos: seed {seed:#x}, {generations} generations over {LANES} lanes");
     let mut lanes = Vec::new();
     for lane in 0..LANES {
@@ -149,6 +185,7 @@ async fn randomized_faults_never_duplicate_or_lose_tokens() {
                     clean.starts_with(&streamed),
                     "lane {lane} gen {g}: streamed {streamed:?} is not a prefix of {clean:?}"
                 );
+                tally.reprefills += s_reprefills(&r);
                 match r {
                     Ok((tokens, stats)) => {
                         assert_eq!(&tokens, clean, "lane {lane} gen {g}: tokens differ");
@@ -174,12 +211,15 @@ async fn randomized_faults_never_duplicate_or_lose_tokens() {
                         *tally.failed.entry(kind.to_string()).or_default() += 1;
                     }
                 }
-                s.reset().await;
+                if g % 2 == 0 {
+                    s.reset().await;
+                } // else: dropped here, its delete runs in the background
             }
             (tally, proxy, attempts)
         }));
     }
     let (mut completed, mut failed, mut total) = (0, BTreeMap::<String, usize>::new(), 0);
+    let mut reprefills = 0;
     let mut kinds = [0u64; 7];
     let mut responses = 0;
     for l in lanes {
@@ -215,6 +255,7 @@ async fn randomized_faults_never_duplicate_or_lose_tokens() {
         kinds[6] += st.faults();
         responses += st.responses.load(Relaxed);
         completed += tally.completed;
+        reprefills += tally.reprefills;
         total += tally.completed + tally.failed.values().sum::<usize>();
         for (k, v) in tally.failed {
             *failed.entry(k).or_default() += v;
@@ -253,11 +294,25 @@ async fn randomized_faults_never_duplicate_or_lose_tokens() {
         completed * 2 >= total,
         "fewer than half completed: {completed}/{total}"
     );
-    // A delete is best-effort (not retried): one sent on a connection that was stalled can be
-    // lost; the LRU bound collects such sessions.
-    let leaked = state.sessions.lock().unwrap().len();
-    eprintln!("chaos: {leaked} sessions left behind by lost deletes");
-    assert!(leaked as u64 <= kinds[6], "{leaked} sessions left");
+    stop_intruders.store(true, Relaxed);
+    let mut intruder_sessions = 0;
+    for i in intruders {
+        intruder_sessions += i.await.expect("intruder panicked");
+    }
+    let ended = state.sessions.lock().unwrap().ended;
+    eprintln!(
+        "chaos: {intruder_sessions} intruder sessions; sessions ended {ended:?}; \
+         {reprefills} re-prefills in completed generations"
+    );
+    // The server ended sessions under the devices, and they recovered.
+    assert!(ended.expired > 0, "no session expired");
+    assert!(ended.reclaimed > 0, "no session was reclaimed at the cap");
+    assert!(reprefills > 0, "no completed generation re-prefilled");
+    // Lost deletes (a delete is best effort, never retried) and the intruders' sessions: the
+    // idle TTL collects them all.
+    tokio::time::sleep(IDLE_TTL * 4).await;
+    let left = state.sessions.lock().unwrap().len();
+    assert_eq!(left, 0, "{left} sessions outlived the idle TTL");
     srv.shutdown().await;
 }
 

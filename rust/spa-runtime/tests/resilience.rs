@@ -610,7 +610,7 @@ async fn eviction_is_transparently_reprefilled() {
     let mut a = SpaSession::new(common::client(&srv.url(), common::KEY), da, Mode::Spa);
     let mut b = SpaSession::new(common::client(&srv.url(), common::OTHER_KEY), db, Mode::Spa);
     let (ra, rb) = tokio::join!(run(&mut a, &pa), run(&mut b, &pb));
-    let evictions = state.sessions.lock().unwrap().evictions;
+    let evictions = state.sessions.lock().unwrap().ended.evicted;
     eprintln!(
         "eviction: {evictions} evictions; reprefills a {} b {}; rounds a {} b {} (clean {} {})",
         ra.stats.reprefills,

@@ -49,10 +49,19 @@ pub struct ServerConfig {
     pub keys: Keys,
     /// Global bound on KV-cache bytes over all sessions (LRU eviction above it).
     pub kv_budget_bytes: usize,
-    /// Most live sessions per key (429 beyond).
+    /// Most live sessions per key. At the cap, the key's least-recently-used idle session is
+    /// reclaimed (its device gets 410 and re-prefills); 429 only when all of them are busy.
+    /// Keys identify apps, not users: size it for the app's concurrent conversations.
     pub max_sessions_per_key: usize,
+    /// A session unused this long expires (410 for its device, which re-prefills); `None`
+    /// keeps sessions until deleted, reclaimed or evicted.
+    pub session_idle_ttl: Option<Duration>,
     /// Default number of candidates per draft position.
     pub top_k: usize,
+    /// Batch forward passes per API key, each key on its own engine lane (default), so one
+    /// key's flood of steps cannot queue ahead of another key's; `false` puts every key in one
+    /// shared queue (bigger batches, no fairness; kept for comparison in `spa bench fairness`).
+    pub batch_lane_per_key: bool,
     /// Wire limits.
     pub limits: Limits,
     /// Longest wait for a request's headers on an HTTP/1.1 connection (slow-loris bound).
@@ -69,7 +78,9 @@ impl Default for ServerConfig {
             keys: Keys::default(),
             kv_budget_bytes: 2 << 30,
             max_sessions_per_key: 64,
+            session_idle_ttl: Some(Duration::from_secs(300)),
             top_k: 32,
+            batch_lane_per_key: true,
             limits: Limits::default(),
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
@@ -144,8 +155,8 @@ impl AppState {
             batcher: batch::Batcher::start(base.clone(), 32),
             base,
             proj,
+            sessions: Mutex::new(Sessions::with_idle_ttl(config.session_idle_ttl)),
             config,
-            sessions: Mutex::new(Sessions::default()),
             metrics: metrics::Metrics::default(),
             manifest,
         }
@@ -255,13 +266,13 @@ async fn healthz() -> &'static str {
 }
 
 async fn metrics_h(State(st): State<Arc<AppState>>) -> impl IntoResponse {
-    let (n, bytes, ev) = {
+    let (n, bytes, ended) = {
         let s = st.sessions();
-        (s.len(), s.total_bytes(), s.evictions)
+        (s.len(), s.total_bytes(), s.ended)
     };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.metrics.render(n, bytes, ev),
+        st.metrics.render(n, bytes, &ended),
     )
 }
 
@@ -284,11 +295,15 @@ async fn create_h(
         decode_frame(&body, FrameKind::CreateSessionRequest, &st.config.limits)
             .map_err(bad_frame)?;
     let mut s = st.sessions();
-    if s.count_for(owner) >= st.config.max_sessions_per_key {
+    s.expire_idle();
+    // At the key's cap its least-recently-used idle session makes room (its device gets 410
+    // and re-prefills). Only when every session of the key is in a step is this overload.
+    if !s.make_room(owner, st.config.max_sessions_per_key) {
+        drop(s);
         let mut e = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::Limit,
-            "too many sessions for this key",
+            "every session of this key is busy; retry later",
         );
         e.frame.retry_after_ms = 1000;
         st.metrics.limited.fetch_add(1, Relaxed);
@@ -351,7 +366,12 @@ async fn step_h(
     let (res, bytes) = tokio::task::spawn_blocking(move || {
         let mut s = sess.lock().unwrap_or_else(|p| p.into_inner());
         // Forward passes go through the batching engine, so concurrent sessions share them.
-        let fwd = |t: &[u32], c: &mut spa_model::KvCache| st2.batcher.forward(t, c);
+        let lane = if st2.config.batch_lane_per_key {
+            owner
+        } else {
+            0
+        };
+        let fwd = |t: &[u32], c: &mut spa_model::KvCache| st2.batcher.forward(lane, t, c);
         let r = run_step_with(
             &st2.base,
             &st2.proj,
@@ -627,6 +647,7 @@ pub struct RunningServer {
     pub tls: bool,
     handle: axum_server::Handle<SocketAddr>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    sweeper: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningServer {
@@ -641,6 +662,9 @@ impl RunningServer {
 
     /// Stops accepting and closes connections.
     pub async fn shutdown(self) {
+        if let Some(s) = &self.sweeper {
+            s.abort();
+        }
         self.handle.shutdown();
         let _ = self.task.await;
     }
@@ -655,6 +679,10 @@ pub async fn start(
 ) -> Result<RunningServer, String> {
     let (header_timeout, handshake_timeout) =
         (state.config.header_timeout, state.config.handshake_timeout);
+    let sweeper = state
+        .config
+        .session_idle_ttl
+        .map(|_| Arc::downgrade(&state));
     let app = router(state);
     let handle = axum_server::Handle::new();
     let h2 = handle.clone();
@@ -686,6 +714,7 @@ pub async fn start(
         .listening()
         .await
         .ok_or_else(|| format!("could not listen on {addr}"))?;
+    let sweeper = sweeper.map(|st| tokio::spawn(sweep_idle_sessions(st)));
     log::info!(
         "spa-server listening on {addr} ({})",
         if is_tls {
@@ -699,7 +728,29 @@ pub async fn start(
         tls: is_tls,
         handle,
         task,
+        sweeper,
     })
+}
+
+/// Expires idle sessions in the background (a lookup also expires them, so this only frees
+/// memory of sessions nobody asks about), every quarter TTL, at least every second.
+async fn sweep_idle_sessions(state: std::sync::Weak<AppState>) {
+    let period = state
+        .upgrade()
+        .and_then(|s| s.config.session_idle_ttl)
+        .map_or(Duration::from_secs(1), |t| {
+            (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+        });
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(st) = state.upgrade() else { return };
+        let n = st.sessions().expire_idle();
+        if n > 0 {
+            log::info!("expired {n} idle sessions");
+        }
+    }
 }
 
 #[cfg(test)]

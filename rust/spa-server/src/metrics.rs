@@ -46,7 +46,12 @@ impl Metrics {
     }
 
     /// Renders the Prometheus exposition text.
-    pub fn render(&self, sessions: usize, kv_bytes: usize, evictions: u64) -> String {
+    pub fn render(
+        &self,
+        sessions: usize,
+        kv_bytes: usize,
+        ended: &crate::sessions::EndCounts,
+    ) -> String {
         let mut s = String::new();
         let mut g = |name: &str, help: &str, kind: &str, v: f64| {
             s.push_str(&format!(
@@ -64,7 +69,25 @@ impl Metrics {
             "spa_evictions_total",
             "Sessions evicted to respect the KV bound.",
             "counter",
-            evictions as f64,
+            ended.evicted as f64,
+        );
+        g(
+            "spa_sessions_expired_total",
+            "Sessions expired after the idle TTL.",
+            "counter",
+            ended.expired as f64,
+        );
+        g(
+            "spa_sessions_reclaimed_total",
+            "Idle sessions reclaimed to make room at a key's session cap.",
+            "counter",
+            ended.reclaimed as f64,
+        );
+        g(
+            "spa_sessions_deleted_total",
+            "Sessions deleted by their device.",
+            "counter",
+            ended.deleted as f64,
         );
         g(
             "spa_body_timeouts_total",

@@ -235,7 +235,7 @@ async fn load(clients: usize, secs: f64, kv_budget: usize) -> Report {
         min_steps_per_client: per_client.iter().copied().min().unwrap_or(0),
         max_kv_bytes: *max_kv.lock().unwrap(),
         kv_budget,
-        evictions: state.sessions.lock().unwrap().evictions,
+        evictions: state.sessions.lock().unwrap().ended.evicted,
         reprefills,
         rss_mb: proc_status("VmRSS:"),
         peak_rss_mb: proc_status("VmHWM:"),

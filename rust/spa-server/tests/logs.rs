@@ -72,7 +72,7 @@ async fn info_logs_hold_no_keys_ids_or_tokens() {
         .await
         .unwrap();
     assert_eq!(r.status(), 410);
-    assert!(state.sessions.lock().unwrap().evictions >= 1);
+    assert!(state.sessions.lock().unwrap().ended.evicted >= 1);
     // Wrong key, oversized frame, K over the limit, deletes.
     assert_eq!(create(&h, &url, wrong).await.0, 401);
     let r = h
@@ -106,7 +106,7 @@ async fn info_logs_hold_no_keys_ids_or_tokens() {
         eprintln!("captured: {l}");
     }
     assert!(
-        lines.iter().any(|l| l.contains("evicting session")),
+        lines.iter().any(|l| l.contains("ended (Evicted")),
         "the capture saw no server log at all"
     );
     let joined = |sep: &str| {

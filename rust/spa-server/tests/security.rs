@@ -273,18 +273,26 @@ async fn limits_answer_413_and_429_with_retry_after() {
         0,
         "nothing was computed"
     );
-    // Sessions per key: the third gets 429 with Retry-After; another key is unaffected.
-    assert_eq!(create(&h, &url, KEY).await.0, 200);
-    let r = h
-        .post(format!("{url}/v1/sessions"))
-        .bearer_auth(KEY)
-        .body(spa_protocol::encode_frame(
-            spa_protocol::FrameKind::CreateSessionRequest,
-            &spa_protocol::CreateSessionRequest { mode: 0 },
-        ))
-        .send()
-        .await
-        .unwrap();
+    // Sessions per key: at the cap, while every session of the key is busy (a step holds
+    // it), the third gets 429 with Retry-After; another key is unaffected.
+    let (st2, id2) = create(&h, &url, KEY).await;
+    assert_eq!(st2, 200);
+    let id2 = id2.unwrap();
+    let hold = |id: &str| match state.sessions.lock().unwrap().get(id, 0) {
+        spa_server::Lookup::Found(s) => s,
+        other => panic!("session {id} not live: {other:?}"),
+    };
+    let busy = [hold(&id), hold(&id2)];
+    let create_raw = || {
+        h.post(format!("{url}/v1/sessions"))
+            .bearer_auth(KEY)
+            .body(spa_protocol::encode_frame(
+                spa_protocol::FrameKind::CreateSessionRequest,
+                &spa_protocol::CreateSessionRequest { mode: 0 },
+            ))
+            .send()
+    };
+    let r = create_raw().await.unwrap();
     assert_eq!(r.status(), 429);
     assert_eq!(
         r.headers().get("retry-after").map(|v| v.to_str().unwrap()),
@@ -293,6 +301,12 @@ async fn limits_answer_413_and_429_with_retry_after() {
     let e = error_frame(&r.bytes().await.unwrap());
     assert_eq!((e.code, e.retry_after_ms), (ErrorCode::Limit as i32, 1000));
     assert_eq!(create(&h, &url, OTHER_KEY).await.0, 200);
+    // Once idle, the key's least-recently-used session makes room; its device gets 410.
+    drop(busy);
+    assert_eq!(create_raw().await.unwrap().status(), 200);
+    let r = step(step_body(0, vec![1, 2, 3], 2)).await.unwrap();
+    assert_eq!(r.status(), 410, "the reclaimed session answers 410");
+    assert_eq!(state.sessions.lock().unwrap().ended.reclaimed, 1);
     assert!(state.metrics.limited.load(Relaxed) >= 6);
     srv.shutdown().await;
 }

@@ -2,8 +2,8 @@
 //! forward passes to that key's engine thread, which runs everything queued as one batch
 //! ([`BaseModel::forward_batch`]): every weight matrix is read once per batch instead of once
 //! per session. Keys do not share a queue: a key flooding the server fills its own lane, while
-//! another key's lane runs beside it and the two share the CPU (the matrix kernels' thread pool
-//! interleaves their work), so one key's backlog cannot starve another.
+//! another key's lane runs beside it on its own worker threads and the OS shares the cores
+//! between them, so one key's backlog cannot starve another.
 
 use spa_model::{BaseModel, BaseOutput, KvCache, Result as ModelResult, SpaError};
 use std::collections::HashMap;
@@ -45,11 +45,15 @@ impl<J: Send + 'static> Lanes<J> {
 
     fn spawn_lane(&self, key: usize) -> std::io::Result<mpsc::Sender<J>> {
         let (tx, rx) = mpsc::channel::<J>();
-        let (run, max_batch, seen) = (
-            self.run.clone(),
-            self.max_batch,
-            self.max_batch_seen.clone(),
-        );
+        let (run, max_batch, seen) = (self.run.clone(), self.max_batch, self.max_batch_seen.clone());
+        // Each lane computes on its own worker threads (as many as the global pool has), so
+        // the OS shares the cores between busy lanes; in one shared pool a flooding key's
+        // many matrix tasks would queue ahead of another key's.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(move |i| format!("spa-engine-{key}-{i}"))
+            .build()
+            .map_err(std::io::Error::other)?;
         std::thread::Builder::new()
             .name(format!("spa-engine-{key}"))
             .spawn(move || {
@@ -64,7 +68,7 @@ impl<J: Send + 'static> Lanes<J> {
                     seen.fetch_max(jobs.len(), Relaxed);
                     // A panic fails this batch's jobs (their reply channels close, so their
                     // callers get an error), never the lane: later jobs still run.
-                    let batch = std::panic::AssertUnwindSafe(|| run(jobs));
+                    let batch = std::panic::AssertUnwindSafe(|| pool.install(|| run(jobs)));
                     if std::panic::catch_unwind(batch).is_err() {
                         log::error!("a batch on engine lane {key} panicked; its jobs failed");
                     }

@@ -41,10 +41,10 @@ private fun config(url: String = env("SPA_TEST_URL"), key: String = env("SPA_TES
 private var passed = 0
 private var failed = 0
 
-private suspend fun test(name: String, body: suspend () -> Unit) {
+private suspend fun test(name: String, timeoutMs: Long = 300_000, body: suspend () -> Unit) {
     val t0 = System.nanoTime()
     try {
-        withTimeout(300_000) { body() }
+        withTimeout(timeoutMs) { body() }
         passed++
         println("PASS $name (${(System.nanoTime() - t0) / 1_000_000} ms)")
     } catch (e: Throwable) {
@@ -58,7 +58,41 @@ private fun expect(cond: Boolean, what: () -> String) {
     if (!cond) throw AssertionError(what())
 }
 
+/** The server's Prometheus counters and gauges (GET /metrics over the test's TLS trust). */
+private fun serverMetrics(): Map<String, Double> {
+    val ca = File(env("SPA_TEST_CA")).inputStream().use {
+        java.security.cert.CertificateFactory.getInstance("X.509").generateCertificate(it)
+    }
+    val keys = java.security.KeyStore.getInstance(java.security.KeyStore.getDefaultType())
+    keys.load(null, null)
+    keys.setCertificateEntry("spa-test", ca)
+    val tmf = javax.net.ssl.TrustManagerFactory.getInstance(javax.net.ssl.TrustManagerFactory.getDefaultAlgorithm())
+    tmf.init(keys)
+    val tls = javax.net.ssl.SSLContext.getInstance("TLS")
+    tls.init(null, tmf.trustManagers, null)
+    val http = java.net.http.HttpClient.newBuilder().sslContext(tls).build()
+    val req = java.net.http.HttpRequest.newBuilder(java.net.URI(env("SPA_TEST_URL") + "/metrics")).build()
+    val body = http.send(req, java.net.http.HttpResponse.BodyHandlers.ofString()).body()
+    return body.lines()
+        .filter { it.isNotBlank() && !it.startsWith("#") }
+        .mapNotNull { l -> l.split(" ").takeIf { it.size == 2 }?.let { it[0] to it[1].toDouble() } }
+        .toMap()
+}
+
+private fun metric(name: String): Double = serverMetrics()[name] ?: error("no $name in /metrics")
+
+/** Polls [cond] for up to [seconds]; true once it holds. */
+private fun eventually(seconds: Int, cond: () -> Boolean): Boolean {
+    val end = System.nanoTime() + seconds * 1_000_000_000L
+    while (System.nanoTime() < end) {
+        if (cond()) return true
+        Thread.sleep(50)
+    }
+    return cond()
+}
+
 private val short = GenerateParams(maxTokens = 24u, draftK = 4u, temperature = 0f, topP = 0f, seed = 0uL)
+private val tiny = GenerateParams(maxTokens = 1u, draftK = 1u, temperature = 0f, topP = 0f, seed = 0uL)
 private val long = GenerateParams(maxTokens = 400u, draftK = 2u, temperature = 0f, topP = 0f, seed = 0uL)
 
 fun main(): Unit = runBlocking {
@@ -186,6 +220,39 @@ fun main(): Unit = runBlocking {
                     expect(!again.isPersonalized) { "deleted weights still used" }
                 }
             }
+        }
+
+        // ~0.2-0.4 s a chat on a 2-core machine (a 10-token chat prompt prefilled each time).
+        test("1,000 chats opened, used and closed with one key: all succeed, server sessions stay bounded", timeoutMs = 900_000) {
+            // What a chat app does: one conversation per chat, closed after use. Each close deletes
+            // its server session in the background; the key's cap (64 on the test server) is never
+            // what lets the next chat in.
+            val deleted0 = metric("spa_sessions_deleted_total")
+            var most = 0.0
+            val t0 = System.nanoTime()
+            for (i in 1..1000) {
+                val reply = spa.chat().use { it.send("Hi", tiny) }
+                expect(reply.stats.tokens == 1u) { "chat $i: ${reply.stats.tokens} tokens" }
+                if (i % 100 == 0) {
+                    val live = metric("spa_sessions")
+                    most = maxOf(most, live)
+                    expect(live <= 64.0) { "chat $i: $live live sessions" }
+                }
+            }
+            expect(eventually(10) { metric("spa_sessions") == 0.0 }) { "sessions left: ${metric("spa_sessions")}" }
+            val deleted = metric("spa_sessions_deleted_total") - deleted0
+            println("  -> 1000 chats in ${(System.nanoTime() - t0) / 1_000_000_000} s, at most ${most.toInt()} live sessions when sampled, $deleted deleted by close()")
+            expect(deleted >= 1000.0) { "only $deleted of 1000 closed chats deleted their session" }
+        }
+
+        test("a chat dropped without close() is deleted once garbage-collected") {
+            val deleted0 = metric("spa_sessions_deleted_total")
+            for (i in 1..20) spa.chat().send("Hi", tiny) // never closed: left to the GC
+            val collected = eventually(20) {
+                System.gc()
+                metric("spa_sessions_deleted_total") - deleted0 >= 20.0
+            }
+            expect(collected) { "only ${metric("spa_sessions_deleted_total") - deleted0} of 20 dropped chats deleted" }
         }
 
         test("personalization: cancel and a throwing progress listener save nothing") {

@@ -1188,7 +1188,9 @@ public func FfiConverterTypePersonalizer_lower(_ value: Personalizer) -> UInt64 
 public protocol SpaClientProtocol: AnyObject, Sendable {
     
     /**
-     * A new, empty conversation.
+     * A new, empty conversation. Dropping it (Kotlin `close()` or garbage collection, Swift
+     * release) deletes its server session in the background, best effort; the drop never
+     * blocks or fails, and the server's idle expiry ends a session whose delete was lost.
      */
     func conversation()  -> Conversation
     
@@ -1275,7 +1277,9 @@ open class SpaClient: SpaClientProtocol, @unchecked Sendable {
 
     
     /**
-     * A new, empty conversation.
+     * A new, empty conversation. Dropping it (Kotlin `close()` or garbage collection, Swift
+     * release) deletes its server session in the background, best effort; the drop never
+     * blocks or fails, and the server's idle expiry ends a session whose delete was lost.
      */
 open func conversation() -> Conversation  {
     return try!  FfiConverterTypeConversation_lift(try! rustCall() {
@@ -3457,7 +3461,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_spa_ffi_checksum_method_generation_finish() != 22043) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_spa_ffi_checksum_method_spaclient_conversation() != 17595) {
+    if (uniffi_spa_ffi_checksum_method_spaclient_conversation() != 24635) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_spa_ffi_checksum_method_spaclient_is_personalized() != 9335) {

@@ -94,6 +94,16 @@ struct SpaMobileLinuxTests {
             try expect(m.baseIdentity.count == 64, "base identity is not a sha256")
         }
 
+        await test("200 chats opened, used and released with one key all succeed (cap 64)") {
+            // Each released Chat deletes its server session in the background (deinit); before,
+            // the 65th chat of a key failed with "too many sessions".
+            let tiny = GenerateParams(maxTokens: 1, draftK: 1, temperature: 0, topP: 0, seed: 0)
+            for i in 1...200 {
+                let reply = try await spa.chat().send("Hi", params: tiny)
+                try expect(reply.stats.tokens == 1, "chat \(i): \(reply.stats.tokens) tokens")
+            }
+        }
+
         await test("stream tokens as an AsyncThrowingStream over TLS") {
             let chat = spa.chat()
             var pieces: [String] = []

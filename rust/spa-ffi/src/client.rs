@@ -178,8 +178,12 @@ impl SpaClient {
         .await
     }
 
-    /// A new, empty conversation.
+    /// A new, empty conversation. Dropping it (Kotlin `close()` or garbage collection, Swift
+    /// release) deletes its server session in the background, best effort; the drop never
+    /// blocks or fails, and the server's idle expiry ends a session whose delete was lost.
     pub fn conversation(&self) -> Arc<Conversation> {
+        // The session's drop deletes on the library runtime, whatever thread drops it.
+        let _rt = runtime().enter();
         Arc::new(Conversation {
             device: self.device.clone(),
             session: Arc::new(tokio::sync::Mutex::new(SpaSession::new(

@@ -1003,7 +1003,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_spa_ffi_checksum_method_generation_finish() and 0xFFFF) != 22043) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_spa_ffi_checksum_method_spaclient_conversation() and 0xFFFF) != 17595) {
+    if ((lib.uniffi_spa_ffi_checksum_method_spaclient_conversation() and 0xFFFF) != 24635) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_spa_ffi_checksum_method_spaclient_is_personalized() and 0xFFFF) != 9335) {
@@ -2581,7 +2581,9 @@ public object FfiConverterTypePersonalizer: FfiConverter<Personalizer, Long> {
 public interface SpaClientInterface {
     
     /**
-     * A new, empty conversation.
+     * A new, empty conversation. Dropping it (Kotlin `close()` or garbage collection, Swift
+     * release) deletes its server session in the background, best effort; the drop never
+     * blocks or fails, and the server's idle expiry ends a session whose delete was lost.
      */
     fun `conversation`(): Conversation
     
@@ -2719,7 +2721,9 @@ open class SpaClient: Disposable, AutoCloseable, SpaClientInterface
 
     
     /**
-     * A new, empty conversation.
+     * A new, empty conversation. Dropping it (Kotlin `close()` or garbage collection, Swift
+     * release) deletes its server session in the background, best effort; the drop never
+     * blocks or fails, and the server's idle expiry ends a session whose delete was lost.
      */override fun `conversation`(): Conversation {
             return FfiConverterTypeConversation.lift(
     callWithHandle {

@@ -1,0 +1,374 @@
+//! Generation phase: the base alone and every trained ladder method generate greedily on the
+//! test examples (ladder methods with exactly the device runtime's rule, from one prefill per
+//! example and width); generations are scored with ROUGE-L and their traces give rounds per
+//! token, side usage, overrides, bytes and device time (Table 3's rows, Table 1's test figures).
+
+use super::features::{TaskData, Tok};
+use super::ladder::{Ladder, Ladders};
+use super::tables::Tally;
+use super::{mean, speculative_rounds, EvalOptions, MethodRow, ProtocolInput, Setup, BASE_PARAMS};
+use crate::data::Task;
+use crate::error::Result;
+use crate::features;
+use crate::train::Method;
+use spa_model::{argmax, top_k, BaseModel, CandleTensor, DownProjection, KvCache};
+use spa_protocol::{encode_i8_rows, Limits, PositionState};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// Per-generation trace.
+#[derive(Debug, Default, Clone)]
+struct GenTrace {
+    tokens: Vec<u32>,
+    side: Vec<bool>,
+    overrides: Vec<bool>,
+    device_s: f64,
+    base_s: f64,
+    bytes: usize,
+}
+
+/// The base's state after a prompt: its KV cache, the wire state of every prompt position and
+/// the logits of the last one.
+struct Prefill {
+    cache: KvCache,
+    states: Vec<PositionState>,
+    last_logits: Vec<f32>,
+}
+
+/// A task's test generations.
+struct Generated {
+    /// ROUGE-L F1 (x100) per test example, by row name ("base" and every ladder).
+    scores: BTreeMap<String, Vec<f64>>,
+    /// Traces per test example, by ladder name.
+    traces: BTreeMap<String, Vec<GenTrace>>,
+    /// New tokens per generation.
+    max_new: usize,
+}
+
+fn tensor_rows(t: &CandleTensor) -> Result<Vec<Vec<f32>>> {
+    Ok(t.to_vec2()?)
+}
+
+fn state_for(
+    proj: &DownProjection,
+    base: &BaseModel,
+    z: &[Vec<f32>],
+    pos: usize,
+    last: Option<(&[f32], &[f32], usize)>,
+) -> PositionState {
+    let (n_taps, width) = (proj.meta().taps.len(), proj.meta().width);
+    let flat: Vec<f32> = z.iter().flatten().copied().collect();
+    let mut s = PositionState {
+        position: pos as u64,
+        taps: Some(encode_i8_rows(&flat, n_taps, width)),
+        ..Default::default()
+    };
+    if let Some((h, logits, k)) = last {
+        s.is_draft = true;
+        s.draft_token = argmax(logits).unwrap_or(0) as u32;
+        s.topk_ids = top_k(logits, k);
+        s.hidden = Some(encode_i8_rows(h, 1, base.config().hidden));
+    }
+    s
+}
+
+fn prefill(base: &BaseModel, proj: &DownProjection, prompt: &[u32], k: usize) -> Result<Prefill> {
+    let mut cache = base.new_cache();
+    let o = base.forward(prompt, &mut cache)?;
+    let z = proj.apply_taps(&o.taps)?;
+    let hidden = tensor_rows(&o.hidden)?;
+    let last_hidden = hidden.last().cloned().unwrap_or_default();
+    let last_logits = base.last_logits(&o.hidden)?;
+    let n = z.len();
+    let states = z
+        .iter()
+        .enumerate()
+        .map(|(i, zp)| {
+            let last = (i + 1 == n).then_some((&last_hidden[..], &last_logits[..], k));
+            state_for(proj, base, zp, i, last)
+        })
+        .collect();
+    Ok(Prefill {
+        cache,
+        states,
+        last_logits,
+    })
+}
+
+/// Taps of full separation: `sep_in . e(token)` for every tapped block, `[n_taps][width]`.
+fn sep_taps(sep: &[f32], emb_row: &[f32], n_taps: usize, width: usize) -> Vec<Vec<f32>> {
+    let d = emb_row.len();
+    let z: Vec<f32> = (0..width)
+        .map(|r| {
+            sep[r * d..(r + 1) * d]
+                .iter()
+                .zip(emb_row)
+                .map(|(a, b)| a * b)
+                .sum()
+        })
+        .collect();
+    vec![z; n_taps]
+}
+
+/// Generates with `lad` from the prefill of its width, the base running in-process.
+fn ladder_generate(
+    setup: &Setup,
+    lad: &Ladder,
+    prompt: &[u32],
+    pre: &Prefill,
+    max_new: usize,
+    top: usize,
+) -> Result<GenTrace> {
+    let (base, emb) = (&setup.base, &setup.emb);
+    let proj = setup.proj_of(lad.width);
+    let limits = Limits::default();
+    let (n_taps, width) = (proj.meta().taps.len(), proj.meta().width);
+    let mut cache = pre.cache.fork()?;
+    let mut side_cache = lad.device.side.new_cache();
+    let mut tr = GenTrace::default();
+    let stop = base.tokenizer().eos_ids().to_vec();
+    let sep_state = |s: &PositionState, tok: u32| -> PositionState {
+        let mut s = s.clone();
+        if let Some(sep) = &lad.sep_in {
+            let z = sep_taps(sep, &emb[tok as usize], n_taps, width);
+            let flat: Vec<f32> = z.iter().flatten().copied().collect();
+            s.taps = Some(encode_i8_rows(&flat, n_taps, width));
+        }
+        s
+    };
+    // Prompt positions: side cache only.
+    let t0 = Instant::now();
+    let mut decision = None;
+    for (i, s) in pre.states.iter().enumerate() {
+        let s = sep_state(s, prompt[i]);
+        tr.bytes += state_bytes(&s);
+        decision = lad.device.process(&s, &mut side_cache, &limits)?;
+    }
+    tr.device_s += t0.elapsed().as_secs_f64();
+    let mut draft = pre.states.last().map(|s| s.draft_token).unwrap_or(0);
+    while tr.tokens.len() < max_new {
+        let Some(d) = decision else { break };
+        tr.side.push(d.side);
+        tr.overrides.push(d.token != draft);
+        if stop.contains(&d.token) {
+            break;
+        }
+        tr.tokens.push(d.token);
+        let t1 = Instant::now();
+        let o = base.forward(&[d.token], &mut cache)?;
+        let z = proj.apply_taps(&o.taps)?;
+        let h = tensor_rows(&o.hidden)?.pop().unwrap_or_default();
+        let logits = base.last_logits(&o.hidden)?;
+        tr.base_s += t1.elapsed().as_secs_f64();
+        let s = state_for(proj, base, &z[0], cache.len() - 1, Some((&h, &logits, top)));
+        let s = sep_state(&s, d.token);
+        draft = s.draft_token;
+        tr.bytes += state_bytes(&s);
+        let t2 = Instant::now();
+        decision = lad.device.process(&s, &mut side_cache, &limits)?;
+        tr.device_s += t2.elapsed().as_secs_f64();
+    }
+    Ok(tr)
+}
+
+fn state_bytes(s: &PositionState) -> usize {
+    use prost::Message;
+    s.encoded_len()
+}
+
+/// Generates with the base and every ladder on `task`'s test examples, scores the generations
+/// and records the rows of Table 3 (ladder methods and the base), Table 1's test figures and
+/// the inputs of the protocol measurement.
+pub(super) fn generate_and_score(
+    setup: &Setup,
+    opts: &EvalOptions,
+    task: Task,
+    data: &TaskData,
+    ladders: &Ladders,
+    tally: &mut Tally,
+) -> Result<()> {
+    let gen = generate(setup, opts, task, &data.te, &ladders.ladders, tally)?;
+    record(opts, task, &data.te, ladders, &gen, tally);
+    Ok(())
+}
+
+/// Generates on the test examples: the base once, each ladder method from the same prefill.
+fn generate(
+    setup: &Setup,
+    opts: &EvalOptions,
+    task: Task,
+    te: &[Tok],
+    ladders: &[Ladder],
+    tally: &mut Tally,
+) -> Result<Generated> {
+    let p = &opts.profile;
+    let base = &setup.base;
+    let t_gen = Instant::now();
+    let max_new = task.max_new_tokens();
+    let mut scores: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut traces: BTreeMap<String, Vec<GenTrace>> = BTreeMap::new();
+    let pb = features::progress(
+        te.len() as u64,
+        &format!("{} test generations", task.name()),
+        opts.quiet,
+    );
+    for t in te {
+        let pre_by_w: BTreeMap<usize, Prefill> = setup
+            .widths
+            .iter()
+            .map(|&w| Ok((w, prefill(base, setup.proj_of(w), &t.prompt, p.top_k)?)))
+            .collect::<Result<_>>()?;
+        // The base alone (greedy).
+        let pre = &pre_by_w[&p.width];
+        let mut cache = pre.cache.fork()?;
+        let mut out = Vec::new();
+        let mut logits = pre.last_logits.clone();
+        let stop = base.tokenizer().eos_ids().to_vec();
+        let tb = Instant::now();
+        while out.len() < max_new {
+            let next = argmax(&logits).unwrap_or(0) as u32;
+            if stop.contains(&next) {
+                break;
+            }
+            out.push(next);
+            let o = base.forward(&[next], &mut cache)?;
+            logits = base.last_logits(&o.hidden)?;
+        }
+        if !out.is_empty() {
+            tally
+                .base_s_tok
+                .push(tb.elapsed().as_secs_f64() / out.len() as f64);
+        }
+        let text = base.tokenizer().decode(&out)?;
+        scores
+            .entry("base".into())
+            .or_default()
+            .push(crate::rouge::rouge_l(&t.ex.reference, &text).f1 * 100.0);
+        for lad in ladders {
+            let name = &lad.name;
+            let tr = ladder_generate(
+                setup,
+                lad,
+                &t.prompt,
+                &pre_by_w[&lad.width],
+                max_new,
+                p.top_k,
+            )?;
+            let text = base.tokenizer().decode(&tr.tokens)?;
+            scores
+                .entry(name.clone())
+                .or_default()
+                .push(crate::rouge::rouge_l(&t.ex.reference, &text).f1 * 100.0);
+            if name == "spa" {
+                let by_pos = &mut tally.by_pos;
+                for (i, s) in tr.side.iter().enumerate() {
+                    if by_pos.len() <= i {
+                        by_pos.push((0, 0));
+                    }
+                    by_pos[i].0 += *s as usize;
+                    by_pos[i].1 += 1;
+                }
+            }
+            traces.entry(name.clone()).or_default().push(tr);
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    tally.timings.insert(
+        format!("{}_generate_s", task.name()),
+        t_gen.elapsed().as_secs_f64(),
+    );
+    Ok(Generated {
+        scores,
+        traces,
+        max_new,
+    })
+}
+
+/// Aggregates the generations into the ladder rows, Table 1, the protocol inputs and the base
+/// row.
+fn record(
+    opts: &EvalOptions,
+    task: Task,
+    te: &[Tok],
+    ladders: &Ladders,
+    gen: &Generated,
+    tally: &mut Tally,
+) {
+    let p = &opts.profile;
+    let (scores, traces) = (&gen.scores, &gen.traces);
+    let rows = &mut tally.rows;
+    for lad in &ladders.ladders {
+        let (name, w) = (&lad.name, &lad.width);
+        let trs = &traces[name];
+        let toks: usize = trs.iter().map(|t| t.tokens.len().max(1)).sum();
+        let side: usize = trs
+            .iter()
+            .map(|t| t.side.iter().filter(|&&s| s).count())
+            .sum();
+        let ov: usize = trs
+            .iter()
+            .map(|t| t.overrides.iter().filter(|&&s| s).count())
+            .sum();
+        let decided: usize = trs.iter().map(|t| t.side.len().max(1)).sum();
+        let spec_rounds: usize = trs
+            .iter()
+            .map(|t| speculative_rounds(&t.overrides, p.draft))
+            .sum();
+        let dev_ms = 1e3 * trs.iter().map(|t| t.device_s).sum::<f64>() / toks as f64;
+        let bytes = trs.iter().map(|t| t.bytes).sum::<usize>() as f64 / toks as f64;
+        tally.bytes_tok.entry(name.clone()).or_default().push(bytes);
+        let rouge = mean(&scores[name]);
+        if name.contains("_w") || (lad.method == Method::Spa && p.table1_tasks.contains(&task)) {
+            if let Some(i) = p.table1_widths.iter().position(|x| x == w) {
+                let r = &mut tally.table1[i];
+                r.rouge_l.insert(task.name().into(), rouge);
+                r.side_usage_pct +=
+                    100.0 * side as f64 / decided as f64 / p.table1_tasks.len() as f64;
+            }
+            if name.contains("_w") {
+                continue;
+            }
+        }
+        let row = rows.entry(name.clone()).or_insert_with(|| MethodRow {
+            method: name.clone(),
+            ..Default::default()
+        });
+        row.rouge_l.insert(task.name().into(), rouge);
+        let n_tasks = p.tasks.len() as f64;
+        let spec = spec_rounds as f64 / toks as f64;
+        row.rounds_per_token_speculative =
+            Some(row.rounds_per_token_speculative.unwrap_or(0.0) + spec / n_tasks);
+        row.rounds_per_token += if lad.method == Method::Lst { 1.0 } else { spec } / n_tasks;
+        row.side_usage_pct += 100.0 * side as f64 / decided as f64 / n_tasks;
+        row.override_pct += 100.0 * ov as f64 / decided as f64 / n_tasks;
+        row.trainable_params = lad.params;
+        row.trainable_params_pct = 100.0 * lad.params as f64 / BASE_PARAMS as f64;
+        row.device_ms_per_token = Some(row.device_ms_per_token.unwrap_or(0.0) + dev_ms / n_tasks);
+        row.bytes_per_token += bytes / n_tasks;
+        row.val_loss.insert(task.name().into(), lad.val);
+    }
+    if let (Some(path), Some(trs)) = (&ladders.spa_plugin, traces.get("spa")) {
+        let n = te.len().min(3);
+        let toks: usize = trs[..n].iter().map(|t| t.tokens.len().max(1)).sum();
+        let rounds: usize = trs[..n]
+            .iter()
+            .map(|t| speculative_rounds(&t.overrides, p.draft))
+            .sum();
+        tally.protocol_inputs.push(ProtocolInput {
+            task: task.name().into(),
+            plugin: path.clone(),
+            prompts: te[..n].iter().map(|t| t.prompt.clone()).collect(),
+            max_new: gen.max_new,
+            simulated_rounds_per_token: rounds as f64 / toks as f64,
+        });
+    }
+    let brow = rows.entry("base".into()).or_insert_with(|| MethodRow {
+        method: "base".into(),
+        note: "the frozen base alone (no adaptation)".into(),
+        ..Default::default()
+    });
+    brow.rouge_l
+        .insert(task.name().into(), mean(&scores["base"]));
+    brow.rounds_per_token = 1.0 / p.draft as f64;
+}

@@ -1,0 +1,407 @@
+//! `spa eval`: re-measures the paper's Tables 1-3 on our base and data, with honest baselines.
+//!
+//! For every task: examples are split by hash (train / validation / test); features of the
+//! training and validation sequences are computed once (one base pass, cached); SPA, LST and
+//! full separation train on the cache; LoRA, Adapter and full integration train through the base
+//! ([`crate::basegrad`], a reduced profile: fewer examples, shorter inputs); every method then
+//! generates greedily (same decoding for all) on the test examples and is scored with ROUGE-L.
+//!
+//! Ladder methods (SPA, LST, full separation) generate with exactly the device runtime's
+//! decision rule ([`spa_runtime::DeviceModel::process`]: q8 side network and head, int8 wire
+//! tensors, the base's top-k shortlist), the base running in-process. The base's KV cache after
+//! the prompt is computed once per example and forked for each method.
+//!
+//! Rounds per token: SPA and full separation under our speculative protocol (K drafts per round,
+//! a round ends at the first override), simulated exactly from each generation's override trace
+//! (`tests/equivalence.rs` of spa-runtime proves the wire protocol emits the same tokens); LST
+//! with the paper's protocol (one transmission per token); LoRA L, Adapter 2L and full
+//! integration L round trips per token (per-layer exchange, DESIGN.md).
+//!
+//! [`run`] goes through the phases in order, one private module each: per task `features`
+//! (tokenize, cached feature pass), `ladder` (SPA / LST / full separation training, Table 1
+//! widths), `generation` (greedy generations, ROUGE-L, rounds, side usage) and `through_base`
+//! (LoRA / Adapter / full integration); then `tables` (Tables 1-3 and the [`Results`]).
+
+mod features;
+mod generation;
+mod ladder;
+mod tables;
+mod through_base;
+
+use crate::data::Task;
+use crate::error::Result;
+use serde::{Deserialize, Serialize};
+use spa_model::{BaseModel, CandleTensor, DeviceHead, DownProjection, QuantMode};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Sizes of an evaluation run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    /// "quick" or "full".
+    pub name: String,
+    /// Tasks.
+    pub tasks: Vec<Task>,
+    /// Training examples per task (ladder methods).
+    pub n_train: usize,
+    /// Validation examples per task.
+    pub n_val: usize,
+    /// Test examples per task.
+    pub n_test: usize,
+    /// Source texts cut to this many words.
+    pub max_words: usize,
+    /// Training steps (ladder methods).
+    pub steps: usize,
+    /// Learning rates tried (chosen on validation).
+    pub lrs: Vec<f64>,
+    /// Side width of the methods' side networks.
+    pub width: usize,
+    /// Widths of Table 1 (small / medium / full).
+    pub table1_widths: Vec<usize>,
+    /// Tasks of Table 1.
+    pub table1_tasks: Vec<Task>,
+    /// Base candidates per position (the server's top-k).
+    pub top_k: usize,
+    /// Drafts per round (K).
+    pub draft: usize,
+    /// Reduced profile of the methods that train through the base: examples per task.
+    pub basegrad_train: usize,
+    /// ... their steps.
+    pub basegrad_steps: usize,
+    /// ... their longest training sequence (tokens).
+    pub basegrad_max_len: usize,
+    /// ... tasks they run on (all tasks of the profile when it equals `tasks`).
+    pub basegrad_tasks: Vec<Task>,
+    /// Round-trip time of the latency model (ms).
+    pub rtt_ms: f64,
+    /// Downlink bandwidth of the latency model (Mbit/s).
+    pub mbit_s: f64,
+}
+
+impl Profile {
+    /// The quick profile (what CI runs on a small slice; < 15 min on 2 cores).
+    pub fn quick() -> Self {
+        Self {
+            name: "quick".into(),
+            tasks: Task::ALL.to_vec(),
+            n_train: 24,
+            n_val: 6,
+            n_test: 6,
+            max_words: 80,
+            steps: 24,
+            lrs: vec![1e-3],
+            width: 64,
+            table1_widths: vec![32, 64, 128],
+            table1_tasks: vec![Task::Xsum],
+            top_k: 32,
+            draft: 8,
+            basegrad_train: 8,
+            basegrad_steps: 4,
+            basegrad_max_len: 96,
+            basegrad_tasks: vec![Task::Xsum, Task::Coqa],
+            rtt_ms: 50.0,
+            mbit_s: 10.0,
+        }
+    }
+
+    /// The full profile (hours on 2 cores): what the README's numbers come from.
+    pub fn full() -> Self {
+        Self {
+            name: "full".into(),
+            n_train: 400,
+            n_val: 40,
+            n_test: 40,
+            max_words: 200,
+            steps: 600,
+            lrs: vec![2e-4, 5e-4, 1e-3],
+            table1_tasks: vec![Task::Xsum, Task::Coqa],
+            basegrad_train: 96,
+            basegrad_steps: 60,
+            basegrad_max_len: 224,
+            basegrad_tasks: Task::ALL.to_vec(),
+            ..Self::quick()
+        }
+    }
+
+    /// A smoke slice of `self` (CI): `scale` of the examples and steps, at least 2 of each.
+    pub fn slice(mut self, scale: f64) -> Self {
+        let s = |n: usize| ((n as f64 * scale).round() as usize).max(2);
+        self.name = format!("{}-slice{scale}", self.name);
+        self.n_train = s(self.n_train).max(8);
+        self.n_val = s(self.n_val);
+        self.n_test = s(self.n_test);
+        self.steps = s(self.steps);
+        self.basegrad_train = s(self.basegrad_train).max(4);
+        self.basegrad_steps = s(self.basegrad_steps);
+        self
+    }
+}
+
+/// One method's row of Table 3 (and the inputs of Table 2).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MethodRow {
+    /// "spa" | "lst" | "lora" | "adapter" | "full_integration" | "full_separation" | "base".
+    pub method: String,
+    /// ROUGE-L F1 (x100) per task name.
+    pub rouge_l: BTreeMap<String, f64>,
+    /// Rounds per generated token (see the module docs for the protocol of each method).
+    pub rounds_per_token: f64,
+    /// Rounds per token under the speculative protocol (ladder methods).
+    pub rounds_per_token_speculative: Option<f64>,
+    /// Positions where the side path was used (%).
+    pub side_usage_pct: f64,
+    /// Emitted tokens that differ from the base's draft (%).
+    pub override_pct: f64,
+    /// Trainable parameters as % of the base's.
+    pub trainable_params_pct: f64,
+    /// Trainable parameters.
+    pub trainable_params: usize,
+    /// Bytes from server to device per generated token.
+    pub bytes_per_token: f64,
+    /// Device compute per token (ms), measured (ladder methods).
+    pub device_ms_per_token: Option<f64>,
+    /// Profile notes (e.g. the reduced profile of methods through the base).
+    pub note: String,
+    /// Validation loss before / after training, per task.
+    pub val_loss: BTreeMap<String, (f64, f64)>,
+}
+
+/// Table 1 row: side usage by side size.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SizeRow {
+    /// small / medium / full.
+    pub size: String,
+    /// Side width.
+    pub width: usize,
+    /// Side usage % at test generations.
+    pub side_usage_pct: f64,
+    /// Side usage % over the validation positions (teacher-forced).
+    pub val_side_usage_pct: f64,
+    /// ROUGE-L per task.
+    pub rouge_l: BTreeMap<String, f64>,
+    /// Paper's side usage % for this size.
+    pub paper_side_usage_pct: f64,
+}
+
+/// Table 2 row: latency for 50 tokens under the stated link.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyRow {
+    /// Method.
+    pub method: String,
+    /// Trainable params %.
+    pub params_pct: f64,
+    /// On-device compute for 50 tokens (s), measured where the method ran split.
+    pub t_device_s: Option<f64>,
+    /// Base compute for 50 tokens (s), measured.
+    pub t_pretrained_s: f64,
+    /// Network time for 50 tokens (s): rounds x (RTT + bytes / bandwidth).
+    pub t_net_s: f64,
+    /// Sum.
+    pub t_total_s: f64,
+    /// Rounds per token.
+    pub rounds_per_token: f64,
+    /// ROUGE-L XSum.
+    pub rouge_xsum: Option<f64>,
+    /// ROUGE-L CoQA.
+    pub rouge_coqa: Option<f64>,
+}
+
+/// Everything `spa eval` writes to `results.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Results {
+    /// Base model (file name and sha256).
+    pub base: String,
+    /// Profile name.
+    pub profile: String,
+    /// Profile settings.
+    pub settings: Option<Profile>,
+    /// Table 3 (and per-method figures).
+    pub table3: Vec<MethodRow>,
+    /// Table 1.
+    pub table1: Vec<SizeRow>,
+    /// Table 2.
+    pub table2: Vec<LatencyRow>,
+    /// Personalization (filled by `spa personalize --json` or the eval's own run).
+    pub personalization: serde_json::Value,
+    /// Side usage per generated position (SPA, all tasks): % of generations using the side
+    /// path at position i.
+    pub side_usage_by_position: Vec<f64>,
+    /// Wall time per phase (s).
+    pub timings: BTreeMap<String, f64>,
+    /// Notes (stand-ins, reduced profiles, what differs from the paper).
+    pub notes: Vec<String>,
+    /// SPA rounds per token measured through the real HTTPS protocol (loopback server + device
+    /// runtime, K drafts), per task, by `spa eval`; compare with the simulated figure.
+    pub measured_rounds_per_token: BTreeMap<String, f64>,
+    /// Trained SPA plugins and test prompts for that measurement (not serialized).
+    #[serde(skip)]
+    pub protocol_inputs: Vec<ProtocolInput>,
+}
+
+/// A trained SPA plugin and test prompts, for measuring rounds through the real protocol.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProtocolInput {
+    /// Task name.
+    pub task: String,
+    /// Saved plugin (safetensors).
+    pub plugin: PathBuf,
+    /// Test prompts (token ids).
+    pub prompts: Vec<Vec<u32>>,
+    /// New tokens per prompt.
+    pub max_new: usize,
+    /// Simulated rounds per token on the same prompts.
+    pub simulated_rounds_per_token: f64,
+}
+
+/// Options of [`run`].
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// Sizes.
+    pub profile: Profile,
+    /// `$SPA_HOME` (data, model, projections).
+    pub spa_home: PathBuf,
+    /// Base GGUF.
+    pub model: PathBuf,
+    /// Work directory for caches and checkpoints.
+    pub work_dir: PathBuf,
+    /// Skip the methods that train through the base.
+    pub skip_basegrad: bool,
+    /// Hide progress bars.
+    pub quiet: bool,
+}
+
+/// Parameters of the base (SmolLM2-135M, tied embeddings counted once).
+const BASE_PARAMS: usize = 134_515_008;
+
+/// What every phase reads: the base, its down projections (one per side width) and its head.
+struct Setup {
+    base: BaseModel,
+    n_layers: usize,
+    taps: Vec<usize>,
+    /// Every side width of the run (Table 1's and the methods'), sorted.
+    widths: Vec<usize>,
+    /// Down projection of each of `widths`.
+    projs: Vec<DownProjection>,
+    head_f32: CandleTensor,
+    /// Rows of the head (token embeddings, tied).
+    emb: Vec<Vec<f32>>,
+    dev_head: DeviceHead,
+}
+
+impl Setup {
+    fn load(opts: &EvalOptions) -> Result<Self> {
+        let p = &opts.profile;
+        let base = BaseModel::load(&opts.model)?;
+        let n_layers = base.config().n_layers;
+        let taps: Vec<usize> = (0..n_layers).collect();
+        let proj_dir = opts.spa_home.join("projections");
+        let mut widths: Vec<usize> = p.table1_widths.clone();
+        if !widths.contains(&p.width) {
+            widths.push(p.width);
+        }
+        widths.sort();
+        let projs: Vec<DownProjection> = widths
+            .iter()
+            .map(|&w| DownProjection::published(&base, w, &taps, &proj_dir))
+            .collect::<spa_model::Result<_>>()?;
+        let head_f32 = base.head_weight_f32()?;
+        let emb: Vec<Vec<f32>> = head_f32.to_vec2()?;
+        let dev_head = DeviceHead::from_weights(&head_f32, QuantMode::Q8)?;
+        Ok(Self {
+            base,
+            n_layers,
+            taps,
+            widths,
+            projs,
+            head_f32,
+            emb,
+            dev_head,
+        })
+    }
+
+    /// The down projection of width `w`.
+    fn proj_of(&self, w: usize) -> &DownProjection {
+        &self.projs[self.widths.iter().position(|&x| x == w).unwrap_or(0)]
+    }
+}
+
+/// Rounds the speculative protocol needs for an override trace with K drafts per round.
+pub fn speculative_rounds(overrides: &[bool], k: usize) -> usize {
+    let (mut i, mut rounds) = (0, 0);
+    while i < overrides.len() {
+        rounds += 1;
+        let end = (i + k.max(1)).min(overrides.len());
+        match overrides[i..end].iter().position(|&o| o) {
+            Some(j) => i += j + 1,
+            None => i = end,
+        }
+    }
+    rounds.max(1)
+}
+
+/// Mean of `xs` (0 when empty).
+fn mean(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        0.0
+    } else {
+        xs.iter().sum::<f64>() / xs.len() as f64
+    }
+}
+
+/// Paper figures for the report.
+pub mod paper {
+    /// Table 3: (method, XSum, CNN/DM, CoQA, SciQ, M).
+    pub const TABLE3: [(&str, f64, f64, f64, f64, f64); 4] = [
+        ("full_integration", 36.24, 40.55, 38.81, 25.91, 1.0),
+        ("full_separation", 30.29, 34.19, 32.11, 23.71, 0.68),
+        ("lst", 28.18, 32.15, 31.24, 23.24, 1.0),
+        ("spa", 36.52, 39.22, 37.30, 25.38, 0.64),
+    ];
+    /// A Table 2 row: (method, % params, infer s, net s, total s, M, XSum, CoQA).
+    pub type Table2Row = (&'static str, f64, f64, f64, f64, f64, f64, f64);
+    /// Table 2 (LLaMA-7B, 50 new tokens).
+    pub const TABLE2: [Table2Row; 4] = [
+        ("lora", 0.19, 3.26, 6.37, 9.63, 32.0, 38.24, 40.32),
+        ("adapter", 0.38, 3.32, 12.56, 15.88, 64.0, 38.18, 40.51),
+        ("lst", 0.2, 3.29, 0.31, 3.60, 1.0, 28.78, 31.24),
+        ("spa", 0.21, 3.30, 0.18, 3.48, 0.62, 35.52, 37.30),
+    ];
+    /// Table 1: side usage % for small / medium / full.
+    pub const TABLE1: [f64; 3] = [82.3, 71.5, 61.8];
+}
+
+/// Runs the whole evaluation. `log_progress` receives one line per phase.
+pub fn run(opts: &EvalOptions, log_progress: &mut dyn FnMut(&str)) -> Result<Results> {
+    let p = &opts.profile;
+    let t_all = Instant::now();
+    let setup = Setup::load(opts)?;
+    let mut tally = tables::Tally::default();
+    for &task in &p.tasks {
+        let data = features::prepare(&setup, opts, task, log_progress, &mut tally)?;
+        let ladders = ladder::train(&setup, opts, task, &data, log_progress, &mut tally)?;
+        generation::generate_and_score(&setup, opts, task, &data, &ladders, &mut tally)?;
+        if !opts.skip_basegrad && p.basegrad_tasks.contains(&task) {
+            through_base::train_and_score(&setup, opts, task, &data, log_progress, &mut tally)?;
+        }
+    }
+    Ok(tables::assemble(&setup, opts, tally, t_all))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn speculative_rounds_follow_the_protocol() {
+        // No override: ceil(n / K).
+        assert_eq!(speculative_rounds(&[false; 16], 8), 2);
+        assert_eq!(speculative_rounds(&[false; 17], 8), 3);
+        // An override ends its round.
+        let mut o = vec![false; 16];
+        o[2] = true;
+        assert_eq!(speculative_rounds(&o, 8), 3); // [0..=2], [3..11), [11..16)
+        assert_eq!(speculative_rounds(&[true; 5], 8), 5);
+        assert_eq!(speculative_rounds(&[], 8), 1);
+    }
+}

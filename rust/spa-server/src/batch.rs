@@ -45,7 +45,11 @@ impl<J: Send + 'static> Lanes<J> {
 
     fn spawn_lane(&self, key: usize) -> std::io::Result<mpsc::Sender<J>> {
         let (tx, rx) = mpsc::channel::<J>();
-        let (run, max_batch, seen) = (self.run.clone(), self.max_batch, self.max_batch_seen.clone());
+        let (run, max_batch, seen) = (
+            self.run.clone(),
+            self.max_batch,
+            self.max_batch_seen.clone(),
+        );
         // Each lane computes on its own worker threads (as many as the global pool has), so
         // the OS shares the cores between busy lanes; in one shared pool a flooding key's
         // many matrix tasks would queue ahead of another key's.

@@ -733,7 +733,7 @@ pub async fn start(
 }
 
 /// Expires idle sessions in the background (a lookup also expires them, so this only frees
-/// memory of sessions nobody asks about), every quarter TTL, at least every second.
+/// memory of sessions nobody asks about), every quarter TTL and at most a second apart.
 async fn sweep_idle_sessions(state: std::sync::Weak<AppState>) {
     let period = state
         .upgrade()

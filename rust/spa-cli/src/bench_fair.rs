@@ -92,12 +92,9 @@ impl Stepper {
     }
 }
 
+/// The `p` quantile of latencies `v`.
 fn pct(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
-        .copied()
-        .unwrap_or(0.0)
+    crate::bench_net::pct(&mut v.to_vec(), p)
 }
 
 /// Key B's round latencies (ms) with `flood` sessions of key A stepping meanwhile, and key A's

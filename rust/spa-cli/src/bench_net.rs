@@ -264,7 +264,8 @@ fn rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
+/// The `p` quantile of `v` (sorts it; 0 when empty).
+pub(crate) fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }

@@ -241,7 +241,7 @@ pub fn model(a: ModelBenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn rayon_threads() -> usize {
+pub(crate) fn rayon_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)

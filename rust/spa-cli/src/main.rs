@@ -4,6 +4,7 @@ mod assets;
 mod bench;
 mod bench_fair;
 mod bench_net;
+mod bench_train;
 mod serve;
 mod train_cmd;
 
@@ -95,6 +96,8 @@ enum BenchCmd {
     Serve(bench_net::ServeBenchArgs),
     /// Per-key fairness: one key's step latency alone and while another key floods steps.
     Fairness(bench_fair::FairnessArgs),
+    /// Training cost: base prefill vs offline feature pass, training step time.
+    Train(bench_train::TrainBenchArgs),
 }
 
 fn main() {
@@ -127,6 +130,7 @@ fn run(cli: Cli) -> Result<()> {
             BenchCmd::Rounds(a) => runtime()?.block_on(bench_net::rounds(a)),
             BenchCmd::Serve(a) => runtime()?.block_on(bench_net::serve(a)),
             BenchCmd::Fairness(a) => runtime()?.block_on(bench_fair::fairness(a)),
+            BenchCmd::Train(a) => bench_train::train_bench(a),
         },
     }
 }

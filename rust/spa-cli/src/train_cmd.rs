@@ -113,7 +113,7 @@ fn method(s: &str) -> Result<Method> {
     })
 }
 
-fn projection(base: &BaseModel, width: usize) -> Result<DownProjection> {
+pub(crate) fn projection(base: &BaseModel, width: usize) -> Result<DownProjection> {
     let taps: Vec<usize> = (0..base.config().n_layers).collect();
     Ok(DownProjection::published(
         base,

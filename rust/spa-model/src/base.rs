@@ -29,6 +29,23 @@ pub struct BatchItem<'a> {
     pub cache: &'a mut KvCache,
 }
 
+/// How one forward call computes its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForwardMode {
+    /// Each query row is attended exactly as a one-token decode step would be (same shapes,
+    /// same kernels): a prompt prefilled in one call gives bit-identical states to the same
+    /// tokens fed one by one. The server uses it, so a session re-prefilled after eviction
+    /// continues with the same tokens.
+    #[default]
+    BatchInvariant,
+    /// All query rows of a sequence in one masked matrix product per layer, and the weight
+    /// matrices as dense f32 products ([`Linear::forward_dense`]; the first call dequantizes
+    /// them, ~4 bytes per weight, kept for the model's lifetime): several times faster on long
+    /// prompts, equal to [`ForwardMode::BatchInvariant`] up to float rounding (summation order).
+    /// For offline passes that need no re-prefill equality: the training feature pass.
+    Fast,
+}
+
 /// Per-position outputs of a base forward pass.
 #[derive(Debug, Clone)]
 pub struct BaseOutput {
@@ -326,6 +343,18 @@ impl BaseModel {
             .ok_or_else(|| SpaError::InvalidConfig("forward produced no output".into()))
     }
 
+    /// [`BaseModel::forward`] with a chosen [`ForwardMode`].
+    pub fn forward_with(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        mode: ForwardMode,
+    ) -> Result<BaseOutput> {
+        self.forward_batch_with(&mut [(tokens, cache)], mode)?
+            .pop()
+            .ok_or_else(|| SpaError::InvalidConfig("forward produced no output".into()))
+    }
+
     /// Token embeddings `[seq, hidden]` (scaled for Gemma). Ids must be valid.
     pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
         self.tokenizer.check_ids(tokens)?;
@@ -360,7 +389,22 @@ impl BaseModel {
         x: &Tensor,
         items: &mut [BatchItem<'_>],
     ) -> Result<Tensor> {
+        self.layer_forward_batch_with(i, x, items, ForwardMode::BatchInvariant)
+    }
+
+    /// [`BaseModel::layer_forward_batch`] with a chosen [`ForwardMode`].
+    pub fn layer_forward_batch_with(
+        &self,
+        i: usize,
+        x: &Tensor,
+        items: &mut [BatchItem<'_>],
+        mode: ForwardMode,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
+        let lin = |l: &Linear, x: &Tensor| match mode {
+            ForwardMode::BatchInvariant => l.forward(x),
+            ForwardMode::Fast => l.forward_dense(x),
+        };
         let layer = self
             .layers
             .get(i)
@@ -369,18 +413,14 @@ impl BaseModel {
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         let (q, k, v) = match &layer.qkv {
             Some(qkv) => {
-                let all = qkv.forward(&h)?;
+                let all = lin(qkv, &h)?;
                 (
                     all.narrow(1, 0, nh * hd)?,
                     all.narrow(1, nh * hd, nkv * hd)?,
                     all.narrow(1, (nh + nkv) * hd, nkv * hd)?,
                 )
             }
-            None => (
-                layer.q.forward(&h)?,
-                layer.k.forward(&h)?,
-                layer.v.forward(&h)?,
-            ),
+            None => (lin(&layer.q, &h)?, lin(&layer.k, &h)?, lin(&layer.v, &h)?),
         };
         let mut outs = Vec::with_capacity(items.len());
         let mut r0 = 0;
@@ -390,7 +430,7 @@ impl BaseModel {
                 k.narrow(0, r0, it.seq)?,
                 v.narrow(0, r0, it.seq)?,
             );
-            outs.push(self.attention(i, layer, &qi, &ki, &vi, it.pos, it.seq, it.cache)?);
+            outs.push(self.attention(i, layer, &qi, &ki, &vi, it.pos, it.seq, it.cache, mode)?);
             r0 += it.seq;
         }
         let attn_in = if outs.len() == 1 {
@@ -398,7 +438,7 @@ impl BaseModel {
         } else {
             Tensor::cat(&outs, 0)?
         };
-        let mut attn = layer.o.forward(&attn_in)?;
+        let mut attn = lin(&layer.o, &attn_in)?;
         if let Some(n) = &layer.post_attn_norm {
             attn = rms(&attn, n, cfg.rms_eps)?;
         }
@@ -406,16 +446,16 @@ impl BaseModel {
         let h = rms(&x, &layer.ffn_norm, cfg.rms_eps)?;
         let (g, u) = match &layer.gate_up {
             Some(gu) => {
-                let gu = gu.forward(&h)?;
+                let gu = lin(gu, &h)?;
                 (gu.narrow(1, 0, cfg.ffn)?, gu.narrow(1, cfg.ffn, cfg.ffn)?)
             }
-            None => (layer.gate.forward(&h)?, layer.up.forward(&h)?),
+            None => (lin(&layer.gate, &h)?, lin(&layer.up, &h)?),
         };
         let g = match cfg.arch {
             Arch::Llama => candle_nn::ops::silu(&g)?,
             Arch::Gemma3 => g.gelu()?,
         };
-        let mut f = layer.down.forward(&(g * u)?)?;
+        let mut f = lin(&layer.down, &(g * u)?)?;
         if let Some(n) = &layer.post_ffn_norm {
             f = rms(&f, n, cfg.rms_eps)?;
         }
@@ -425,6 +465,15 @@ impl BaseModel {
     /// Forward passes of several sequences in one batch (each with its own cache and position):
     /// equal to calling [`BaseModel::forward`] on each, but every weight matrix is read once.
     pub fn forward_batch(&self, jobs: &mut [(&[u32], &mut KvCache)]) -> Result<Vec<BaseOutput>> {
+        self.forward_batch_with(jobs, ForwardMode::BatchInvariant)
+    }
+
+    /// [`BaseModel::forward_batch`] with a chosen [`ForwardMode`].
+    pub fn forward_batch_with(
+        &self,
+        jobs: &mut [(&[u32], &mut KvCache)],
+        mode: ForwardMode,
+    ) -> Result<Vec<BaseOutput>> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
@@ -449,7 +498,7 @@ impl BaseModel {
             .collect();
         let mut layer_out = Vec::with_capacity(self.cfg.n_layers);
         for i in 0..self.cfg.n_layers {
-            x = self.layer_forward_batch(i, &x, &mut items)?;
+            x = self.layer_forward_batch_with(i, &x, &mut items, mode)?;
             layer_out.push(x.clone());
         }
         let hidden = self.final_norm(&x)?;
@@ -484,6 +533,7 @@ impl BaseModel {
         pos: usize,
         seq: usize,
         cache: &mut KvCache,
+        mode: ForwardMode,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
@@ -526,6 +576,9 @@ impl BaseModel {
         let (k_all, v_all) = cache.layer_mut(i).append(&k, &v, max_len)?;
         let rep = nh / nkv;
         let window = if global { None } else { cfg.sliding_window };
+        if mode == ForwardMode::Fast && seq > 1 {
+            return matrix_attention(&q, &k_all, &v_all, pos, cfg.attn_scale, window, rep);
+        }
         // Each query row is attended exactly as a one-token decode step would be (same shapes,
         // same kernels). This makes the forward pass batch-invariant: a prompt prefilled in one
         // call gives bit-identical states to the same tokens fed one by one, so a session that
@@ -565,6 +618,11 @@ impl BaseModel {
         self.head.forward(hidden)
     }
 
+    /// [`BaseModel::logits`] with the dense f32 head of [`ForwardMode::Fast`] (offline passes).
+    pub fn logits_fast(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.head.forward_dense(hidden)
+    }
+
     /// Logits of the last position of `hidden` as a vector.
     pub fn last_logits(&self, hidden: &Tensor) -> Result<Vec<f32>> {
         let seq = hidden.dim(0)?;
@@ -581,6 +639,49 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })
+}
+
+/// Causal (and sliding-window) attention of `seq` query rows at positions `pos..pos + seq` in
+/// one matrix product per KV head: `q` `[1, nh, seq, hd]`, `k`/`v` `[1, nkv, total, hd]` with
+/// `total = pos + seq`; the query heads of a KV group are stacked as rows. Returns
+/// `[seq, nh * hd]` in the head order of the row-by-row path.
+fn matrix_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pos: usize,
+    scale: f32,
+    window: Option<usize>,
+    rep: usize,
+) -> Result<Tensor> {
+    let (_, nh, seq, hd) = q.dims4()?;
+    let (_, nkv, total, _) = k.dims4()?;
+    let q = q.reshape((1, nkv, rep * seq, hd))?;
+    let scores = (q.matmul(&k.t()?)? * scale as f64)?; // [1, nkv, rep*seq, total]
+    let mut mask = Vec::with_capacity(seq * total);
+    for r in 0..seq {
+        let qpos = pos + r;
+        mask.extend((0..total).map(|j| {
+            let hidden = j > qpos || window.is_some_and(|w| qpos >= w && j <= qpos - w);
+            if hidden {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        }));
+    }
+    let mask = Tensor::from_vec(mask, (1, 1, 1, seq, total), &Device::Cpu)?;
+    let scores = scores
+        .reshape((1, nkv, rep, seq, total))?
+        .broadcast_add(&mask)?
+        .reshape((1, nkv, rep * seq, total))?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let out = probs.matmul(&v.contiguous()?)?; // [1, nkv, rep*seq, hd]
+    Ok(out
+        .reshape((nkv, rep, seq, hd))?
+        .permute((2, 0, 1, 3))?
+        .contiguous()?
+        .reshape((seq, nh * hd))?)
 }
 
 /// Additive sliding-window mask `[1, total]` (0 or -inf) for the query at `qpos` attending keys

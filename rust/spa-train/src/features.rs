@@ -16,7 +16,7 @@ use crate::error::{Result, TrainError};
 use half::f16;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use spa_model::{shortlist_with_target, BaseModel, DownProjection};
+use spa_model::{shortlist_with_target, BaseModel, DownProjection, ForwardMode};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -177,12 +177,14 @@ pub fn compute(
             )));
         }
         let mut cache = base.new_cache();
-        let out = base.forward(&spec.tokens, &mut cache)?;
+        // Offline: no re-prefill equality is needed, so the fast path (matrix attention, dense
+        // f32 products).
+        let out = base.forward_with(&spec.tokens, &mut cache, ForwardMode::Fast)?;
         // Candidates at loss positions.
         let lp0 = spec.loss_start - 1;
         let n_loss = n - 1 - lp0;
         let hid = out.hidden.narrow(0, lp0, n_loss)?;
-        let logits: Vec<Vec<f32>> = base.logits(&hid)?.to_vec2()?;
+        let logits: Vec<Vec<f32>> = base.logits_fast(&hid)?.to_vec2()?;
         let c = top + 1;
         let mut cand_ids = Vec::with_capacity(n_loss * c);
         let mut cand_logits = Vec::with_capacity(n_loss * c);

@@ -332,8 +332,11 @@ impl SideGraph {
             let one_minus = (1.0 - &mui)?;
             let mut m = (z.broadcast_mul(&mui)? + s.broadcast_mul(&one_minus)?)?;
             let a = rms(&m, self.v(&n("attn_norm"))?)?;
+            // One [B*T, in] x [in, out] product (one gemm call, not one per sequence).
             let lin = |x: &Tensor, name: &str| -> Result<Tensor> {
-                Ok(x.broadcast_matmul(&self.v(&n(name))?.t()?)?)
+                let wt = self.v(&n(name))?.t()?;
+                let (o, i) = (wt.dim(1)?, wt.dim(0)?);
+                Ok(x.reshape((b * t, i))?.matmul(&wt)?.reshape((b, t, o))?)
             };
             let q = rope(&lin(&a, "wq")?.reshape((b, t, heads, SIDE_HEAD_DIM))?)?;
             let k = rope(&lin(&a, "wk")?.reshape((b, t, heads, SIDE_HEAD_DIM))?)?;
@@ -351,7 +354,7 @@ impl SideGraph {
             let g = lin(&f, "w_gate")?;
             let u = lin(&f, "w_up")?;
             let act = (g.silu()? * u)?;
-            m = (m + act.broadcast_matmul(&self.v(&n("w_down"))?.t()?)?)?;
+            m = (m + lin(&act, "w_down")?)?;
             s = m;
         }
         rms(&s, self.v("final_norm")?)

@@ -43,6 +43,19 @@ pub struct TrainBenchArgs {
     model: Option<PathBuf>,
 }
 
+/// CPU seconds used by this process so far (all threads; from /proc/self/stat, 0 elsewhere):
+/// next to wall time it tells whether a figure was taken on a busy machine.
+fn cpu_s() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name: utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
@@ -77,7 +90,7 @@ pub fn train_bench(a: TrainBenchArgs) -> Result<()> {
 
     // The server's prefill: batch-invariant attention, one sequence at a time.
     let n_pre = a.prefill_examples.clamp(1, specs.len());
-    let t = Instant::now();
+    let (t, c0) = (Instant::now(), cpu_s());
     let mut pre_tokens = 0;
     for s in &specs[..n_pre] {
         let mut cache = base.new_cache();
@@ -85,11 +98,13 @@ pub fn train_bench(a: TrainBenchArgs) -> Result<()> {
         pre_tokens += s.tokens.len();
     }
     let base_prefill_tok_s = pre_tokens as f64 / t.elapsed().as_secs_f64();
+    let prefill_cpu_ms_per_tok = (cpu_s() - c0) * 1e3 / pre_tokens as f64;
 
     // The offline feature pass over every example.
-    let t = Instant::now();
+    let (t, c0) = (Instant::now(), cpu_s());
     let sets = features::compute(&base, &[&proj], 32, &specs, "feature pass", true)?;
     let feature_s = t.elapsed().as_secs_f64();
+    let feature_cpu_ms_per_tok = (cpu_s() - c0) * 1e3 / tokens as f64;
     let feature_tokens_per_s = tokens as f64 / feature_s;
 
     // Training steps: SPA (gate included), no validation inside the timed steps.
@@ -110,12 +125,16 @@ pub fn train_bench(a: TrainBenchArgs) -> Result<()> {
     let seqs = &sets[0].seqs;
     let mut stamps = Vec::with_capacity(a.steps + 1);
     train::train(&graph, seqs, &seqs[..a.batch], &cfg, None, &mut |_| {
-        stamps.push(Instant::now());
+        stamps.push((Instant::now(), cpu_s()));
         true
     })?;
+    let step_cpu_ms = match (stamps.first(), stamps.last()) {
+        (Some(f), Some(l)) if stamps.len() > 1 => (l.1 - f.1) * 1e3 / (stamps.len() - 1) as f64,
+        _ => f64::NAN,
+    };
     let steps_ms: Vec<f64> = stamps
         .windows(2)
-        .map(|w| (w[1] - w[0]).as_secs_f64() * 1e3)
+        .map(|w| (w[1].0 - w[0].0).as_secs_f64() * 1e3)
         .collect();
     let step_ms = median(steps_ms);
     let positions_per_step = a.batch as f64 * tokens as f64 / specs.len() as f64;
@@ -127,13 +146,13 @@ pub fn train_bench(a: TrainBenchArgs) -> Result<()> {
         specs.len(),
         tokens as f64 / specs.len() as f64
     );
-    println!("base prefill (batch-invariant, server) {base_prefill_tok_s:>8.1} tok/s");
+    println!("base prefill (batch-invariant, server) {base_prefill_tok_s:>8.1} tok/s  (cpu {prefill_cpu_ms_per_tok:.1} ms/tok)");
     println!(
-        "feature pass (fast forward)            {feature_tokens_per_s:>8.1} tok/s  ({:.2}x the prefill)",
+        "feature pass (fast forward)            {feature_tokens_per_s:>8.1} tok/s  ({:.2}x the prefill; cpu {feature_cpu_ms_per_tok:.1} ms/tok)",
         feature_tokens_per_s / base_prefill_tok_s
     );
     println!(
-        "training step (batch {}, SPA)           {step_ms:>8.1} ms    ({positions_per_step:.0} positions, {positions_per_s:.0} positions/s)",
+        "training step (batch {}, SPA)           {step_ms:>8.1} ms    ({positions_per_step:.0} positions, {positions_per_s:.0} positions/s; cpu {step_cpu_ms:.0} ms/step)",
         a.batch
     );
     if a.json {
@@ -149,6 +168,11 @@ pub fn train_bench(a: TrainBenchArgs) -> Result<()> {
                 "positions_per_s": positions_per_s,
                 "feature_tokens_per_s": feature_tokens_per_s,
                 "base_prefill_tok_s": base_prefill_tok_s,
+                "cpu_ms": {
+                    "prefill_per_token": prefill_cpu_ms_per_tok,
+                    "feature_pass_per_token": feature_cpu_ms_per_tok,
+                    "step": step_cpu_ms,
+                },
             })
         );
     }

@@ -5,6 +5,7 @@ mod bench;
 mod bench_fair;
 mod bench_net;
 mod bench_train;
+mod demo;
 mod serve;
 mod train_cmd;
 
@@ -39,8 +40,9 @@ enum Cmd {
     Serve(serve::ServeArgs),
     /// Chat with a running server through the device runtime.
     Chat(serve::ChatArgs),
-    /// Start a local server with a dev certificate and chat through the device runtime.
-    Demo(serve::DemoArgs),
+    /// Local server + device runtime: held-out XSum articles answered by the base alone and by
+    /// a trained SPA plugin (trained on first use, cached).
+    Demo(demo::DemoArgs),
     /// Train a side network (SPA, LST or full separation) on a task.
     Train(train_cmd::TrainArgs),
     /// Reproduce the paper's Tables 1-3 (all methods, all tasks) and write results + report.
@@ -120,7 +122,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Generate(a) => generate_cmd(a),
         Cmd::Serve(a) => runtime()?.block_on(serve::serve(a)),
         Cmd::Chat(a) => runtime()?.block_on(serve::chat(a)),
-        Cmd::Demo(a) => runtime()?.block_on(serve::demo(a)),
+        Cmd::Demo(a) => runtime()?.block_on(demo::demo(a)),
         Cmd::Train(a) => train_cmd::train_cmd(a),
         Cmd::Eval(a) => train_cmd::eval_cmd(a),
         Cmd::Personalize(a) => train_cmd::personalize_cmd(a),

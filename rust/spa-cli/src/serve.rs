@@ -1,4 +1,4 @@
-//! `spa serve`, `spa demo` and `spa chat`.
+//! `spa serve` and `spa chat` (and the pieces `spa demo` shares with them).
 
 use crate::assets;
 use anyhow::{bail, Context, Result};
@@ -6,7 +6,9 @@ use spa_model::{
     BaseKernel, BaseModel, DeviceAssets, DownProjection, GateMode, PersonalVocab, QuantMode,
     SideConfig, SidePlugin,
 };
-use spa_runtime::{Client, ClientConfig, DeviceModel, Mode, RuntimeParams, SpaSession};
+use spa_runtime::{
+    Client, ClientConfig, DeviceModel, GenerationStats, Mode, RuntimeParams, SpaSession,
+};
 use spa_server::{tls, AppState, Keys, ServerConfig};
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
@@ -230,43 +232,51 @@ pub async fn device_for(
     quant: QuantMode,
 ) -> Result<DeviceModel> {
     let manifest = client.manifest().await?;
-    let assets = DeviceAssets::load(assets::model_path(model)?)?;
     let plugin = match side {
         Some(p) => SidePlugin::load(p)?,
-        None => {
-            let mut cfg = SideConfig::new(
-                manifest.hidden as usize,
-                manifest.layers as usize,
-                manifest.side_width as usize,
-            );
-            cfg.taps = manifest.taps.iter().map(|&t| t as usize).collect();
-            SidePlugin::init_for(
-                &manifest.base_identity,
-                manifest.layers as usize,
-                cfg,
-                &manifest.projection_fingerprint,
-                1,
-                0.0,
-            )?
-        }
+        None => untrained_plugin(&manifest)?,
     };
-    let dev = DeviceModel::new(
-        &assets,
-        &plugin,
-        quant,
-        GateMode::Learned,
-        PersonalVocab::default(),
-    )?;
-    dev.check_manifest(&manifest)?;
+    device_with(&manifest, model, &plugin, quant, GateMode::Learned)
+}
+
+/// An untrained side network shaped by a server's manifest.
+pub fn untrained_plugin(manifest: &spa_protocol::Manifest) -> Result<SidePlugin> {
+    let mut cfg = SideConfig::new(
+        manifest.hidden as usize,
+        manifest.layers as usize,
+        manifest.side_width as usize,
+    );
+    cfg.taps = manifest.taps.iter().map(|&t| t as usize).collect();
+    Ok(SidePlugin::init_for(
+        &manifest.base_identity,
+        manifest.layers as usize,
+        cfg,
+        &manifest.projection_fingerprint,
+        1,
+        0.0,
+    )?)
+}
+
+/// The device model for `plugin` with gate rule `gate`, checked against the server's manifest.
+pub fn device_with(
+    manifest: &spa_protocol::Manifest,
+    model: Option<&Path>,
+    plugin: &SidePlugin,
+    quant: QuantMode,
+    gate: GateMode,
+) -> Result<DeviceModel> {
+    let assets = DeviceAssets::load(assets::model_path(model)?)?;
+    let dev = DeviceModel::new(&assets, plugin, quant, gate, PersonalVocab::default())?;
+    dev.check_manifest(manifest)?;
     Ok(dev)
 }
 
-async fn answer(
+pub(crate) async fn answer(
     session: &mut SpaSession,
     dev: &DeviceModel,
     text: &str,
     params: &RuntimeParams,
-) -> Result<()> {
+) -> Result<GenerationStats> {
     let prompt = dev.tokenizer.encode(&dev.tokenizer.chat_prompt(text))?;
     let mut stream = dev.tokenizer.stream();
     let mut out = std::io::stdout().lock();
@@ -281,17 +291,18 @@ async fn answer(
         .await?;
     writeln!(out)?;
     eprintln!(
-        "  [{} tokens, {} rounds ({:.2}/token), side usage {:.0}%, net {:.0} ms, on-device {:.0} ms, server {:.0} ms, {:.1} KiB down]",
+        "  [{} tokens, {} rounds ({:.2}/token), side usage {:.0}%, {} overrides, net {:.0} ms, on-device {:.0} ms, server {:.0} ms, {:.1} KiB down]",
         st.tokens,
         st.rounds,
         st.rounds_per_token(),
         100.0 * st.side_usage(),
+        st.overrides,
         st.t_net.as_secs_f64() * 1e3,
         st.t_device.as_secs_f64() * 1e3,
         st.t_pretrained.as_secs_f64() * 1e3,
         st.bytes_down as f64 / 1024.0
     );
-    Ok(())
+    Ok(st)
 }
 
 pub async fn chat(a: ChatArgs) -> Result<()> {
@@ -333,81 +344,6 @@ pub async fn chat(a: ChatArgs) -> Result<()> {
         answer(&mut session, &dev, line.trim(), &params).await?;
         session.reset().await;
     }
-    Ok(())
-}
-
-#[derive(clap::Args)]
-pub struct DemoArgs {
-    /// Messages to send (default: three sample questions).
-    pub messages: Vec<String>,
-    /// GGUF base model.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Drafts per round.
-    #[arg(long, default_value_t = 8)]
-    pub k: u32,
-    /// Max new tokens per answer.
-    #[arg(long, default_value_t = 64)]
-    pub max_tokens: usize,
-    /// Projection: pca (default) or random:SEED (faster start).
-    #[arg(long, default_value = "pca")]
-    pub projection: String,
-}
-
-pub async fn demo(a: DemoArgs) -> Result<()> {
-    eprintln!(
-        "spa demo: loading the base model and starting a local HTTPS server (dev certificate)..."
-    );
-    let (base, proj) = load_server_parts(a.model.as_deref(), 64, &a.projection)?;
-    let key: String = (0..16)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect();
-    let cert = tls::dev_cert().map_err(anyhow::Error::msg)?;
-    let state = Arc::new(AppState::new(
-        base,
-        proj,
-        ServerConfig {
-            keys: Keys::new(std::slice::from_ref(&key)),
-            ..ServerConfig::default()
-        },
-    ));
-    let srv = spa_server::start(state, "127.0.0.1:0".parse()?, Some(&cert))
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let mut cfg = ClientConfig::new(srv.url(), key);
-    cfg.extra_root_pem = Some(cert.cert_pem.clone());
-    let client = Client::new(cfg)?;
-    let dev = Arc::new(device_for(&client, a.model.as_deref(), None, QuantMode::Q8).await?);
-    eprintln!(
-        "server {} up; device: side width {} over {} taps (q8), untrained side network\n",
-        srv.url(),
-        dev.side.config().width,
-        dev.side.config().taps.len()
-    );
-    let messages = if a.messages.is_empty() {
-        vec![
-            "What is the capital of France?".to_string(),
-            "Write one sentence about the sea.".to_string(),
-            "Give me three tips for learning a new language.".to_string(),
-        ]
-    } else {
-        a.messages
-    };
-    let params = RuntimeParams {
-        max_tokens: a.max_tokens,
-        draft: a.k,
-        stop_tokens: dev.tokenizer.eos_ids().to_vec(),
-        ..Default::default()
-    };
-    for m in messages {
-        println!("user> {m}");
-        print!("assistant> ");
-        let mut session = SpaSession::new(client.clone(), dev.clone(), Mode::Spa);
-        answer(&mut session, &dev, &m, &params).await?;
-        session.reset().await;
-        println!();
-    }
-    srv.shutdown().await;
     Ok(())
 }
 

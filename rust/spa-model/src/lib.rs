@@ -35,7 +35,7 @@ pub mod side;
 pub mod spa;
 pub mod tokenizer;
 
-pub use base::{argmax, sha256_hex, ForwardMode, BaseModel, BaseOutput, DeviceAssets};
+pub use base::{argmax, sha256_hex, BaseModel, BaseOutput, DeviceAssets, ForwardMode};
 pub use config::{Arch, BaseConfig};
 pub use error::{Result, SpaError};
 pub use generate::{generate, BaseDecoder, Decoder, GenerateParams, Sampling};

@@ -148,6 +148,11 @@ pub fn cache_key(
 
 /// Runs the base once per sequence and computes the features for every projection in `projs`
 /// (e.g. widths 32/64/128 from one base pass). Shows a progress bar unless `quiet`.
+///
+/// Uses the base's [`ForwardMode::Fast`] (several times the server's prefill speed): taps and
+/// candidate logits equal the server's up to float rounding, which can move an int8 tap by one
+/// quantum or swap near-tied candidates. [`compute_with`] with
+/// [`ForwardMode::BatchInvariant`] gives exactly the server's features.
 pub fn compute(
     base: &BaseModel,
     projs: &[&DownProjection],
@@ -155,6 +160,19 @@ pub fn compute(
     specs: &[SeqSpec],
     label: &str,
     quiet: bool,
+) -> Result<Vec<FeatureSet>> {
+    compute_with(base, projs, top, specs, label, quiet, ForwardMode::Fast)
+}
+
+/// [`compute`] with a chosen forward mode.
+pub fn compute_with(
+    base: &BaseModel,
+    projs: &[&DownProjection],
+    top: usize,
+    specs: &[SeqSpec],
+    label: &str,
+    quiet: bool,
+    mode: ForwardMode,
 ) -> Result<Vec<FeatureSet>> {
     let vocab = base.config().vocab;
     if top == 0 || top >= vocab {
@@ -177,14 +195,16 @@ pub fn compute(
             )));
         }
         let mut cache = base.new_cache();
-        // Offline: no re-prefill equality is needed, so the fast path (matrix attention, dense
-        // f32 products).
-        let out = base.forward_with(&spec.tokens, &mut cache, ForwardMode::Fast)?;
+        let out = base.forward_with(&spec.tokens, &mut cache, mode)?;
         // Candidates at loss positions.
         let lp0 = spec.loss_start - 1;
         let n_loss = n - 1 - lp0;
         let hid = out.hidden.narrow(0, lp0, n_loss)?;
-        let logits: Vec<Vec<f32>> = base.logits_fast(&hid)?.to_vec2()?;
+        let logits: Vec<Vec<f32>> = match mode {
+            ForwardMode::Fast => base.logits_fast(&hid)?,
+            ForwardMode::BatchInvariant => base.logits(&hid)?,
+        }
+        .to_vec2()?;
         let c = top + 1;
         let mut cand_ids = Vec::with_capacity(n_loss * c);
         let mut cand_logits = Vec::with_capacity(n_loss * c);

@@ -46,7 +46,16 @@ fn features_over_https_equal_local_features() {
         tokens: tokens.clone(),
         loss_start: 1,
     }];
-    let local = features::compute(&base, &[&proj], 16, &spec, "t", true).unwrap();
+    let local = features::compute_with(
+        &base,
+        &[&proj],
+        16,
+        &spec,
+        "t",
+        true,
+        spa_model::ForwardMode::BatchInvariant,
+    )
+    .unwrap();
     let mut remote = RemoteFeatures {
         client: &client,
         handle: rt.handle().clone(),
@@ -57,6 +66,46 @@ fn features_over_https_equal_local_features() {
     assert_eq!(
         got[0], local[0].seqs[0],
         "wire features differ from local ones"
+    );
+    // The fast offline pass (training, evaluation) agrees with the wire within the int8
+    // quantization: every dequantized tap within two quanta, the same tokens and the same
+    // candidate sets at >= 90% of the loss positions.
+    let fast = &features::compute(&base, &[&proj], 16, &spec, "t", true).unwrap()[0].seqs[0];
+    let wire = &got[0];
+    assert_eq!(
+        (&fast.tokens, fast.loss_start),
+        (&wire.tokens, wire.loss_start)
+    );
+    for (r, ((a, b), (sa, sb))) in fast
+        .taps
+        .chunks(32)
+        .zip(wire.taps.chunks(32))
+        .zip(fast.scales.iter().zip(&wire.scales))
+        .enumerate()
+    {
+        let tol = 2.0 * sa.max(*sb);
+        for (x, y) in a.iter().zip(b) {
+            let d = (*x as f32 * sa - *y as f32 * sb).abs();
+            assert!(d <= tol, "tap row {r}: {d} > {tol}");
+        }
+    }
+    let c = fast.cand_ids.len() / fast.n_loss();
+    let same_sets = fast
+        .cand_ids
+        .chunks(c)
+        .zip(wire.cand_ids.chunks(c))
+        .filter(|(a, b)| {
+            let mut a = a[..c - 1].to_vec();
+            let mut b = b[..c - 1].to_vec();
+            a.sort_unstable();
+            b.sort_unstable();
+            a == b
+        })
+        .count();
+    assert!(
+        same_sets * 10 >= 9 * fast.n_loss(),
+        "{same_sets} of {} candidate sets agree",
+        fast.n_loss()
     );
     // A wrong key is a typed error, not a panic; no features come back.
     let mut bad = ClientConfig::new(srv.url(), "wrong");

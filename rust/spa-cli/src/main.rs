@@ -51,6 +51,8 @@ enum Cmd {
     Personalize(train_cmd::PersonalizeArgs),
     /// Keyboard demo in the terminal: next-word suggestions, base vs personalized.
     Keyboard(train_cmd::KeyboardArgs),
+    /// Keystroke savings of the suggestion strip on an author's held-out text (base, + word cache).
+    Keystrokes(train_cmd::KeystrokesArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -127,6 +129,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(a) => train_cmd::eval_cmd(a),
         Cmd::Personalize(a) => train_cmd::personalize_cmd(a),
         Cmd::Keyboard(a) => train_cmd::keyboard_cmd(a),
+        Cmd::Keystrokes(a) => train_cmd::keystrokes_cmd(a),
         Cmd::Bench { what } => match what {
             BenchCmd::Model(a) => bench::model(a),
             BenchCmd::Rounds(a) => runtime()?.block_on(bench_net::rounds(a)),

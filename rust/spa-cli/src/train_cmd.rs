@@ -308,14 +308,11 @@ fn personalize_run(
         held_out: text.held_out.clone(),
     };
     let assets_dev = DeviceAssets::load(model)?;
-    let (plugin, feats, held) = {
+    let (plugin, feats, held, cache_input) = {
         let base = BaseModel::load(model)?;
         let proj = projection(&base, width)?;
         let mut specs = personalize::chunk_texts(base.tokenizer(), &texts.train, cfg.chunk_tokens)?;
         specs.truncate(cfg.max_chunks);
-        let mut held =
-            personalize::chunk_texts(base.tokenizer(), &texts.held_out, cfg.chunk_tokens)?;
-        held.truncate(cfg.max_chunks / 2 + 1);
         let mut src = LocalFeatures {
             base: &base,
             proj: &proj,
@@ -323,8 +320,19 @@ fn personalize_run(
         };
         use spa_train::personalize::FeatureSource;
         let f = src.features(&specs, cfg.top_k)?;
-        let h = src.features(&held, cfg.top_k)?;
-        (SidePlugin::init(&base, &proj, cfg.seed, 0.0)?, f, h)
+        let tok = base.tokenizer();
+        let h = personalize::strip_docs(&mut src, tok, &texts.held_out, true)?;
+        let c = if cfg.word_cache {
+            Some(personalize::CacheInput::fetch(
+                &mut src,
+                tok,
+                &texts.train,
+                cfg.cache_tuning_words,
+            )?)
+        } else {
+            None
+        };
+        (SidePlugin::init(&base, &proj, cfg.seed, 0.0)?, f, h, c)
     }; // the base is dropped here
     let reset = personalize::reset_peak_rss();
     let mut plugin = plugin;
@@ -335,6 +343,7 @@ fn personalize_run(
         &assets_dev.tokenizer,
         &feats,
         &held,
+        cache_input.as_ref(),
         cfg,
         &mut |p| {
             pb.set_position(p.step as u64);
@@ -346,7 +355,7 @@ fn personalize_run(
     let mut v = serde_json::to_value(&r)?;
     v["author"] = serde_json::json!(author);
     v["train_chunks"] = serde_json::json!(feats.len());
-    v["held_out_chunks"] = serde_json::json!(held.len());
+    v["held_out_words"] = serde_json::json!(r.before.words);
     v["peak_rss_scope"] = serde_json::json!(if reset {
         "process peak since the training phase began (base unloaded), including memory the process already held (in spa eval: everything the evaluation left resident)"
     } else {
@@ -372,13 +381,14 @@ pub fn personalize_cmd(a: PersonalizeArgs) -> Result<()> {
     }
     let b = &v["before"];
     let af = &v["after"];
+    let c = &v["cache"];
     println!(
-        "author {} ({} training chunks, {} held-out chunks)",
-        a.author, v["train_chunks"], v["held_out_chunks"]
+        "author {} ({} training chunks, {} held-out words; word cache weight {})",
+        a.author, v["train_chunks"], v["held_out_words"], c["weight"]
     );
     println!(
-        "{:<22} {:>10} {:>12}",
-        "held-out metric", "base", "personalized"
+        "{:<22} {:>10} {:>12} {:>12} {:>14}",
+        "held-out metric", "base", "personalized", "base+cache", "personal+cache"
     );
     for (k, label) in [
         ("top1", "next-word top-1 %"),
@@ -388,10 +398,12 @@ pub fn personalize_cmd(a: PersonalizeArgs) -> Result<()> {
         ("side_usage", "side path used %"),
     ] {
         println!(
-            "{:<22} {:>10.2} {:>12.2}",
+            "{:<22} {:>10.2} {:>12.2} {:>12.2} {:>14.2}",
             label,
             b[k].as_f64().unwrap_or(f64::NAN),
-            af[k].as_f64().unwrap_or(f64::NAN)
+            af[k].as_f64().unwrap_or(f64::NAN),
+            c["base_cache"][k].as_f64().unwrap_or(f64::NAN),
+            c["spa_cache"][k].as_f64().unwrap_or(f64::NAN)
         );
     }
     if let Some(rss) = v["peak_rss_bytes"].as_u64() {
@@ -494,7 +506,7 @@ pub struct KeyboardArgs {
 /// every word the suggestion strip of the base and of the personalized model are shown, and
 /// the keystroke savings of both are measured over the held-out text.
 pub fn keyboard_cmd(a: KeyboardArgs) -> Result<()> {
-    use spa_train::personalize::{next_word_trace, FeatureSource, WordEvent};
+    use spa_train::personalize::WordEvent;
     let model = assets::model_path(a.model.as_deref())?;
     let width = 64;
     let plugin = match &a.personal {
@@ -516,23 +528,26 @@ pub fn keyboard_cmd(a: KeyboardArgs) -> Result<()> {
     plugin.check_compatible(base.identity(), &proj)?;
     let text = data::load_author(&assets::spa_home(), &a.author)?;
     let tok = base.tokenizer();
-    let mut held = personalize::chunk_texts(tok, &text.held_out, 64)?;
-    held.truncate(24);
+    // The first held-out document, as the SDK's strip sees it (whole vocabulary, 129-256
+    // tokens of context).
+    let held: Vec<String> = text.held_out.iter().take(1).cloned().collect();
     let mut src = LocalFeatures {
         base: &base,
         proj: &proj,
         quiet: true,
     };
-    let feats = src.features(&held, 32)?;
-    let graph = spa_train::sidegrad::SideGraph::new(
-        &plugin.weights,
-        spa_train::sidegrad::SideInput::BaseTaps,
-        base.head_weight_f32()?,
-        0,
-    )?;
+    let docs = personalize::strip_docs(&mut src, tok, &held, true)?;
+    let head = spa_model::DeviceHead::from_base(&base, spa_model::QuantMode::Q8)?;
+    let vocab = spa_runtime::WordVocab::shared(tok, base.identity());
+    let dev_base = personalize::strip_device(&plugin, &head, tok, spa_model::GateMode::AlwaysBase)?;
+    let dev_pers = personalize::strip_device(&plugin, &head, tok, spa_model::GateMode::Learned)?;
     let (mut ev_base, mut ev_pers): (Vec<WordEvent>, Vec<WordEvent>) = (Vec::new(), Vec::new());
-    let mb = next_word_trace(tok, None, &feats, &mut |e| ev_base.push(e.clone()))?;
-    let mp = next_word_trace(tok, Some(&graph), &feats, &mut |e| ev_pers.push(e.clone()))?;
+    let mb = personalize::strip_metrics(&dev_base, &vocab, None, &docs, &mut |e| {
+        ev_base.push(e.clone())
+    })?;
+    let mp = personalize::strip_metrics(&dev_pers, &vocab, None, &docs, &mut |e| {
+        ev_pers.push(e.clone())
+    })?;
     println!(
         "typing {}'s held-out text; suggestions shown before each word (* = hit)\n",
         a.author
@@ -558,5 +573,152 @@ pub fn keyboard_cmd(a: KeyboardArgs) -> Result<()> {
         "\nover {} held-out words: keystroke savings base {:.1}% -> personalized {:.1}% ; top-3 {:.1}% -> {:.1}% ; top-1 {:.1}% -> {:.1}%",
         mb.words, mb.keystroke_savings, mp.keystroke_savings, mb.top3, mp.top3, mb.top1, mp.top1
     );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct KeystrokesArgs {
+    /// The writer: moby-dick | sotu:NAME | email (earlier text trains the word cache, the last
+    /// fifth is typed).
+    #[arg(long, default_value = "sotu:obama")]
+    author: String,
+    /// Also measure the base with f16 hidden states (what the int8 hidden states cost).
+    #[arg(long)]
+    f16_check: bool,
+    /// Skip the personal word cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Hold out the author's last N documents (default: the last fifth of the text; for
+    /// sotu:obama 2 = the 2015-2016 addresses).
+    #[arg(long)]
+    hold_out_last: Option<usize>,
+    /// The base's fast offline forward pass (equal to the server's batch-invariant pass up to
+    /// float rounding; several times faster).
+    #[arg(long)]
+    fast: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// GGUF model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+/// `spa keystrokes`: the suggestion strip of the SDK (whole vocabulary, 129-256 tokens of
+/// context) on an author's held-out text, the base alone and with the personal word cache
+/// (learned from the earlier text, weight tuned on its end): top-1, top-3, keystroke savings.
+pub fn keystrokes_cmd(a: KeystrokesArgs) -> Result<()> {
+    use spa_model::{DeviceHead, GateMode, QuantMode, SideConfig};
+    let model = assets::model_path(a.model.as_deref())?;
+    let base = BaseModel::load(&model)?;
+    let tok = base.tokenizer();
+    let mut text = data::load_author(&assets::spa_home(), &a.author)?;
+    if let Some(n) = a.hold_out_last {
+        let mut all = std::mem::take(&mut text.train);
+        all.append(&mut text.held_out);
+        if n == 0 || n >= all.len() {
+            bail!("--hold-out-last must be in 1..{}", all.len());
+        }
+        text.held_out = all.split_off(all.len() - n);
+        text.train = all;
+    }
+    let t0 = std::time::Instant::now();
+    let cfg = base.config();
+    // The base alone runs no side network; an untrained one fills the device model.
+    let plugin = SidePlugin::init_for(
+        base.identity(),
+        cfg.n_layers,
+        SideConfig::new(cfg.hidden, cfg.n_layers, 64),
+        "none",
+        0,
+        0.0,
+    )?;
+    let head = DeviceHead::from_base(&base, QuantMode::Q8)?;
+    let device = personalize::strip_device(&plugin, &head, tok, GateMode::AlwaysBase)?;
+    let vocab = spa_runtime::WordVocab::shared(tok, base.identity());
+    let base = &base;
+    let mode = if a.fast {
+        spa_model::ForwardMode::Fast
+    } else {
+        spa_model::ForwardMode::BatchInvariant
+    };
+    let fetch = |f16: bool| {
+        move |t: &[u32], h: &[u32], w: bool| {
+            personalize::local_window_features(base, None, t, h, w, f16, mode)
+        }
+    };
+    eprintln!("base features of the held-out text...");
+    let held = personalize::strip_docs_with(tok, &text.held_out, false, &mut fetch(false))?;
+    let m_base = personalize::strip_metrics(&device, &vocab, None, &held, &mut |_| {})?;
+    let mut out = serde_json::json!({
+        "author": a.author,
+        "held_out_words": m_base.words,
+        "train_words": text.train.iter().map(|t| t.split_whitespace().count()).sum::<usize>(),
+        "context": "129-256 tokens (whole text up to 256)",
+        "forward": format!("{mode:?}"),
+        "base": m_base,
+    });
+    if a.f16_check {
+        let held16 = personalize::strip_docs_with(tok, &text.held_out, false, &mut fetch(true))?;
+        out["base_f16_hidden"] = serde_json::to_value(personalize::strip_metrics(
+            &device,
+            &vocab,
+            None,
+            &held16,
+            &mut |_| {},
+        )?)?;
+    }
+    if !a.no_cache {
+        eprintln!("word cache: tuning on the end of the training text...");
+        let (head_texts, tail) =
+            personalize::split_tail(&text.train, 0.1, personalize::CACHE_TUNING_WORDS);
+        let input = personalize::CacheInput {
+            train: text.train.clone(),
+            head: head_texts,
+            tune_docs: personalize::strip_docs_with(tok, &tail, false, &mut fetch(false))?,
+        };
+        let (cache, words, keys) = personalize::build_word_cache(&device, &vocab, &input)?;
+        let m = personalize::strip_metrics(&device, &vocab, Some(&cache), &held, &mut |_| {})?;
+        out["cache"] = serde_json::json!({
+            "weight": cache.weight,
+            "tuning_words": words,
+            "keys_per_weight": spa_runtime::words::WEIGHT_GRID.iter().zip(&keys)
+                .map(|(w, k)| serde_json::json!({"weight": w, "keys": k})).collect::<Vec<_>>(),
+            "distinct_words": cache.len(),
+            "metrics": m,
+        });
+    }
+    out["seconds"] = serde_json::json!(t0.elapsed().as_secs_f64());
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "{}: {} held-out words, suggestion strip of 3 over the whole vocabulary",
+        a.author, m_base.words
+    );
+    println!(
+        "{:<28} {:>10} {:>8} {:>8}",
+        "", "keystrokes", "top-1", "top-3"
+    );
+    let row = |label: &str, m: &serde_json::Value| {
+        println!(
+            "{:<28} {:>9.1}% {:>7.1}% {:>7.1}%",
+            label,
+            m["keystroke_savings"].as_f64().unwrap_or(f64::NAN),
+            m["top1"].as_f64().unwrap_or(f64::NAN),
+            m["top3"].as_f64().unwrap_or(f64::NAN)
+        )
+    };
+    row("base", &out["base"]);
+    if a.f16_check {
+        row("base, f16 hidden states", &out["base_f16_hidden"]);
+    }
+    if !a.no_cache {
+        row(
+            &format!("base + word cache (λ {})", out["cache"]["weight"]),
+            &out["cache"]["metrics"],
+        );
+    }
     Ok(())
 }

@@ -7,7 +7,7 @@ use crate::error::{Result, SpaMobileError};
 use crate::personalize::Personalizer;
 use crate::{call, configure_threads, run_task, runtime, SpaConfig};
 use spa_model::{DeviceAssets, GateMode, PersonalVocab, SideConfig, SidePlugin};
-use spa_runtime::{Client, ClientConfig, DeviceModel, Mode, SpaSession};
+use spa_runtime::{Client, ClientConfig, DeviceModel, Mode, SpaSession, Suggester};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,6 +43,9 @@ pub async fn connect(config: SpaConfig) -> Result<Arc<SpaClient>> {
 pub struct SpaClient {
     pub(crate) client: Client,
     device: Arc<DeviceModel>,
+    /// The suggestion strip (keeps the last context's ranking: typed letters re-rank without a
+    /// request).
+    suggester: Arc<Suggester>,
     pub(crate) manifest: ModelManifest,
     /// The side weights the device model was built from (start of personalization).
     pub(crate) plugin: Arc<SidePlugin>,
@@ -92,8 +95,10 @@ impl SpaClient {
             device.side.config().width,
             device.side.config().taps.len()
         );
+        let suggester = Arc::new(Suggester::new(&device));
         Ok(Self {
             client,
+            suggester,
             device: Arc::new(device),
             manifest,
             plugin: Arc::new(plugin),
@@ -156,9 +161,11 @@ impl SpaClient {
 
     /// Up to `count` next-word suggestions for `text`, the text before the cursor (a keyboard's
     /// suggestion strip). When `text` ends inside a word, the suggestions complete it. One
-    /// stateless request to the server (the base's features of the context's token ids); the
-    /// personal side network and gate run here. Words the tokenizer splits into several tokens
-    /// are never suggested.
+    /// stateless request to the server per context (the base's final hidden state for the
+    /// context's token ids, up to 256 of them); the LM head scores the whole vocabulary here,
+    /// with the personal side network and gate. Typing letters of a word re-ranks the last
+    /// context's words without a request. Words the tokenizer splits into several tokens are
+    /// not suggested.
     pub async fn suggest(&self, text: String, count: u32) -> Result<Suggestions> {
         if count == 0 || count > 16 {
             return Err(SpaMobileError::InvalidConfig {
@@ -167,8 +174,11 @@ impl SpaClient {
         }
         let client = self.client.clone();
         let device = self.device.clone();
+        let suggester = self.suggester.clone();
         run_task(async move {
-            let s = spa_runtime::suggest(&client, &device, &text, count as usize).await?;
+            let s = suggester
+                .suggest(&client, &device, &text, count as usize)
+                .await?;
             Ok(Suggestions {
                 words: s.words,
                 partial: s.partial,

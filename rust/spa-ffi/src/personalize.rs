@@ -9,7 +9,8 @@ use spa_model::{DeviceAssets, SidePlugin};
 use spa_runtime::Client;
 use spa_train::features::{SeqFeatures, SeqSpec};
 use spa_train::personalize::{
-    from_wire, personalize, FeatureSource, NextWordMetrics, PersonalizeConfig, UserTexts,
+    from_wire, personalize, remote_window_features, FeatureSource, NextWordMetrics,
+    PersonalizeConfig, UserTexts, WireTensor,
 };
 use spa_train::TrainError;
 use std::path::{Path, PathBuf};
@@ -57,7 +58,7 @@ pub struct NextWordQuality {
     pub top3: f64,
     /// Keystrokes saved by tapping suggestions (%).
     pub keystroke_savings: f64,
-    /// Perplexity over the device's shortlist.
+    /// Perplexity over the whole vocabulary.
     pub perplexity: f64,
     /// Positions where the personal side path was used (%).
     pub side_usage: f64,
@@ -163,6 +164,21 @@ impl FeatureSource for ServerFeatures<'_> {
                 from_wire(&s.tokens, &resp, self.n_taps, self.width, top_k)
             })
             .collect()
+    }
+
+    fn window(
+        &mut self,
+        tokens: &[u32],
+        hidden_positions: &[u32],
+        with_taps: bool,
+    ) -> spa_train::Result<(Option<WireTensor>, WireTensor)> {
+        remote_window_features(
+            self.client,
+            runtime().handle(),
+            tokens,
+            hidden_positions,
+            with_taps,
+        )
     }
 }
 

@@ -194,16 +194,26 @@ pub struct LayerResponse {
 pub struct FeaturesRequest {
     #[prost(uint32, repeated, tag = "1")]
     pub tokens: Vec<u32>,
+    /// Base candidates per position; 0 asks for no candidate lists (only `hidden_positions`).
     #[prost(uint32, tag = "2")]
     pub top_k: u32,
+    /// Positions whose final normed hidden state (the LM head's input) is returned, so that the
+    /// device can score the whole vocabulary with the head it holds (next-word suggestions).
+    #[prost(uint32, repeated, tag = "3")]
+    pub hidden_positions: Vec<u32>,
+    /// Taps are returned for positions `taps_from..n` only (the device already holds the side
+    /// states of the earlier ones); 0 = every position.
+    #[prost(uint32, tag = "4")]
+    pub taps_from: u32,
 }
 
-/// Answer to a features request for `n` tokens: taps of every position, and for each position
-/// `t < n - 1` the base's top-k candidates plus the next token (`k + 1` slots; the last slot
-/// holds the next token with logit -1e4 when it is already among the top-k).
+/// Answer to a features request for `n` tokens: taps of every position (from `taps_from`), for
+/// each position `t < n - 1` the base's top-k candidates plus the next token (`k + 1` slots; the
+/// last slot holds the next token with logit -1e4 when it is already among the top-k; none when
+/// `top_k` is 0), and the final hidden state at the requested positions.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct FeaturesResponse {
-    /// `[n * taps, width]` int8 rows.
+    /// `[(n - taps_from) * taps, width]` int8 rows.
     #[prost(message, optional, tag = "1")]
     pub taps: Option<Tensor>,
     /// `[(n - 1) * (k + 1)]`.
@@ -217,6 +227,10 @@ pub struct FeaturesResponse {
     pub target_idx: Vec<u32>,
     #[prost(uint64, tag = "5")]
     pub compute_us: u64,
+    /// `[hidden_positions.len(), hidden]` int8 rows: the base's final normed hidden state at
+    /// each requested position, in request order.
+    #[prost(message, optional, tag = "6")]
+    pub hidden: Option<Tensor>,
 }
 
 /// Error codes.

@@ -299,13 +299,19 @@ impl Client {
     /// candidates and the next token's logit per position), for on-device personalization.
     /// Stateless and idempotent (retried).
     pub async fn features(&self, tokens: &[u32], top_k: u32) -> Result<FeaturesResponse> {
-        let body = encode_frame(
-            FrameKind::FeaturesRequest,
-            &FeaturesRequest {
-                tokens: tokens.to_vec(),
-                top_k,
-            },
-        );
+        self.features_with(&FeaturesRequest {
+            tokens: tokens.to_vec(),
+            top_k,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// POST /v1/features with every option: candidate lists (`top_k`, 0 for none), the final
+    /// hidden state at `hidden_positions`, taps from `taps_from` on. Stateless and idempotent
+    /// (retried).
+    pub async fn features_with(&self, req: &FeaturesRequest) -> Result<FeaturesResponse> {
+        let body = encode_frame(FrameKind::FeaturesRequest, req);
         let b = self
             .call(
                 reqwest::Method::POST,

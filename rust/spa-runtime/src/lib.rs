@@ -34,10 +34,12 @@ pub mod netsim;
 pub mod reference;
 pub mod session;
 pub mod suggest;
+pub mod words;
 
 pub use client::{Client, ClientConfig};
 pub use device::{Decision, DeviceModel, WireSampling};
 pub use error::{Result, RuntimeError};
 pub use session::{GenerationStats, RuntimeParams, SpaSession};
 pub use spa_protocol::Mode;
-pub use suggest::{suggest, Suggestions};
+pub use suggest::{suggest, Suggester, Suggestions};
+pub use words::{RankedWords, WordCache, WordVocab};

@@ -1,13 +1,15 @@
 //! Next-word suggestions over the real protocol: the real SmolLM2 base behind a TLS server on
-//! loopback, the device's side network and gate on the client.
+//! loopback, the device's side network, gate and full-vocabulary head on the client.
 
 mod common;
 
 use spa_model::GateMode;
-use spa_runtime::{suggest, RuntimeError};
+use spa_protocol::{decode_tensor, FeaturesRequest, Limits};
+use spa_runtime::{suggest, RuntimeError, Suggester};
+use std::sync::atomic::Ordering::Relaxed;
 
-/// The base's own answer: its top-64 next tokens after `context`, as whole words starting with
-/// `partial`, best first (what the strip must show with the side path off).
+/// The base's own answer over the whole vocabulary (f32 head, f32 hidden state): whole words
+/// starting with `partial`, best first.
 fn reference_words(context: &str, partial: &str, count: usize) -> Vec<String> {
     let w = common::world();
     let tok = w.base.tokenizer();
@@ -24,17 +26,11 @@ fn reference_words(context: &str, partial: &str, count: usize) -> Vec<String> {
         .to_vec1()
         .unwrap();
     let mut words = Vec::new();
-    for id in spa_model::top_k(&logits, 64) {
-        let s = tok.decode(&[id]).unwrap();
-        let Some(word) = s.strip_prefix(' ') else {
-            continue;
-        };
-        if !word.is_empty()
-            && word.chars().all(|c| c.is_alphabetic() || c == '\'')
-            && word.starts_with(partial)
-            && !words.iter().any(|x| x == word)
-        {
-            words.push(word.to_string());
+    for id in spa_model::top_k(&logits, logits.len()) {
+        if let Some(word) = tok.whole_word(id) {
+            if word.starts_with(partial) && !words.contains(&word) {
+                words.push(word);
+            }
         }
         if words.len() == count {
             break;
@@ -44,8 +40,8 @@ fn reference_words(context: &str, partial: &str, count: usize) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn suggestions_follow_the_base_and_the_side_network() {
-    let (srv, _state) = common::start_server(common::server_config()).await;
+async fn suggestions_rank_the_whole_vocabulary_and_follow_the_side_network() {
+    let (srv, state) = common::start_server(common::server_config()).await;
     let client = common::client(&srv.url(), common::KEY);
     let base_only = common::device(GateMode::AlwaysBase, &[]);
     let learned = common::device(GateMode::Learned, &[]);
@@ -71,13 +67,16 @@ async fn suggestions_follow_the_base_and_the_side_network() {
     ];
     let mut differ = 0;
     for (text, context, partial) in contexts {
-        let want = reference_words(context, partial, 3);
+        // The strip (q8 head, int8 hidden state) agrees with the f32 base on the best word
+        // and shows only words of the base's top ten.
+        let want = reference_words(context, partial, 10);
         let got = suggest(&client, &base_only, text, 3).await.unwrap();
-        eprintln!("{text:?}: base {:?}", got.words);
-        assert_eq!(got.words, want, "{text:?}");
+        eprintln!("{text:?}: base {:?} (f32 reference {want:?})", got.words);
+        assert_eq!(got.words.len(), 3, "{text:?}");
+        assert_eq!(got.words[0], want[0], "{text:?}");
+        assert!(got.words.iter().all(|w| want.contains(w)), "{text:?}");
         assert_eq!(got.partial, partial);
-        assert!(!got.side);
-        assert!(!want.is_empty(), "{text:?}: the base suggests nothing");
+        assert!(!got.side && got.requested);
 
         let spa = suggest(&client, &learned, text, 3).await.unwrap();
         let side = suggest(&client, &side_only, text, 3).await.unwrap();
@@ -88,25 +87,47 @@ async fn suggestions_follow_the_base_and_the_side_network() {
         assert!(side.side && side.words.iter().all(|w| w.starts_with(partial)));
         assert_eq!(spa.side, spa.p_side > 0.5);
         assert!((0.0..=1.0).contains(&spa.p_side));
-        // Every suggestion is one of the base's top-64 candidates.
-        let pool = reference_words(context, partial, 64);
-        for w in spa.words.iter().chain(&side.words) {
-            assert!(
-                pool.contains(w),
-                "{w:?} is not a base candidate after {text:?}"
-            );
-        }
         differ += usize::from(side.words != got.words);
     }
     assert!(differ > 0, "the side network changed no suggestion");
 
-    // An empty field asks for a first word; a long text keeps its last 256 tokens.
+    // A typed letter re-ranks the last context's words without a request; a new word asks the
+    // server, and the side states kept for the shared prefix give what a fresh strip gives.
+    let strip = Suggester::new(&learned);
+    let a = strip
+        .suggest(&client, &learned, "The capital of France is ", 3)
+        .await
+        .unwrap();
+    let bytes = state.metrics.bytes_in.load(Relaxed);
+    let b = strip
+        .suggest(&client, &learned, "The capital of France is P", 3)
+        .await
+        .unwrap();
+    assert!(a.requested && !b.requested);
+    assert_eq!(
+        state.metrics.bytes_in.load(Relaxed),
+        bytes,
+        "a letter asked the server"
+    );
+    assert!(!b.words.is_empty() && b.words.iter().all(|w| w.starts_with('P')));
+    let longer = "The capital of France is Paris and the capital of Italy is ";
+    let c = strip.suggest(&client, &learned, longer, 3).await.unwrap();
+    let fresh = suggest(&client, &learned, longer, 3).await.unwrap();
+    assert!(c.requested);
+    assert_eq!(c.words, fresh.words);
+    assert!((c.p_side - fresh.p_side).abs() < 1e-5);
+
+    // An empty field asks for a first word; a long text keeps 129-256 tokens of context.
     let first = suggest(&client, &learned, "", 3).await.unwrap();
     assert_eq!(first.context_tokens, 1);
     assert!(!first.words.is_empty());
     let long = "the sea and the ship and the whale ".repeat(60);
     let s = suggest(&client, &learned, &long, 3).await.unwrap();
-    assert_eq!(s.context_tokens, spa_runtime::suggest::SUGGEST_MAX_CONTEXT);
+    assert!(
+        (129..=spa_runtime::suggest::SUGGEST_MAX_CONTEXT).contains(&s.context_tokens),
+        "{}",
+        s.context_tokens
+    );
     assert_eq!(s.words.len(), 3);
 
     // A wrong key is a typed error.
@@ -115,5 +136,73 @@ async fn suggestions_follow_the_base_and_the_side_network() {
         suggest(&bad, &learned, "Hello ", 3).await,
         Err(RuntimeError::Unauthorized)
     ));
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn features_answer_hidden_states_and_taps_from_a_position() {
+    let (srv, _state) = common::start_server(common::server_config()).await;
+    let client = common::client(&srv.url(), common::KEY);
+    let w = common::world();
+    let ids = w
+        .base
+        .tokenizer()
+        .encode_fragment("Call me Ishmael. Some years ago")
+        .unwrap();
+    let n = ids.len();
+    let full = client.features(&ids, 4).await.unwrap();
+    assert!(full.hidden.is_none());
+    let r = client
+        .features_with(&FeaturesRequest {
+            tokens: ids.clone(),
+            top_k: 0,
+            hidden_positions: vec![(n - 1) as u32, 2],
+            taps_from: (n - 3) as u32,
+        })
+        .await
+        .unwrap();
+    // No candidate lists; taps of the last three positions only, equal to those of a full
+    // answer; the hidden states of the positions asked for, in that order.
+    assert!(r.cand_ids.is_empty() && r.cand_logits.is_empty());
+    let lim = Limits::default();
+    let taps = decode_tensor(r.taps.as_ref().unwrap(), &lim).unwrap();
+    let all = decode_tensor(full.taps.as_ref().unwrap(), &lim).unwrap();
+    let n_taps = all.rows / n;
+    assert_eq!(taps.rows, 3 * n_taps);
+    assert_eq!(taps.data[..], all.data[(n - 3) * n_taps * all.cols..]);
+    let hidden = decode_tensor(r.hidden.as_ref().unwrap(), &lim).unwrap();
+    let mut cache = w.base.new_cache();
+    let want: Vec<Vec<f32>> = w
+        .base
+        .forward(&ids, &mut cache)
+        .unwrap()
+        .hidden
+        .to_vec2()
+        .unwrap();
+    assert_eq!((hidden.rows, hidden.cols), (2, want[0].len()));
+    for (row, p) in [(0, n - 1), (1, 2)] {
+        let amax = want[p].iter().fold(0f32, |m, x| m.max(x.abs()));
+        for (a, b) in hidden.row(row).iter().zip(&want[p]) {
+            assert!((a - b).abs() <= amax / 127.0, "int8 hidden state off");
+        }
+    }
+    // Positions past the end are refused.
+    for bad in [
+        FeaturesRequest {
+            tokens: ids.clone(),
+            hidden_positions: vec![n as u32],
+            ..Default::default()
+        },
+        FeaturesRequest {
+            tokens: ids.clone(),
+            taps_from: n as u32,
+            ..Default::default()
+        },
+    ] {
+        assert!(matches!(
+            client.features_with(&bad).await,
+            Err(RuntimeError::BadRequest(_))
+        ));
+    }
     srv.shutdown().await;
 }

@@ -165,6 +165,7 @@ fn write_seed_corpus() {
                 &FeaturesRequest {
                     tokens: vec![1, 2, 3],
                     top_k: 4,
+                    ..Default::default()
                 },
             ),
         ),

@@ -6,29 +6,29 @@
 //! weights, the gradients and the loss never leave the device; the server sees token ids, as it
 //! does when the same text is typed and completed.
 //!
-//! Metrics on held-out text, over the shortlist the device scores (the base's top-k per position,
-//! the target is never added):
+//! Metrics on held-out text are those of the SDK's suggestion strip, by its own code
+//! ([`spa_runtime::words`]): at every position the whole-vocabulary next-token distribution
+//! from the base's final hidden state (context of up to 256 tokens, 129-256 once the text is
+//! longer: [`spa_runtime::words::context_start`]), with a side network the gate's mixture
+//! `g · P_side + (1 - g) · P_base`, optionally interpolated with the user's word cache:
 //! - next-word top-1 / top-3: at each word start, is the actual word the first / among the first
-//!   three whole-word suggestions (a word the tokenizer splits into several tokens counts as a
-//!   miss for both models);
+//!   three suggestions;
 //! - keystroke savings: the user types a word letter by letter and taps a suggestion as soon as
 //!   the word is among the top three suggestions matching the typed prefix (a tap costs one key
 //!   and inserts the word and its space); savings = keys saved / keys without suggestions;
-//! - perplexity over the shortlist (target included).
+//! - perplexity over the whole vocabulary.
 //!
-//! With a side network, suggestions rank the gate's mixture `g · P_side + (1 - g) · P_base` over
-//! the shortlist: the distribution SPA training fits. (Generation must pick one path per token for
-//! the round protocol; a suggestion strip need not, and the hard choice ranked worse.) This is
-//! the rule of `spa_runtime::suggest`, so the measured savings are what the SDK's strip gives.
+//! The personal word cache ([`spa_runtime::WordCache`]) is learned from the training text; its
+//! weight is tuned on the end of that text ([`split_tail`], [`tune_cache_weight`]).
 
 use crate::error::{Result, TrainError};
 use crate::features::{SeqFeatures, SeqSpec};
-use crate::sidegrad::{make_batch, SideGraph, SideInput};
+use crate::sidegrad::{SideGraph, SideInput};
 use crate::train::{self, Method, Progress, TrainConfig, TrainReport};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
-use spa_model::{SidePlugin, SpaTokenizer};
-use std::collections::HashMap;
+use spa_model::{GateMode, SidePlugin, SpaTokenizer};
+use spa_runtime::{DeviceModel, WordCache, WordVocab};
 
 /// Settings of a personalization run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,6 +49,10 @@ pub struct PersonalizeConfig {
     pub seed: u64,
     /// Cap on training sequences (device memory / time budget).
     pub max_chunks: usize,
+    /// Build the personal word cache and measure it (base + cache, personalized + cache).
+    pub word_cache: bool,
+    /// Most words of the end of the training text the cache's weight is tuned on.
+    pub cache_tuning_words: usize,
 }
 
 impl Default for PersonalizeConfig {
@@ -62,6 +66,8 @@ impl Default for PersonalizeConfig {
             usage_cost: 0.02,
             seed: 0,
             max_chunks: 400,
+            word_cache: true,
+            cache_tuning_words: CACHE_TUNING_WORDS,
         }
     }
 }
@@ -77,10 +83,25 @@ pub struct NextWordMetrics {
     pub top3: f64,
     /// Keystroke savings (%).
     pub keystroke_savings: f64,
-    /// Perplexity over the shortlist.
+    /// Perplexity over the whole vocabulary.
     pub perplexity: f64,
     /// Positions where the side path was used (%), 0 for the base.
     pub side_usage: f64,
+}
+
+/// The personal word cache of a run: its interpolation weight and what it did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CacheReport {
+    /// The tuned weight λ (0: the cache did not help on the tuning text).
+    pub weight: f32,
+    /// Words of the end of the training text the weight was tuned on.
+    pub tuning_words: usize,
+    /// Distinct words in the cache.
+    pub distinct_words: usize,
+    /// The base with the cache, on the held-out text.
+    pub base_cache: NextWordMetrics,
+    /// The personalized side network with the cache, on the held-out text.
+    pub spa_cache: NextWordMetrics,
 }
 
 /// What a personalization run did.
@@ -96,12 +117,35 @@ pub struct PersonalizeReport {
     pub train_tokens: usize,
     /// Peak resident memory of this process in bytes (Linux `VmHWM`), when known.
     pub peak_rss_bytes: Option<u64>,
+    /// The personal word cache, when one was built.
+    pub cache: Option<CacheReport>,
 }
+
+/// A tensor as on the wire (int8 rows with f16 scales, or f16).
+pub type WireTensor = spa_protocol::Tensor;
 
 /// Provides base features for token sequences (the base runs elsewhere).
 pub trait FeatureSource {
     /// Features of each sequence with `top_k` candidates per position.
     fn features(&mut self, specs: &[SeqSpec], top_k: usize) -> Result<Vec<SeqFeatures>>;
+    /// Features of one suggestion-strip window: `(taps when with_taps, hidden states at
+    /// hidden_positions)`, encoded as on the wire.
+    fn window(
+        &mut self,
+        tokens: &[u32],
+        hidden_positions: &[u32],
+        with_taps: bool,
+    ) -> Result<(Option<spa_protocol::Tensor>, spa_protocol::Tensor)>;
+}
+
+/// The [`StripDoc`]s of `texts` with features from `source`.
+pub fn strip_docs(
+    source: &mut dyn FeatureSource,
+    tok: &SpaTokenizer,
+    texts: &[String],
+    with_taps: bool,
+) -> Result<Vec<StripDoc>> {
+    strip_docs_with(tok, texts, with_taps, &mut |t, h, w| source.window(t, h, w))
 }
 
 /// Features from a base model in this process.
@@ -126,6 +170,23 @@ impl FeatureSource for LocalFeatures<'_> {
             self.quiet,
         )?;
         Ok(sets.pop().map(|s| s.seqs).unwrap_or_default())
+    }
+
+    fn window(
+        &mut self,
+        tokens: &[u32],
+        hidden_positions: &[u32],
+        with_taps: bool,
+    ) -> Result<(Option<spa_protocol::Tensor>, spa_protocol::Tensor)> {
+        local_window_features(
+            self.base,
+            Some(self.proj),
+            tokens,
+            hidden_positions,
+            with_taps,
+            false,
+            spa_model::ForwardMode::BatchInvariant,
+        )
     }
 }
 
@@ -164,20 +225,6 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-struct WordTable {
-    text: HashMap<u32, Option<String>>,
-}
-
-impl WordTable {
-    /// The word a token stands for when it is a whole word with a leading space.
-    fn word(&mut self, tok: &SpaTokenizer, id: u32) -> Option<String> {
-        self.text
-            .entry(id)
-            .or_insert_with(|| tok.whole_word(id))
-            .clone()
-    }
-}
-
 /// One word of held-out text as the suggestion strip saw it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WordEvent {
@@ -191,131 +238,367 @@ pub struct WordEvent {
     pub keys_without: usize,
 }
 
-/// Next-word metrics of the base (`graph = None`) or of the gated side network on `feats`.
-pub fn next_word_metrics(
-    tok: &SpaTokenizer,
-    graph: Option<&SideGraph>,
-    feats: &[SeqFeatures],
-) -> Result<NextWordMetrics> {
-    next_word_trace(tok, graph, feats, &mut |_| {})
+/// One document of text as the suggestion strip sees it: its tokens and, per context window
+/// ([`spa_runtime::words::context_start`]), the base features the server sends for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StripDoc {
+    /// The document's token ids (no BOS).
+    pub tokens: Vec<u32>,
+    /// Context windows, in order; each target token is scored in exactly one.
+    pub windows: Vec<StripWindow>,
 }
 
-/// [`next_word_metrics`], also reporting every word to `on_word` (the keyboard demo).
-pub fn next_word_trace(
+/// One context window of a [`StripDoc`]: the strip sends `prefix + tokens[start..targets.end-1]`
+/// for every target in `targets` (a prefix of it; the base is causal, so one pass serves all).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StripWindow {
+    /// First document token of the window.
+    pub start: usize,
+    /// The document-start token is sent in front (window at the text's start).
+    pub prefix: Option<u32>,
+    /// Document positions predicted from this window.
+    pub targets: std::ops::Range<usize>,
+    /// Projected taps of every window position (`[len * n_taps, width]`, int8 as on the wire),
+    /// when a side network is to run.
+    pub taps: Option<spa_protocol::Tensor>,
+    /// The base's final normed hidden state before each target (`[targets, hidden]`).
+    pub hidden: spa_protocol::Tensor,
+}
+
+impl StripWindow {
+    /// The token ids sent for this window.
+    pub fn tokens(&self, doc: &[u32]) -> Vec<u32> {
+        let mut t: Vec<u32> = self.prefix.into_iter().collect();
+        t.extend_from_slice(&doc[self.start..self.targets.end - 1]);
+        t
+    }
+
+    /// Window position whose hidden state predicts document position `j`.
+    pub fn position_of(&self, j: usize) -> usize {
+        j + usize::from(self.prefix.is_some()) - 1 - self.start
+    }
+}
+
+/// The windows of a document of `n` tokens (no features yet): the strip's context rule
+/// applied to every position.
+pub fn strip_windows(
     tok: &SpaTokenizer,
-    graph: Option<&SideGraph>,
-    feats: &[SeqFeatures],
-    on_word: &mut dyn FnMut(&WordEvent),
-) -> Result<NextWordMetrics> {
-    let mut table = WordTable {
-        text: HashMap::new(),
-    };
-    let (mut words, mut top1, mut top3, mut keys, mut saved) =
-        (0usize, 0usize, 0usize, 0usize, 0usize);
-    let (mut nll, mut npos, mut side_n) = (0f64, 0usize, 0usize);
-    for chunk in feats.chunks(8) {
-        let refs: Vec<&SeqFeatures> = chunk.iter().collect();
-        let (scores, p_side) = match graph {
-            Some(g) => {
-                let c = &g.config;
-                let emb = (g.input == SideInput::Embeddings).then(|| g.head().clone());
-                let b = make_batch(&refs, c.taps.len(), c.width, emb.as_ref())?;
-                let (s, p) = g.scores(&b)?;
-                (Some(s), p)
-            }
-            None => (None, Vec::new()),
+    n: usize,
+) -> Vec<(usize, Option<u32>, std::ops::Range<usize>)> {
+    use spa_runtime::words::{context_start, start_token, CONTEXT_MAX, CONTEXT_STEP};
+    let mut out = Vec::new();
+    let mut a = 0;
+    loop {
+        let prefix = (a == 0 && tok.add_bos()).then(|| start_token(tok));
+        let lo = if a == 0 {
+            usize::from(prefix.is_none())
+        } else {
+            a + CONTEXT_MAX - CONTEXT_STEP + 1
         };
-        let mut row = 0;
-        for s in refs {
-            let c = s.cand_logits.len() / s.n_loss().max(1);
-            let k = c - 1; // the last slot is the target (or a pad): not a suggestion
-            for j in 0..s.n_loss() {
-                let base_row = &s.cand_logits[j * c..(j + 1) * c];
-                // The suggestion distribution: the gate's mixture of the side path and the base
-                // (the distribution SPA training fits), or the base alone.
-                let probs = match (&scores, graph) {
-                    (Some(sc), Some(_)) => {
-                        let g = p_side[row];
-                        if g > 0.5 {
-                            side_n += 1;
+        let hi = (a + CONTEXT_MAX + 1).min(n);
+        if lo >= hi {
+            break;
+        }
+        debug_assert!((lo..hi).all(|j| context_start(j) == a));
+        out.push((a, prefix, lo..hi));
+        a += CONTEXT_STEP;
+    }
+    out
+}
+
+/// Fetches the features of one window: `(tokens, hidden positions, with taps)` ->
+/// `(taps, hidden)`.
+pub type WindowFetch<'a> = dyn FnMut(&[u32], &[u32], bool) -> Result<(Option<spa_protocol::Tensor>, spa_protocol::Tensor)>
+    + 'a;
+
+/// The [`StripDoc`]s of `texts` (one per text), with features from `fetch`.
+pub fn strip_docs_with(
+    tok: &SpaTokenizer,
+    texts: &[String],
+    with_taps: bool,
+    fetch: &mut WindowFetch<'_>,
+) -> Result<Vec<StripDoc>> {
+    let mut docs = Vec::new();
+    for t in texts {
+        let tokens = tok.encode_fragment(t)?;
+        let mut windows = Vec::new();
+        for (start, prefix, targets) in strip_windows(tok, tokens.len()) {
+            let mut w = StripWindow {
+                start,
+                prefix,
+                targets: targets.clone(),
+                taps: None,
+                hidden: Default::default(),
+            };
+            let pos: Vec<u32> = targets.clone().map(|j| w.position_of(j) as u32).collect();
+            let (taps, hidden) = fetch(&w.tokens(&tokens), &pos, with_taps)?;
+            w.taps = taps;
+            w.hidden = hidden;
+            windows.push(w);
+        }
+        docs.push(StripDoc { tokens, windows });
+    }
+    Ok(docs)
+}
+
+/// Features of one window from a base in this process, encoded exactly as the server encodes
+/// them (`f16_hidden`: the hidden states as f16 instead of int8, to measure what int8 costs;
+/// `mode`: the server's [`spa_model::ForwardMode::BatchInvariant`] pass, or the faster one
+/// equal up to float rounding).
+pub fn local_window_features(
+    base: &spa_model::BaseModel,
+    proj: Option<&spa_model::DownProjection>,
+    tokens: &[u32],
+    hidden_positions: &[u32],
+    with_taps: bool,
+    f16_hidden: bool,
+    mode: spa_model::ForwardMode,
+) -> Result<(Option<spa_protocol::Tensor>, spa_protocol::Tensor)> {
+    let mut cache = base.new_cache();
+    let out = base.forward_with(tokens, &mut cache, mode)?;
+    let taps = if let Some(proj) = proj.filter(|_| with_taps) {
+        let z = proj.apply_taps(&out.taps)?;
+        let (n_taps, width) = (proj.meta().taps.len(), proj.meta().width);
+        let flat: Vec<f32> = z.iter().flatten().flatten().copied().collect();
+        Some(spa_protocol::encode_i8_rows(
+            &flat,
+            tokens.len() * n_taps,
+            width,
+        ))
+    } else {
+        None
+    };
+    let all: Vec<Vec<f32>> = out.hidden.to_vec2()?;
+    let d = all.first().map_or(0, Vec::len);
+    let mut rows = Vec::with_capacity(hidden_positions.len() * d);
+    for &p in hidden_positions {
+        rows.extend_from_slice(
+            all.get(p as usize)
+                .ok_or_else(|| TrainError::Data("hidden position out of range".into()))?,
+        );
+    }
+    let hidden = if f16_hidden {
+        spa_protocol::encode_f16(&rows, hidden_positions.len(), d)
+    } else {
+        spa_protocol::encode_i8_rows(&rows, hidden_positions.len(), d)
+    };
+    Ok((taps, hidden))
+}
+
+/// Features of one window from the base server (`POST /v1/features` with hidden positions,
+/// no candidate lists), checked for shape.
+pub fn remote_window_features(
+    client: &spa_runtime::Client,
+    handle: &tokio::runtime::Handle,
+    tokens: &[u32],
+    hidden_positions: &[u32],
+    with_taps: bool,
+) -> Result<(Option<spa_protocol::Tensor>, spa_protocol::Tensor)> {
+    let n = tokens.len();
+    let resp = handle.block_on(client.features_with(&spa_protocol::FeaturesRequest {
+        tokens: tokens.to_vec(),
+        top_k: 0,
+        hidden_positions: hidden_positions.to_vec(),
+        taps_from: if with_taps { 0 } else { (n - 1) as u32 },
+    }))?;
+    let hidden = resp
+        .hidden
+        .ok_or_else(|| TrainError::Data("features answer without hidden states".into()))?;
+    if hidden.shape.first() != Some(&(hidden_positions.len() as u32)) {
+        return Err(TrainError::Data(
+            "features answer: hidden states of the wrong shape".into(),
+        ));
+    }
+    let taps = if with_taps {
+        let t = resp
+            .taps
+            .ok_or_else(|| TrainError::Data("features answer without taps".into()))?;
+        if t.shape.len() != 2 || !(t.shape[0] as usize).is_multiple_of(n) {
+            return Err(TrainError::Data(
+                "features answer: taps of the wrong shape".into(),
+            ));
+        }
+        Some(t)
+    } else {
+        None
+    };
+    Ok((taps, hidden))
+}
+
+/// The word that starts at document position `j` (a token with a leading space and a letter,
+/// then continuation tokens that start with a letter and no space), or `None` when `j` starts
+/// no word. `texts` holds every token decoded alone.
+fn word_at(texts: &[String], j: usize) -> Option<String> {
+    let first = texts[j].strip_prefix(' ')?;
+    if !first.chars().next().is_some_and(char::is_alphabetic) {
+        return None;
+    }
+    let mut word = first.to_string();
+    for tt in &texts[j + 1..] {
+        if tt.starts_with(' ') || !tt.chars().next().is_some_and(char::is_alphabetic) {
+            break;
+        }
+        word.push_str(tt);
+    }
+    // The project's word: its leading letters (a word token may end in an apostrophe).
+    let end = word
+        .char_indices()
+        .find(|(_, c)| !c.is_alphabetic())
+        .map_or(word.len(), |(i, _)| i);
+    word.truncate(end);
+    (!word.is_empty()).then_some(word)
+}
+
+/// What the strip computed at one word start of held-out text.
+struct WordSample {
+    word: String,
+    prev: Option<String>,
+    probs: Vec<f32>,
+}
+
+/// What [`run_strip`] computed at one target: its probability, the gate's probability, and
+/// the word sample when a word starts there.
+type PositionOut = (f32, Option<f32>, Option<WordSample>);
+
+/// Runs the device's rule over every window of `docs`: the side network over the window's
+/// taps (unless the gate is base-only), [`spa_runtime::words::next_token_probs`] at each
+/// target. Calls `on_pos(target prob, p_side)` for every target and `on_word` for every word
+/// start, in document order. Windows run in parallel.
+fn run_strip(
+    device: &spa_runtime::DeviceModel,
+    docs: &[StripDoc],
+    on_pos: &mut dyn FnMut(f32, Option<f32>),
+    on_word: &mut dyn FnMut(WordSample) -> Result<()>,
+) -> Result<()> {
+    use rayon::prelude::*;
+    use spa_model::GateMode;
+    let tok = &device.tokenizer;
+    let limits = spa_protocol::Limits::default();
+    let use_side = device.gate != GateMode::AlwaysBase;
+    for doc in docs {
+        let texts: Vec<String> = doc
+            .tokens
+            .iter()
+            .map(|&t| tok.decode(&[t]))
+            .collect::<spa_model::Result<_>>()?;
+        let per_window = |w: &StripWindow| -> Result<Vec<PositionOut>> {
+            let hidden = spa_protocol::decode_tensor(&w.hidden, &limits)
+                .map_err(|e| TrainError::Data(e.to_string()))?;
+            if hidden.rows != w.targets.len() {
+                return Err(TrainError::Data(
+                    "window hidden states of the wrong size".into(),
+                ));
+            }
+            let mut steps: Vec<Option<spa_model::SideStep>> = vec![None; w.targets.len()];
+            if use_side {
+                let taps = spa_protocol::decode_tensor(
+                    w.taps
+                        .as_ref()
+                        .ok_or_else(|| TrainError::Data("window without taps".into()))?,
+                    &limits,
+                )
+                .map_err(|e| TrainError::Data(e.to_string()))?;
+                let cfg = device.side.config();
+                let n_taps = cfg.taps.len();
+                let len = w.tokens(&doc.tokens).len();
+                if taps.rows != len * n_taps || taps.cols != cfg.width {
+                    return Err(TrainError::Data("window taps of the wrong shape".into()));
+                }
+                let first = w.position_of(w.targets.start);
+                let zeros = vec![0f32; cfg.base_hidden];
+                let mut cache = device.side.new_cache();
+                for p in 0..len {
+                    let z: Vec<Vec<f32>> = (0..n_taps)
+                        .map(|t| taps.row(p * n_taps + t).to_vec())
+                        .collect();
+                    let st = device.side.step(&z, &zeros, &mut cache)?;
+                    if p >= first {
+                        steps[p - first] = Some(st);
+                    }
+                }
+            }
+            w.targets
+                .clone()
+                .enumerate()
+                .map(|(i, j)| {
+                    let probs = spa_runtime::words::next_token_probs(
+                        device,
+                        hidden.row(i),
+                        steps[i].as_ref(),
+                    )?;
+                    let p_target = probs.get(doc.tokens[j] as usize).copied().unwrap_or(0.0);
+                    let sample = match word_at(&texts, j) {
+                        Some(word) => {
+                            let ctx = tok.decode(&doc.tokens[j.saturating_sub(8)..j])?;
+                            let prev = spa_runtime::words::prev_word(&ctx).map(str::to_string);
+                            Some(WordSample { word, prev, probs })
                         }
-                        spa_model::gate_mixture(g, &sc[row], base_row)
-                    }
-                    _ => spa_model::softmax(base_row),
-                };
-                row += 1;
-                // Perplexity over the shortlist.
-                nll -= (probs[s.target_idx[j] as usize].max(1e-30) as f64).ln();
-                npos += 1;
-                // Word-start positions only.
-                let next = s.tokens[s.loss_start + j];
-                let Ok(next_text) = tok.decode(&[next]) else {
-                    continue;
-                };
-                let Some(first) = next_text.strip_prefix(' ') else {
-                    continue;
-                };
-                if !first.chars().next().is_some_and(char::is_alphabetic) {
-                    continue;
-                }
-                // The whole word: this token plus continuation tokens without a leading space.
-                let mut word = first.to_string();
-                let mut whole = true;
-                for &t in &s.tokens[s.loss_start + j + 1..] {
-                    let tt = tok.decode(&[t]).unwrap_or_default();
-                    if tt.starts_with(' ') || !tt.chars().next().is_some_and(char::is_alphabetic) {
-                        break;
-                    }
-                    word.push_str(&tt);
-                    whole = false;
-                }
-                if s.loss_start + j + 1 == s.tokens.len() && whole {
-                    // Word at the very end of a chunk: its continuation is unknown; skip.
-                    continue;
-                }
-                let word_len = word.chars().count();
-                words += 1;
-                keys += word_len + 1;
-                let mut ranked: Vec<(f32, u32)> =
-                    (0..k).map(|i| (probs[i], s.cand_ids[j * c + i])).collect();
-                ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
-                let cands: Vec<String> = ranked
-                    .iter()
-                    .filter_map(|&(_, id)| table.word(tok, id))
-                    .collect();
-                if whole {
-                    if cands.first() == Some(&word) {
-                        top1 += 1;
-                    }
-                    if cands.iter().take(3).any(|w| w == &word) {
-                        top3 += 1;
+                        None => None,
+                    };
+                    Ok((p_target, steps[i].as_ref().map(|s| s.p_side), sample))
+                })
+                .collect()
+        };
+        // Windows in parallel, a few at a time (each word keeps a full distribution).
+        for group in doc.windows.chunks(rayon::current_num_threads().max(1) * 2) {
+            let res: Vec<Result<Vec<_>>> = group.par_iter().map(per_window).collect();
+            for r in res {
+                for (p, g, sample) in r? {
+                    on_pos(p, g);
+                    if let Some(s) = sample {
+                        on_word(s)?;
                     }
                 }
-                let mut cost = word_len + 1;
-                if whole {
-                    for typed in 0..word_len {
-                        let prefix: String = word.chars().take(typed).collect();
-                        let shown: Vec<&String> = cands
-                            .iter()
-                            .filter(|w| w.starts_with(&prefix))
-                            .take(3)
-                            .collect();
-                        if shown.iter().any(|w| **w == word) {
-                            cost = typed + 1;
-                            break;
-                        }
-                    }
-                }
-                saved += word_len + 1 - cost;
-                on_word(&WordEvent {
-                    word: word.clone(),
-                    suggestions: cands.iter().take(3).cloned().collect(),
-                    keys: cost,
-                    keys_without: word_len + 1,
-                });
             }
         }
     }
+    Ok(())
+}
+
+/// Next-word metrics of the suggestion strip on `docs`, by the SDK's own rule
+/// ([`spa_runtime::words`]): the whole-vocabulary distribution of `device` (base only with
+/// [`spa_model::GateMode::AlwaysBase`], else side network + gate), interpolated with `cache`
+/// when given. Every word start is scored: top-1 / top-3 (the word is the first / among the
+/// first three suggestions before its first letter) and keystroke savings
+/// ([`spa_runtime::RankedWords::keys_to_enter`]); perplexity is over every position.
+pub fn strip_metrics(
+    device: &spa_runtime::DeviceModel,
+    vocab: &spa_runtime::WordVocab,
+    cache: Option<&spa_runtime::WordCache>,
+    docs: &[StripDoc],
+    on_word: &mut dyn FnMut(&WordEvent),
+) -> Result<NextWordMetrics> {
+    use spa_runtime::words::{RankedWords, STRIP};
+    let (mut words, mut top1, mut top3, mut keys, mut saved) =
+        (0usize, 0usize, 0usize, 0usize, 0usize);
+    let (mut nll, mut npos, mut side_n) = (0f64, 0usize, 0usize);
+    run_strip(
+        device,
+        docs,
+        &mut |p, g| {
+            nll -= (p.max(1e-30) as f64).ln();
+            npos += 1;
+            side_n += usize::from(g.is_some_and(|g| g > 0.5));
+        },
+        &mut |s| {
+            let ranked = RankedWords::new(&s.probs, vocab, cache, s.prev.as_deref());
+            let shown = ranked.top("", STRIP);
+            let len = s.word.chars().count();
+            let cost = ranked.keys_to_enter(&s.word, STRIP);
+            words += 1;
+            keys += len + 1;
+            saved += len + 1 - cost;
+            top1 += usize::from(shown.first() == Some(&s.word));
+            top3 += usize::from(shown.contains(&s.word));
+            on_word(&WordEvent {
+                word: s.word,
+                suggestions: shown,
+                keys: cost,
+                keys_without: len + 1,
+            });
+            Ok(())
+        },
+    )?;
     let pct = |a: usize, b: usize| {
         if b == 0 {
             0.0
@@ -337,6 +620,56 @@ pub fn next_word_trace(
     })
 }
 
+/// Tunes the weight of `cache` on `docs` (text of the user's that the cache was not learned
+/// from) by the keystroke rule, with the model of `device`; returns the best weight, the
+/// words scored and the keys per weight of [`spa_runtime::words::WEIGHT_GRID`].
+pub fn tune_cache_weight(
+    device: &spa_runtime::DeviceModel,
+    vocab: &spa_runtime::WordVocab,
+    cache: &spa_runtime::WordCache,
+    docs: &[StripDoc],
+) -> Result<(f32, usize, Vec<usize>)> {
+    let mut tuner = spa_runtime::words::WeightTuner::default();
+    run_strip(device, docs, &mut |_, _| {}, &mut |s| {
+        tuner.observe(&s.probs, vocab, cache, s.prev.as_deref(), &s.word);
+        Ok(())
+    })?;
+    let (w, keys) = tuner.best();
+    Ok((w, tuner.words(), keys.to_vec()))
+}
+
+/// Splits the user's texts into (all but the end, the end): the end is the last `frac` of the
+/// words, at most `max_words`, cut at whitespace (the cache's tuning text).
+pub fn split_tail(texts: &[String], frac: f64, max_words: usize) -> (Vec<String>, Vec<String>) {
+    let total: usize = texts.iter().map(|t| t.split_whitespace().count()).sum();
+    let mut want = ((total as f64 * frac) as usize).min(max_words);
+    let mut head: Vec<String> = texts.to_vec();
+    let mut tail: Vec<String> = Vec::new();
+    while want > 0 {
+        let Some(last) = head.pop() else { break };
+        let n = last.split_whitespace().count();
+        if n <= want {
+            want -= n;
+            tail.insert(0, last);
+            continue;
+        }
+        // Cut this text `want` words before its end.
+        let mut starts = Vec::new();
+        let mut in_word = false;
+        for (i, c) in last.char_indices() {
+            if !c.is_whitespace() && !in_word {
+                starts.push(i);
+            }
+            in_word = !c.is_whitespace();
+        }
+        let cut = starts[n - want];
+        tail.insert(0, last[cut..].to_string());
+        head.push(last[..cut].to_string());
+        break;
+    }
+    (head, tail)
+}
+
 /// The user's text: earlier writing to learn from, later writing to measure on.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct UserTexts {
@@ -346,8 +679,83 @@ pub struct UserTexts {
     pub held_out: Vec<String>,
 }
 
+/// Most words of the end of the training text the word cache's weight is tuned on.
+pub const CACHE_TUNING_WORDS: usize = 1500;
+
+/// What the personal word cache is built from: all the training text, and its split into the
+/// part the tuning cache learns from and the end it is tuned on (with the end's features).
+#[derive(Debug, Clone)]
+pub struct CacheInput {
+    /// All the user's training text (the shipped cache learns it).
+    pub train: Vec<String>,
+    /// The training text without its end (the tuning cache learns it).
+    pub head: Vec<String>,
+    /// Features of the end of the training text ([`split_tail`]).
+    pub tune_docs: Vec<StripDoc>,
+}
+
+impl CacheInput {
+    /// Splits `train` (the end: a tenth, at most `max_words` words) and fetches the end's
+    /// features from `source` (hidden states only).
+    pub fn fetch(
+        source: &mut dyn FeatureSource,
+        tok: &SpaTokenizer,
+        train: &[String],
+        max_words: usize,
+    ) -> Result<Self> {
+        let (head, tail) = split_tail(train, 0.1, max_words);
+        Ok(Self {
+            train: train.to_vec(),
+            head,
+            tune_docs: strip_docs(source, tok, &tail, false)?,
+        })
+    }
+}
+
+/// Builds the user's word cache from `input` and tunes its weight with `device`'s model
+/// (usually the base alone): learned on the head of the training text, tuned by the keystroke
+/// rule on its end, then learned again on all of it. Returns the cache and (tuning words,
+/// keys per weight of [`spa_runtime::words::WEIGHT_GRID`]).
+pub fn build_word_cache(
+    device: &DeviceModel,
+    vocab: &WordVocab,
+    input: &CacheInput,
+) -> Result<(WordCache, usize, Vec<usize>)> {
+    let tok = &device.tokenizer;
+    let tuning = WordCache::learn(&input.head, vocab, tok);
+    let (weight, words, keys) = tune_cache_weight(device, vocab, &tuning, &input.tune_docs)?;
+    log::info!("word cache: weight {weight} tuned on {words} words (keys per weight {keys:?})");
+    let mut cache = WordCache::learn(&input.train, vocab, tok);
+    cache.weight = weight;
+    Ok((cache, words, keys))
+}
+
+/// The device model of the suggestion strip for `plugin` with `gate` (q8 side network and
+/// head, as the SDK builds it).
+pub fn strip_device(
+    plugin: &SidePlugin,
+    head: &spa_model::DeviceHead,
+    tok: &SpaTokenizer,
+    gate: GateMode,
+) -> Result<DeviceModel> {
+    Ok(DeviceModel {
+        side: spa_model::SideNetwork::new(
+            &plugin.weights,
+            spa_model::QuantMode::Q8,
+            4 * spa_runtime::words::CONTEXT_MAX,
+        )?,
+        head: head.clone(),
+        personal: Default::default(),
+        gate,
+        tokenizer: tok.clone(),
+        base_identity: plugin.meta.base.clone(),
+        projection: plugin.meta.projection.clone(),
+    })
+}
+
 /// Trains `plugin` in place on `texts.train` (SPA: side + gate) and reports next-word quality
-/// before and after on `texts.held_out`. `head` is the frozen tied head `[vocab, hidden]` (the
+/// of the suggestion strip before and after on `texts.held_out`, with and without the personal
+/// word cache (`cfg.word_cache`). `head` is the frozen tied head `[vocab, hidden]` (the
 /// device's `DeviceAssets::head`). `progress` returning `false` cancels; the plugin is only
 /// replaced when training finishes.
 pub fn personalize(
@@ -368,34 +776,66 @@ pub fn personalize(
             specs.len()
         )));
     }
-    let mut held = chunk_texts(tok, &texts.held_out, cfg.chunk_tokens)?;
-    held.truncate(cfg.max_chunks / 2 + 1);
     let feats = source.features(&specs, cfg.top_k)?;
-    let held_feats = source.features(&held, cfg.top_k)?;
-    personalize_features(plugin, head, tok, &feats, &held_feats, cfg, progress)
+    let held = strip_docs(source, tok, &texts.held_out, true)?;
+    let cache = if cfg.word_cache {
+        Some(CacheInput::fetch(
+            source,
+            tok,
+            &texts.train,
+            cfg.cache_tuning_words,
+        )?)
+    } else {
+        None
+    };
+    personalize_features(
+        plugin,
+        head,
+        tok,
+        &feats,
+        &held,
+        cache.as_ref(),
+        cfg,
+        progress,
+    )
 }
 
-/// [`personalize`] on features already fetched (`feats` from the training text, `held_feats`
-/// from the held-out text), e.g. after the base was unloaded to measure device-scale memory.
+/// [`personalize`] on features already fetched (`feats` from the training text, `held` the
+/// strip's features of the held-out text, `cache` the word cache's input), e.g. after the base
+/// was unloaded to measure device-scale memory.
+#[allow(clippy::too_many_arguments)]
 pub fn personalize_features(
     plugin: &mut SidePlugin,
     head: &Tensor,
     tok: &SpaTokenizer,
     feats: &[SeqFeatures],
-    held_feats: &[SeqFeatures],
+    held: &[StripDoc],
+    cache: Option<&CacheInput>,
     cfg: &PersonalizeConfig,
     progress: &mut dyn FnMut(&Progress) -> bool,
 ) -> Result<PersonalizeReport> {
-    if feats.len() < 4 || held_feats.is_empty() {
+    if feats.len() < 4 || held.iter().all(|d| d.windows.is_empty()) {
         return Err(TrainError::Data(
-            "need at least 4 training and 1 held-out sequence".into(),
+            "need at least 4 training sequences and some held-out text".into(),
         ));
     }
     // The last tenth of the training text validates (early stopping).
     let n_val = (feats.len() / 10).max(1);
     let (tr, va) = feats.split_at(feats.len() - n_val);
+    let dev_head = spa_model::DeviceHead::from_weights(head, spa_model::QuantMode::Q8)?;
+    let vocab = WordVocab::shared(tok, &plugin.meta.base);
+    let base_dev = strip_device(plugin, &dev_head, tok, GateMode::AlwaysBase)?;
+    let before = strip_metrics(&base_dev, &vocab, None, held, &mut |_| {})?;
+    let built = match cache {
+        Some(c) => {
+            let (wc, words, _) = build_word_cache(&base_dev, &vocab, c)?;
+            let m = strip_metrics(&base_dev, &vocab, Some(&wc), held, &mut |_| {})?;
+            Some((wc, words, m))
+        }
+        None => None,
+    };
+    drop(base_dev);
     let graph = SideGraph::new(&plugin.weights, SideInput::BaseTaps, head.clone(), cfg.seed)?;
-    let before = next_word_metrics(tok, None, held_feats)?;
     let tcfg = TrainConfig {
         method: Method::Spa,
         lr: cfg.lr,
@@ -408,15 +848,29 @@ pub fn personalize_features(
         ..Default::default()
     };
     let report = train::train(&graph, tr, va, &tcfg, None, progress)?;
-    let after = next_word_metrics(tok, Some(&graph), held_feats)?;
     let (w, _) = graph.to_weights()?;
-    plugin.weights = w;
+    let mut trained = plugin.clone();
+    trained.weights = w;
+    let spa_dev = strip_device(&trained, &dev_head, tok, GateMode::Learned)?;
+    let after = strip_metrics(&spa_dev, &vocab, None, held, &mut |_| {})?;
+    let cache = match built {
+        Some((wc, tuning_words, base_cache)) => Some(CacheReport {
+            weight: wc.weight,
+            tuning_words,
+            distinct_words: wc.len(),
+            base_cache,
+            spa_cache: strip_metrics(&spa_dev, &vocab, Some(&wc), held, &mut |_| {})?,
+        }),
+        None => None,
+    };
+    *plugin = trained;
     Ok(PersonalizeReport {
         before,
         after,
         train: report,
         train_tokens: tr.iter().map(|s| s.len()).sum(),
         peak_rss_bytes: peak_rss_bytes(),
+        cache,
     })
 }
 
@@ -492,5 +946,38 @@ impl FeatureSource for RemoteFeatures<'_> {
                 from_wire(&s.tokens, &resp, self.n_taps, self.width, top_k)
             })
             .collect()
+    }
+
+    fn window(
+        &mut self,
+        tokens: &[u32],
+        hidden_positions: &[u32],
+        with_taps: bool,
+    ) -> Result<(Option<spa_protocol::Tensor>, spa_protocol::Tensor)> {
+        remote_window_features(
+            self.client,
+            &self.handle,
+            tokens,
+            hidden_positions,
+            with_taps,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_tail;
+
+    #[test]
+    fn tail_is_the_last_words() {
+        let t = vec!["a b c".to_string(), "d  e\nf g h".to_string()];
+        let (head, tail) = split_tail(&t, 0.5, 100);
+        assert_eq!(tail, ["e\nf g h"]);
+        assert_eq!(head, ["a b c", "d  "]);
+        let (head, tail) = split_tail(&t, 1.0, 6);
+        assert_eq!(tail, ["c", "d  e\nf g h"]);
+        assert_eq!(head, ["a b "]);
+        let (head, tail) = split_tail(&t, 0.0, 6);
+        assert!(tail.is_empty() && head == t);
     }
 }

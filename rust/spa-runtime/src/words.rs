@@ -1,0 +1,566 @@
+//! Next-word ranking over the whole vocabulary: the one ranking rule of the suggestion strip
+//! ([`crate::suggest`]) and of the keystroke-savings metric (`spa_train::personalize`).
+//!
+//! - [`next_token_probs`]: the next-token distribution at one position over the whole
+//!   vocabulary. The base's logits are `head · h` (`h` = the base's final normed hidden state,
+//!   sent by the server); with a side state the side path's logits are
+//!   `head · h + head · up(s)` and the two are mixed by the gate.
+//! - [`RankedWords`]: every whole word (a token with a leading space and letters only) ranked by
+//!   that distribution, optionally interpolated with the user's [`WordCache`] (which also brings
+//!   the user's words of several tokens); [`RankedWords::top`] filters by the typed prefix
+//!   without asking the server again, [`RankedWords::keys_to_enter`] is the keystroke rule.
+//! - [`context_start`]: how much context the strip sends (up to [`CONTEXT_MAX`] tokens).
+
+use crate::device::DeviceModel;
+use crate::error::{Result, RuntimeError};
+use spa_model::{GateMode, SideStep, SpaTokenizer};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Most context tokens before the cursor that the strip sends.
+pub const CONTEXT_MAX: usize = 256;
+/// The context window moves in steps of this many tokens, so a long text keeps between
+/// `CONTEXT_MAX - CONTEXT_STEP + 1` and `CONTEXT_MAX` tokens of context.
+pub const CONTEXT_STEP: usize = 128;
+/// Suggestions a strip shows (the keystroke rule's strip width).
+pub const STRIP: usize = 3;
+
+/// First context token kept when `n` tokens precede the cursor: 0 up to [`CONTEXT_MAX`], then a
+/// multiple of [`CONTEXT_STEP`] leaving 129-256 tokens. The window only moves every 128 tokens,
+/// so consecutive requests share their context (and the device its side states).
+///
+/// ```
+/// use spa_runtime::words::context_start;
+/// assert_eq!(context_start(10), 0);
+/// assert_eq!(context_start(256), 0);
+/// assert_eq!(context_start(257), 128);
+/// assert_eq!(context_start(384), 128);
+/// assert_eq!(context_start(385), 256);
+/// ```
+pub fn context_start(n: usize) -> usize {
+    if n <= CONTEXT_MAX {
+        0
+    } else {
+        (n - (CONTEXT_MAX - CONTEXT_STEP + 1)) / CONTEXT_STEP * CONTEXT_STEP
+    }
+}
+
+/// The tokens the strip sends for the text `ids` before the cursor (the text's own ids, no
+/// BOS): the window of [`context_start`], with the document-start token in front when the
+/// window starts the text and the tokenizer adds BOS (or the text is empty).
+pub fn context_window(tok: &SpaTokenizer, ids: &[u32]) -> Vec<u32> {
+    let a = context_start(ids.len());
+    let mut out = Vec::with_capacity(ids.len() - a + 1);
+    if a == 0 && (ids.is_empty() || tok.add_bos()) {
+        out.push(start_token(tok));
+    }
+    out.extend_from_slice(&ids[a..]);
+    out
+}
+
+/// The token that starts a document: BOS when the model has one, else its end-of-text id (what
+/// separates documents in training).
+pub fn start_token(tok: &SpaTokenizer) -> u32 {
+    tok.bos()
+        .or_else(|| tok.eos_ids().first().copied())
+        .unwrap_or(0)
+}
+
+/// The whole words of a vocabulary: token id -> word (leading space stripped), built once per
+/// tokenizer ([`WordVocab::shared`]).
+#[derive(Debug)]
+pub struct WordVocab {
+    /// (token id, word) of every whole-word token, by id.
+    words: Vec<(u32, Arc<str>)>,
+    /// Word -> index into `words`.
+    index: HashMap<Arc<str>, usize>,
+}
+
+impl WordVocab {
+    /// Decodes every token of `tok` once (about 0.1 s for 49k tokens).
+    pub fn new(tok: &SpaTokenizer) -> Self {
+        Self::from_words(
+            (0..tok.vocab_size() as u32).filter_map(|id| Some((id, tok.whole_word(id)?))),
+        )
+    }
+
+    /// A vocabulary of the given (token id, word) pairs (the first id of a repeated word wins).
+    pub fn from_words(pairs: impl IntoIterator<Item = (u32, String)>) -> Self {
+        let mut words = Vec::new();
+        let mut index = HashMap::new();
+        for (id, w) in pairs {
+            let w: Arc<str> = w.into();
+            if !index.contains_key(&w) {
+                index.insert(w.clone(), words.len());
+                words.push((id, w));
+            }
+        }
+        Self { words, index }
+    }
+
+    /// The vocabulary of `tok`, built once per process and tokenizer (keyed by `key`, e.g. the
+    /// base identity).
+    pub fn shared(tok: &SpaTokenizer, key: &str) -> Arc<Self> {
+        static ALL: OnceLock<Mutex<HashMap<String, Arc<WordVocab>>>> = OnceLock::new();
+        let all = ALL.get_or_init(Default::default);
+        let mut g = all.lock().unwrap_or_else(|e| e.into_inner());
+        g.entry(key.to_string())
+            .or_insert_with(|| Arc::new(Self::new(tok)))
+            .clone()
+    }
+
+    /// Number of whole-word tokens.
+    pub fn len(&self) -> usize {
+        self.words.len()
+    }
+
+    /// True when the vocabulary has no whole-word token.
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+
+    /// The token id of a one-token word.
+    pub fn token_of(&self, word: &str) -> Option<u32> {
+        self.index.get(word).map(|&i| self.words[i].0)
+    }
+}
+
+/// The next-token distribution over the whole vocabulary at one position, by the device's
+/// rule: base logits `head · base_hidden`; with `side` (a side step run with a zero base
+/// hidden, so `side.hidden = up(s)`), side logits `head · base_hidden + head · up(s)`, mixed by
+/// the gate (`g · P_side + (1 - g) · P_base`, the distribution SPA training fits), or the side
+/// path alone for [`GateMode::AlwaysSide`]. Costs one or two full-head products (1.7 ms each
+/// at q8 for SmolLM2 on a laptop core).
+pub fn next_token_probs(
+    device: &DeviceModel,
+    base_hidden: &[f32],
+    side: Option<&SideStep>,
+) -> Result<Vec<f32>> {
+    let base = device.head.full(base_hidden)?;
+    if base.iter().any(|x| !x.is_finite()) {
+        return Err(RuntimeError::Protocol("non-finite base logits".into()));
+    }
+    let side_logits = |s: &SideStep| -> Result<Vec<f32>> {
+        let delta = device.head.full(&s.hidden)?;
+        Ok(base.iter().zip(&delta).map(|(b, d)| b + d).collect())
+    };
+    Ok(match (device.gate, side) {
+        (GateMode::AlwaysBase, _) | (_, None) => spa_model::softmax(&base),
+        (GateMode::AlwaysSide, Some(s)) => spa_model::softmax(&side_logits(s)?),
+        (GateMode::Learned, Some(s)) => spa_model::gate_mixture(s.p_side, &side_logits(s)?, &base),
+    })
+}
+
+/// Whole words ranked for one context, best first. Build once per context
+/// ([`RankedWords::new`]); every typed letter then only filters ([`RankedWords::top`]).
+#[derive(Debug, Clone, Default)]
+pub struct RankedWords {
+    items: Vec<(f32, Arc<str>)>,
+}
+
+impl RankedWords {
+    /// Ranks every whole word by `probs` (a distribution over the vocabulary, from
+    /// [`next_token_probs`]); with a cache, by `(1 - λ) P_model(w) + λ P_cache(w | prev)`
+    /// ([`WordCache::weight`] = λ), where the cache's words of several tokens get the model
+    /// probability of their first token shared among the user's words that start with it.
+    pub fn new(
+        probs: &[f32],
+        vocab: &WordVocab,
+        cache: Option<&WordCache>,
+        prev: Option<&str>,
+    ) -> Self {
+        Self::with_weight(probs, vocab, cache, cache.map_or(0.0, |c| c.weight), prev)
+    }
+
+    /// [`RankedWords::new`] with the cache interpolated at weight `lam` instead of its own.
+    pub fn with_weight(
+        probs: &[f32],
+        vocab: &WordVocab,
+        cache: Option<&WordCache>,
+        lam: f32,
+        prev: Option<&str>,
+    ) -> Self {
+        let lam = if cache.is_some() {
+            lam.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let mut items: Vec<(f32, Arc<str>)> = vocab
+            .words
+            .iter()
+            .map(|(id, w)| {
+                (
+                    (1.0 - lam) * probs.get(*id as usize).copied().unwrap_or(0.0),
+                    w.clone(),
+                )
+            })
+            .collect();
+        if let Some(c) = cache.filter(|_| lam > 0.0) {
+            for (wi, e) in c.entries.iter().enumerate() {
+                let pc = lam * c.prob_index(prev, wi);
+                match e.single {
+                    Some(i) => items[i].0 += pc,
+                    None => {
+                        let pm = e
+                            .first
+                            .and_then(|t| probs.get(t as usize))
+                            .map_or(0.0, |p| p * e.first_share);
+                        items.push(((1.0 - lam) * pm + pc, e.word.clone()));
+                    }
+                }
+            }
+        }
+        items.sort_by(|a, b| b.0.total_cmp(&a.0));
+        Self { items }
+    }
+
+    /// The first `count` words starting with `prefix` (the partly typed word; "" for all).
+    pub fn top(&self, prefix: &str, count: usize) -> Vec<String> {
+        self.items
+            .iter()
+            .filter(|(_, w)| w.starts_with(prefix))
+            .take(count)
+            .map(|(_, w)| w.to_string())
+            .collect()
+    }
+
+    /// Keys to enter `word` and the space after it with a strip of `strip` suggestions (the
+    /// project's keystroke rule): the user types the word letter by letter and taps it as soon
+    /// as it is among the first `strip` words matching what is typed (a tap is one key and
+    /// inserts the word and its space); otherwise the word and a space are typed.
+    pub fn keys_to_enter(&self, word: &str, strip: usize) -> usize {
+        for (typed, (i, _)) in word.char_indices().enumerate() {
+            let prefix = &word[..i];
+            if self
+                .items
+                .iter()
+                .filter(|(_, w)| w.starts_with(prefix))
+                .take(strip)
+                .any(|(_, w)| &**w == word)
+            {
+                return typed + 1;
+            }
+        }
+        word.chars().count() + 1
+    }
+}
+
+/// The word the user is about to follow: the last whitespace-separated piece of `context` when
+/// it is letters only (after punctuation there is none). The bigram context of [`WordCache`].
+///
+/// ```
+/// use spa_runtime::words::prev_word;
+/// assert_eq!(prev_word("I love New"), Some("New"));
+/// assert_eq!(prev_word("Thank you."), None);
+/// assert_eq!(prev_word(""), None);
+/// ```
+pub fn prev_word(context: &str) -> Option<&str> {
+    let last = context.trim_end().rsplit(char::is_whitespace).next()?;
+    (!last.is_empty() && last.chars().all(char::is_alphabetic)).then_some(last)
+}
+
+/// The word a whitespace-separated piece starts with: its leading run of letters.
+fn leading_word(piece: &str) -> Option<&str> {
+    let end = piece
+        .char_indices()
+        .find(|(_, c)| !c.is_alphabetic())
+        .map_or(piece.len(), |(i, _)| i);
+    (end > 0).then(|| &piece[..end])
+}
+
+#[derive(Debug, Clone)]
+struct CacheEntry {
+    word: Arc<str>,
+    count: u32,
+    /// Index in the [`WordVocab`] when the word is one token.
+    single: Option<usize>,
+    /// First token of a word of several tokens, and this word's share of the user's words that
+    /// start with that token.
+    first: Option<u32>,
+    first_share: f32,
+}
+
+/// The user's personal word cache: unigram and bigram counts of their words, interpolated with
+/// the model's distribution with weight [`WordCache::weight`] (tuned on the end of the user's
+/// own text by [`WeightTuner`]). The classic keyboard personalization; it stays on the device
+/// and needs no server. Bigram estimate: `(c(prev, w) + κ P_uni(w)) / (c(prev) + κ)`.
+#[derive(Debug, Clone)]
+pub struct WordCache {
+    entries: Vec<CacheEntry>,
+    index: HashMap<Arc<str>, usize>,
+    /// (prev index, word index) -> count.
+    bigrams: HashMap<(usize, usize), u32>,
+    /// prev index -> its count as a bigram context.
+    follow: HashMap<usize, u32>,
+    total: u64,
+    /// Interpolation weight λ of the cache (0: the model alone).
+    pub weight: f32,
+    /// Back-off mass κ of the bigram estimate.
+    pub kappa: f32,
+}
+
+/// Default interpolation weight before tuning.
+pub const DEFAULT_CACHE_WEIGHT: f32 = 0.1;
+
+impl WordCache {
+    /// Counts the words of `texts` (pieces between whitespace, their leading letters; a piece
+    /// that is letters only is the next piece's bigram context). `vocab` and `tok` resolve the
+    /// words to tokens.
+    pub fn learn(texts: &[String], vocab: &WordVocab, tok: &SpaTokenizer) -> Self {
+        Self::learn_with(texts, vocab, &|w| {
+            tok.encode_fragment(&format!(" {w}"))
+                .ok()
+                .and_then(|ids| ids.first().copied())
+        })
+    }
+
+    /// [`WordCache::learn`] with `first_token` giving the first token of a word of several
+    /// tokens.
+    pub fn learn_with(
+        texts: &[String],
+        vocab: &WordVocab,
+        first_token: &dyn Fn(&str) -> Option<u32>,
+    ) -> Self {
+        let mut c = Self {
+            entries: Vec::new(),
+            index: HashMap::new(),
+            bigrams: HashMap::new(),
+            follow: HashMap::new(),
+            total: 0,
+            weight: DEFAULT_CACHE_WEIGHT,
+            kappa: 2.0,
+        };
+        for t in texts {
+            let mut prev: Option<usize> = None;
+            for piece in t.split_whitespace() {
+                let Some(w) = leading_word(piece) else {
+                    prev = None;
+                    continue;
+                };
+                let wi = match c.index.get(w) {
+                    Some(&i) => i,
+                    None => {
+                        let word: Arc<str> = w.into();
+                        c.index.insert(word.clone(), c.entries.len());
+                        c.entries.push(CacheEntry {
+                            word,
+                            count: 0,
+                            single: None,
+                            first: None,
+                            first_share: 0.0,
+                        });
+                        c.entries.len() - 1
+                    }
+                };
+                c.entries[wi].count += 1;
+                c.total += 1;
+                if let Some(p) = prev {
+                    *c.bigrams.entry((p, wi)).or_default() += 1;
+                    *c.follow.entry(p).or_default() += 1;
+                }
+                prev = (w.len() == piece.len()).then_some(wi);
+            }
+        }
+        // Resolve to tokens: one-token words point into the vocabulary; longer words keep their
+        // first token and their share of the user's words starting with it.
+        let mut by_first: HashMap<u32, u32> = HashMap::new();
+        for e in &mut c.entries {
+            match vocab.index.get(&e.word) {
+                Some(&i) => {
+                    e.single = Some(i);
+                    *by_first.entry(vocab.words[i].0).or_default() += e.count;
+                }
+                None => {
+                    e.first = first_token(&e.word);
+                    if let Some(f) = e.first {
+                        *by_first.entry(f).or_default() += e.count;
+                    }
+                }
+            }
+        }
+        for e in &mut c.entries {
+            if let Some(f) = e.first {
+                e.first_share = e.count as f32 / by_first.get(&f).copied().unwrap_or(1) as f32;
+            }
+        }
+        log::debug!(
+            "word cache: {} words, {} distinct, {} bigrams",
+            c.total,
+            c.entries.len(),
+            c.bigrams.len()
+        );
+        c
+    }
+
+    /// Distinct words.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when no word was learned.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Words counted.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    fn prob_index(&self, prev: Option<&str>, wi: usize) -> f32 {
+        let uni = self.entries[wi].count as f32 / self.total.max(1) as f32;
+        let Some(pi) = prev.and_then(|p| self.index.get(p)).copied() else {
+            return uni;
+        };
+        let Some(&ctx_n) = self.follow.get(&pi) else {
+            return uni;
+        };
+        let c = self.bigrams.get(&(pi, wi)).copied().unwrap_or(0) as f32;
+        (c + self.kappa * uni) / (ctx_n as f32 + self.kappa)
+    }
+
+    /// The cache's probability of `word` after `prev`.
+    pub fn prob(&self, prev: Option<&str>, word: &str) -> f32 {
+        self.index
+            .get(word)
+            .map_or(0.0, |&wi| self.prob_index(prev, wi))
+    }
+}
+
+/// Interpolation weights tried by [`WeightTuner`].
+pub const WEIGHT_GRID: [f32; 7] = [0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5];
+
+/// Tunes [`WordCache::weight`] by the keystroke rule: feed it every word of held-back text of
+/// the user's own (with the model's distribution before it) and take [`WeightTuner::best`].
+#[derive(Debug, Clone)]
+pub struct WeightTuner {
+    keys: Vec<usize>,
+    words: usize,
+}
+
+impl Default for WeightTuner {
+    fn default() -> Self {
+        Self {
+            keys: vec![0; WEIGHT_GRID.len()],
+            words: 0,
+        }
+    }
+}
+
+impl WeightTuner {
+    /// Scores one word under every weight of [`WEIGHT_GRID`].
+    pub fn observe(
+        &mut self,
+        probs: &[f32],
+        vocab: &WordVocab,
+        cache: &WordCache,
+        prev: Option<&str>,
+        word: &str,
+    ) {
+        for (i, &w) in WEIGHT_GRID.iter().enumerate() {
+            self.keys[i] += RankedWords::with_weight(probs, vocab, Some(cache), w, prev)
+                .keys_to_enter(word, STRIP);
+        }
+        self.words += 1;
+    }
+
+    /// Words observed.
+    pub fn words(&self) -> usize {
+        self.words
+    }
+
+    /// The weight with the fewest keys (the smaller weight on ties), and the keys it needed
+    /// per weight of [`WEIGHT_GRID`].
+    pub fn best(&self) -> (f32, &[usize]) {
+        let i = (0..WEIGHT_GRID.len())
+            .min_by_key(|&i| (self.keys[i], i))
+            .unwrap_or(0);
+        (WEIGHT_GRID[i], &self.keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vocab() -> WordVocab {
+        WordVocab::from_words(
+            [
+                "the",
+                "they",
+                "then",
+                "a",
+                "United",
+                "States",
+                "Americans",
+                "America",
+            ]
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (i as u32, w.to_string())),
+        )
+    }
+
+    #[test]
+    fn ranking_filters_by_prefix_and_counts_keys() {
+        let v = vocab();
+        // Token 8 is no whole word; its mass is ignored.
+        let probs = [0.30, 0.05, 0.04, 0.20, 0.10, 0.08, 0.02, 0.01, 0.20];
+        let r = RankedWords::new(&probs, &v, None, None);
+        assert_eq!(r.top("", 3), ["the", "a", "United"]);
+        assert_eq!(r.top("th", 2), ["the", "they"]);
+        assert_eq!(r.top("Am", 5), ["Americans", "America"]);
+        assert!(r.top("x", 3).is_empty());
+        // Shown before the first letter: one tap.
+        assert_eq!(r.keys_to_enter("the", STRIP), 1);
+        // "then" shows once "t" is typed (the, they, then): 1 letter + tap.
+        assert_eq!(r.keys_to_enter("then", STRIP), 2);
+        // "America": "A" shows Americans, America: 1 letter + tap.
+        assert_eq!(r.keys_to_enter("America", STRIP), 2);
+        // An unknown word is typed in full, plus its space.
+        assert_eq!(r.keys_to_enter("zebra", STRIP), 6);
+    }
+
+    #[test]
+    fn word_cache_interpolates_bigrams_and_brings_long_words() {
+        let v = vocab();
+        let texts = vec![
+            "the United States. The United States and the Filibuster, the Filibuster again"
+                .to_string(),
+        ];
+        // "Filibuster" is not one token: its first token is 8.
+        let c = WordCache::learn_with(&texts, &v, &|w| (w == "Filibuster").then_some(8));
+        assert_eq!(c.total(), 12);
+        assert_eq!(c.len(), 7);
+        // After "the": United once, Filibuster twice (of 3 bigrams), smoothed by unigrams.
+        let p_fil = c.prob(Some("the"), "Filibuster");
+        let p_uni = c.prob(None, "Filibuster");
+        assert!((p_uni - 2.0 / 12.0).abs() < 1e-6);
+        assert!((p_fil - (2.0 + 2.0 * p_uni) / (3.0 + 2.0)).abs() < 1e-6);
+        // "States." ends a sentence: no bigram (States, The) was counted.
+        let p_the = c.prob(None, "The");
+        assert!((c.prob(Some("States"), "The") - 2.0 * p_the / 3.0).abs() < 1e-6);
+        // The model alone never suggests the long word; with the cache it does, first after
+        // "the", and the model's mass of its first token is shared with it.
+        let probs = [0.30, 0.05, 0.04, 0.20, 0.10, 0.08, 0.02, 0.01, 0.20];
+        let mut c = c;
+        c.weight = 0.5;
+        let r = RankedWords::new(&probs, &v, Some(&c), Some("the"));
+        assert_eq!(r.top("", 1), ["Filibuster"]);
+        assert!(RankedWords::new(&probs, &v, None, Some("the"))
+            .top("F", 3)
+            .is_empty());
+        // Weight 0 is the model alone.
+        let r0 = RankedWords::with_weight(&probs, &v, Some(&c), 0.0, Some("the"));
+        assert_eq!(
+            r0.top("", 3),
+            RankedWords::new(&probs, &v, None, None).top("", 3)
+        );
+        // Tuning picks a positive weight when the cache's words are typed.
+        let mut t = WeightTuner::default();
+        for _ in 0..3 {
+            t.observe(&probs, &v, &c, Some("the"), "Filibuster");
+        }
+        assert!(t.best().0 > 0.0 && t.words() == 3);
+    }
+}

@@ -68,6 +68,15 @@ pub struct EvalArgs {
     /// Skip LoRA / Adapter / full integration (they train through the base).
     #[arg(long)]
     skip_basegrad: bool,
+    /// Run files: one JSON per finished (task, method), skipped by a later run with the same
+    /// settings, so an interrupted evaluation continues where it stopped
+    /// [default: runs/<profile> next to --json].
+    #[arg(long, value_name = "DIR")]
+    runs: Option<PathBuf>,
+    /// Rebuild the tables from the run files in DIR alone: nothing is trained or generated,
+    /// and a (task, method) without a run of the current settings is left out.
+    #[arg(long, value_name = "DIR", conflicts_with = "runs")]
+    from_runs: Option<PathBuf>,
     /// Author of the personalization section (moby-dick | sotu:NAME | email; "none" skips).
     #[arg(long, default_value = "sotu:obama")]
     author: String,
@@ -225,6 +234,16 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     }
     let model = assets::model_path(a.model.as_deref())?;
     let home = assets::spa_home();
+    let runs_dir = match (&a.from_runs, &a.runs) {
+        (Some(d), _) | (None, Some(d)) => d.clone(),
+        (None, None) => a
+            .json
+            .parent()
+            .unwrap_or(std::path::Path::new(""))
+            .join("runs")
+            .join(&profile.name),
+    };
+    eprintln!("[runs] {}", runs_dir.display());
     let opts = EvalOptions {
         profile: profile.clone(),
         spa_home: home.clone(),
@@ -232,6 +251,8 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
         work_dir: home.join("work"),
         skip_basegrad: a.skip_basegrad,
         quiet: a.quiet,
+        runs_dir: Some(runs_dir),
+        only_runs: a.from_runs.is_some(),
     };
     let mut results = eval::run(&opts, &mut |line| eprintln!("{line}"))?;
     eprintln!("[protocol] SPA rounds through the real HTTPS server + device runtime");

@@ -9,7 +9,8 @@
 //!   separation; AdamW, early stopping, checkpoints with exact resume.
 //! - [`basegrad`]: LoRA, Adapter and full integration, which need gradients through the base.
 //! - [`eval`] + [`report`]: the paper's Tables 1-3 with ROUGE-L ([`rouge`], equal to the
-//!   `rouge-score` package) and rounds per token.
+//!   `rouge-score` package), bootstrap intervals ([`stats`]) and rounds per token; resumable
+//!   through one run file per finished (task, method).
 //! - [`personalize`]: on-device personalization on one user's text with next-word metrics.
 //!
 //! ```no_run
@@ -53,6 +54,7 @@ pub mod personalize;
 pub mod report;
 pub mod rouge;
 pub mod sidegrad;
+pub mod stats;
 pub mod train;
 
 pub use error::{Result, TrainError};

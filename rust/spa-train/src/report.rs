@@ -32,7 +32,10 @@ pub fn markdown(r: &Results) -> String {
     }
     // Table 3.
     let tasks = ["xsum", "wikilingua", "coqa", "squad"];
-    let _ = writeln!(s, "## Table 3: ROUGE-L per task (ours | paper)\n");
+    let _ = writeln!(
+        s,
+        "## Table 3: ROUGE-L per task (ours [95% bootstrap interval] | paper)\n"
+    );
     let _ = writeln!(
         s,
         "| method | XSum | CNN/DM → WikiLingua | CoQA | SciQ → SQuAD-shifts | rounds/token (M) | side usage % | override % | trainable params % |"
@@ -41,7 +44,10 @@ pub fn markdown(r: &Results) -> String {
     for row in &r.table3 {
         let pap = paper::TABLE3.iter().find(|p| p.0 == row.method);
         let cell = |i: usize| {
-            let ours = f(row.rouge_l.get(tasks[i]).copied());
+            let mut ours = f(row.rouge_l.get(tasks[i]).copied());
+            if let Some((lo, hi)) = row.rouge_l_ci95.get(tasks[i]) {
+                ours = format!("{ours} [{lo:.2}, {hi:.2}]");
+            }
             match pap {
                 Some(p) => format!("{ours} \\| {:.2}", [p.1, p.2, p.3, p.4][i]),
                 None => ours,
@@ -73,6 +79,61 @@ pub fn markdown(r: &Results) -> String {
         .collect();
     if !notes.is_empty() {
         let _ = writeln!(s, "\n{}", notes.join("\n"));
+    }
+    let n_test: Vec<String> = tasks
+        .iter()
+        .filter_map(|t| {
+            let ns: Vec<usize> = r
+                .table3
+                .iter()
+                .filter_map(|x| x.n_test.get(*t).copied())
+                .collect();
+            let (lo, hi) = (ns.iter().min()?, ns.iter().max()?);
+            Some(if lo == hi {
+                format!("{t} {lo}")
+            } else {
+                format!("{t} {lo}-{hi}")
+            })
+        })
+        .collect();
+    if !n_test.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nTest examples per task (the same examples for every method): {}.",
+            n_test.join(", ")
+        );
+    }
+    if !r.paired.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n### Paired differences (same test examples, resampled jointly)\n"
+        );
+        let _ = writeln!(
+            s,
+            "| difference | task | n | mean ROUGE-L difference | 95% interval | interval excludes 0 |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|");
+        for d in &r.paired {
+            let (lo, hi) = d.ci95;
+            let _ = writeln!(
+                s,
+                "| {} − {} | {} | {} | {:+.2} | [{:+.2}, {:+.2}] | {} |",
+                d.a,
+                d.b,
+                d.task,
+                d.n,
+                d.mean_diff,
+                lo,
+                hi,
+                if lo > 0.0 {
+                    "yes (above)"
+                } else if hi < 0.0 {
+                    "yes (below)"
+                } else {
+                    "no"
+                }
+            );
+        }
     }
     if let Some(spa) = r.table3.iter().find(|x| x.method == "spa") {
         if let Some(sp) = spa.rounds_per_token_speculative {
@@ -122,6 +183,23 @@ pub fn markdown(r: &Results) -> String {
             row.val_side_usage_pct,
             row.paper_side_usage_pct,
             rl.join(", ")
+        );
+    }
+    let curves: Vec<String> = r
+        .table3
+        .iter()
+        .flat_map(|row| {
+            row.val_curve.iter().map(move |(task, c)| {
+                let pts: Vec<String> = c.iter().map(|(st, l)| format!("{st}: {l:.3}")).collect();
+                format!("- `{}` {task}: {}", row.method, pts.join(", "))
+            })
+        })
+        .collect();
+    if !curves.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## Validation curves (step: validation loss, the run kept)\n\n{}",
+            curves.join("\n")
         );
     }
     if !r.personalization.is_null() {
@@ -354,6 +432,29 @@ mod tests {
         r.side_usage_by_position = vec![10.0, 20.0, 50.0];
         let md = markdown(&r);
         assert!(md.contains("| spa | 20.00 \\| 36.52"), "{md}");
+        // Intervals, test sizes and paired differences when the results have them.
+        r.table3[0]
+            .rouge_l_ci95
+            .insert("xsum".into(), (17.5, 22.25));
+        r.table3[0].n_test.insert("xsum".into(), 100);
+        r.paired.push(crate::eval::PairedRow {
+            a: "spa".into(),
+            b: "base".into(),
+            task: "xsum".into(),
+            mean_diff: 1.5,
+            ci95: (0.25, 2.75),
+            n: 100,
+        });
+        let md = markdown(&r);
+        assert!(
+            md.contains("| spa | 20.00 [17.50, 22.25] \\| 36.52"),
+            "{md}"
+        );
+        assert!(md.contains("xsum 100."), "{md}");
+        assert!(
+            md.contains("| spa − base | xsum | 100 | +1.50 | [+0.25, +2.75] | yes (above) |"),
+            "{md}"
+        );
         let svg = rouge_vs_rounds_svg(&r);
         assert!(svg.starts_with("<svg") && svg.contains(">spa</text>"));
         assert!(side_usage_svg(&r).contains("<polyline"));

@@ -1,5 +1,8 @@
 //! The quick evaluation profile on a small slice (what CI runs): every ladder method on every
-//! task, real data, real base, real generations; checks the results' structure and ranges.
+//! task, real data, real base, real generations; checks the results' structure and ranges,
+//! the bootstrap intervals and paired differences, and that the run files make the evaluation
+//! resumable (a second run reuses them all; a deleted one is recomputed from the cached trained
+//! network; `only_runs` leaves out what has no run file).
 //! (LoRA / Adapter / full integration have their own tests in tests/basegrad.rs.)
 
 use spa_train::eval::{self, EvalOptions, Profile};
@@ -15,6 +18,7 @@ fn quick_profile_slice_produces_every_table() {
     let work = tempfile::tempdir().unwrap();
     let mut profile = Profile::quick().slice(0.1);
     profile.n_test = 2;
+    let runs = work.path().join("runs");
     let opts = EvalOptions {
         profile: profile.clone(),
         spa_home: home,
@@ -22,12 +26,24 @@ fn quick_profile_slice_produces_every_table() {
         work_dir: work.path().to_path_buf(),
         skip_basegrad: true,
         quiet: true,
+        runs_dir: Some(runs.clone()),
+        only_runs: false,
     };
     let r = eval::run(&opts, &mut |l| eprintln!("{l}")).unwrap();
     let names: Vec<&str> = r.table3.iter().map(|m| m.method.as_str()).collect();
     assert_eq!(names, ["spa", "lst", "full_separation", "base"]);
     for m in &r.table3 {
         assert_eq!(m.rouge_l.len(), 4, "{}: {:?}", m.method, m.rouge_l);
+        assert_eq!(m.rouge_l_ci95.len(), 4, "{m:?}");
+        for (task, &(lo, hi)) in &m.rouge_l_ci95 {
+            let v = m.rouge_l[task];
+            assert!(
+                lo <= v + 1e-9 && v <= hi + 1e-9,
+                "{}: {task} {v} [{lo}, {hi}]",
+                m.method
+            );
+            assert_eq!(m.n_test[task], 2, "{m:?}");
+        }
         assert!(
             m.rouge_l.values().all(|v| (0.0..=100.0).contains(v)),
             "{m:?}"
@@ -68,6 +84,81 @@ fn quick_profile_slice_produces_every_table() {
     );
     assert!(!r.side_usage_by_position.is_empty());
     assert_eq!(r.protocol_inputs.len(), 4);
+    // Paired differences: SPA minus the base and minus LST on every task (full integration is
+    // skipped here), on the same test examples, so the mean difference is the difference of
+    // the means.
+    assert_eq!(r.paired.len(), 8, "{:?}", r.paired);
+    for d in &r.paired {
+        let mean = |m: &str| r.table3.iter().find(|x| x.method == m).unwrap().rouge_l[&d.task];
+        assert_eq!(d.a, "spa");
+        assert!(["base", "lst"].contains(&d.b.as_str()), "{d:?}");
+        assert_eq!(d.n, 2);
+        assert!(
+            (d.mean_diff - (mean("spa") - mean(&d.b))).abs() < 1e-9,
+            "{d:?}"
+        );
+        assert!(
+            d.ci95.0 <= d.mean_diff + 1e-9 && d.mean_diff <= d.ci95.1 + 1e-9,
+            "{d:?}"
+        );
+    }
+    // One run file per (task, method): 4 tasks x (spa, lst, full_separation, base) and SPA at
+    // Table 1's other widths on XSum.
+    let n_files = std::fs::read_dir(&runs).unwrap().count();
+    assert_eq!(n_files, 18, "run files in {}", runs.display());
+    // Resumed: every result comes from the run files, and the tables are the same.
+    let again = eval::run(&opts, &mut |l| eprintln!("{l}")).unwrap();
+    assert_eq!(again.table3, r.table3);
+    assert_eq!(again.table1, r.table1);
+    assert_eq!(again.paired, r.paired);
+    assert!(
+        again
+            .notes
+            .iter()
+            .any(|n| n.contains("18 (task, method) results reused from finished runs, 0 computed")),
+        "{:?}",
+        again.notes
+    );
+    // A lost run is recomputed (from the cached trained network: no training) and agrees.
+    let lst = runs.join("xsum-lst.json");
+    let before = std::fs::read_to_string(&lst).unwrap();
+    std::fs::remove_file(&lst).unwrap();
+    let mut log = Vec::new();
+    let third = eval::run(&opts, &mut |l| log.push(l.to_string())).unwrap();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("trained network loaded from")),
+        "{log:?}"
+    );
+    assert!(!log.iter().any(|l| l.contains("training")), "{log:?}");
+    let row = |r: &eval::Results, m: &str| r.table3.iter().find(|x| x.method == m).cloned();
+    assert_eq!(
+        row(&third, "lst").unwrap().rouge_l,
+        row(&r, "lst").unwrap().rouge_l
+    );
+    let field = |s: &str, k: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()[k].clone();
+    let after = std::fs::read_to_string(&lst).unwrap();
+    for k in ["settings_hash", "rouge_l", "example_ids"] {
+        assert_eq!(field(&after, k), field(&before, k), "{k}");
+    }
+    // Rebuilt from the run files alone: what has none is left out, and said so.
+    std::fs::remove_file(runs.join("coqa-base.json")).unwrap();
+    let only = EvalOptions {
+        only_runs: true,
+        ..opts.clone()
+    };
+    let rebuilt = eval::run(&only, &mut |l| eprintln!("{l}")).unwrap();
+    assert_eq!(row(&rebuilt, "spa"), row(&r, "spa"));
+    assert_eq!(row(&rebuilt, "base").unwrap().rouge_l.len(), 3);
+    assert!(!runs.join("coqa-base.json").exists());
+    assert!(
+        rebuilt
+            .notes
+            .iter()
+            .any(|n| n.contains("Left out") && n.contains("coqa base")),
+        "{:?}",
+        rebuilt.notes
+    );
     let md = spa_train::report::markdown(&r);
     assert!(md.contains("Table 3") && md.contains("Table 1") && md.contains("Table 2"));
     let json = serde_json::to_value(&r).unwrap();
@@ -78,7 +169,15 @@ fn quick_profile_slice_produces_every_table() {
         "table2",
         "table3",
         "personalization",
+        "paired",
     ] {
         assert!(json.get(k).is_some(), "results.json lacks {k}");
     }
+    for k in ["rouge_l_ci95", "n_test"] {
+        assert!(json["table3"][0].get(k).is_some(), "table3 rows lack {k}");
+    }
+    assert!(
+        md.contains("Paired differences") && md.contains("spa − base"),
+        "{md}"
+    );
 }

@@ -1,5 +1,7 @@
-//! Features phase: a task's examples are loaded, split and tokenized, and the side features of
-//! the training and validation sequences are computed in one base pass for every width (cached).
+//! Features phase: a task's examples are loaded, split and tokenized ([`prepare`]); the side
+//! features of the training and validation sequences are computed in one base pass for every
+//! width (cached on disk by a hash of their inputs) when a method has to train on them
+//! ([`TaskData::ensure_features`]: a task whose runs are all finished never needs them).
 
 use super::tables::Tally;
 use super::{EvalOptions, Setup};
@@ -27,7 +29,8 @@ pub(super) struct TaskData {
     pub(super) va: Vec<Tok>,
     /// Test examples.
     pub(super) te: Vec<Tok>,
-    /// Features by (split, side width), for the training and validation splits.
+    /// Features by (split, side width), for the training and validation splits (empty until
+    /// [`TaskData::ensure_features`]).
     pub(super) feats: BTreeMap<(Split, usize), Vec<SeqFeatures>>,
 }
 
@@ -53,17 +56,15 @@ fn specs(toks: &[Tok]) -> Vec<SeqSpec> {
         .collect()
 }
 
-/// Loads and tokenizes `task`'s splits and computes (or loads) their features.
+/// Loads and tokenizes `task`'s splits.
 pub(super) fn prepare(
     setup: &Setup,
     opts: &EvalOptions,
     task: Task,
     log_progress: &mut dyn FnMut(&str),
-    tally: &mut Tally,
 ) -> Result<TaskData> {
     let p = &opts.profile;
     let base = &setup.base;
-    let t_task = Instant::now();
     log_progress(&format!("[{}] loading data", task.name()));
     let all = data::load_task(&opts.spa_home, task, p.max_words)?;
     let tr = tokenize(base, &data::take_split(&all, Split::Train, p.n_train))?;
@@ -75,41 +76,71 @@ pub(super) fn prepare(
             task.name()
         )));
     }
-    // Features: one base pass for every width.
-    let cache_dir = opts.work_dir.join("cache");
-    let mut feats: BTreeMap<(Split, usize), Vec<SeqFeatures>> = BTreeMap::new();
-    for (split, toks) in [(Split::Train, &tr), (Split::Val, &va)] {
-        let sp = specs(toks);
-        let paths: Vec<PathBuf> = setup
-            .widths
-            .iter()
-            .map(|w| {
-                cache_dir.join(format!(
-                    "{}-{:?}-{}-w{w}.safetensors",
-                    task.name(),
-                    split,
-                    p.name
-                ))
-            })
-            .collect();
-        let path_refs: Vec<&Path> = paths.iter().map(|x| x.as_path()).collect();
-        let proj_refs: Vec<&DownProjection> = setup.projs.iter().collect();
-        let sets = features::load_or_compute(
-            base,
-            &proj_refs,
-            p.top_k,
-            &sp,
-            &path_refs,
-            &format!("{} {:?} features", task.name(), split),
-            opts.quiet,
-        )?;
-        for (w, s) in setup.widths.iter().zip(sets) {
-            feats.insert((split, *w), s.seqs);
-        }
+    if te.len() < p.n_test {
+        log::warn!(
+            "{}: only {} test examples (the profile asks for {})",
+            task.name(),
+            te.len(),
+            p.n_test
+        );
     }
-    tally.timings.insert(
-        format!("{}_features_s", task.name()),
-        t_task.elapsed().as_secs_f64(),
-    );
-    Ok(TaskData { tr, va, te, feats })
+    Ok(TaskData {
+        tr,
+        va,
+        te,
+        feats: BTreeMap::new(),
+    })
+}
+
+impl TaskData {
+    /// Computes (or loads from the cache) the features of the training and validation
+    /// sequences for every width, once.
+    pub(super) fn ensure_features(
+        &mut self,
+        setup: &Setup,
+        opts: &EvalOptions,
+        task: Task,
+        tally: &mut Tally,
+    ) -> Result<()> {
+        if !self.feats.is_empty() {
+            return Ok(());
+        }
+        let p = &opts.profile;
+        let t_feat = Instant::now();
+        let cache_dir = opts.work_dir.join("cache");
+        for (split, toks) in [(Split::Train, &self.tr), (Split::Val, &self.va)] {
+            let sp = specs(toks);
+            let paths: Vec<PathBuf> = setup
+                .widths
+                .iter()
+                .map(|w| {
+                    cache_dir.join(format!(
+                        "{}-{:?}-{}-w{w}.safetensors",
+                        task.name(),
+                        split,
+                        p.name
+                    ))
+                })
+                .collect();
+            let path_refs: Vec<&Path> = paths.iter().map(|x| x.as_path()).collect();
+            let proj_refs: Vec<&DownProjection> = setup.projs.iter().collect();
+            let sets = features::load_or_compute(
+                &setup.base,
+                &proj_refs,
+                p.top_k,
+                &sp,
+                &path_refs,
+                &format!("{} {:?} features", task.name(), split),
+                opts.quiet,
+            )?;
+            for (w, s) in setup.widths.iter().zip(sets) {
+                self.feats.insert((split, *w), s.seqs);
+            }
+        }
+        tally.timings.insert(
+            format!("{}_features_s", task.name()),
+            t_feat.elapsed().as_secs_f64(),
+        );
+        Ok(())
+    }
 }

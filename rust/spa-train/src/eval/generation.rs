@@ -1,16 +1,19 @@
 //! Generation phase: the base alone and every trained ladder method generate greedily on the
 //! test examples (ladder methods with exactly the device runtime's rule, from one prefill per
 //! example and width); generations are scored with ROUGE-L and their traces give rounds per
-//! token, side usage, overrides, bytes and device time (Table 3's rows, Table 1's test figures).
+//! token, side usage, overrides, bytes and device time: one [`RunRecord`] per method (Table 3's
+//! rows, Table 1's test figures).
 
 use super::features::{TaskData, Tok};
-use super::ladder::{Ladder, Ladders};
+use super::ladder::Ladder;
+use super::runs::{data_hash, ProtocolRecord, RunRecord, RUNS_VERSION};
 use super::tables::Tally;
-use super::{mean, speculative_rounds, EvalOptions, MethodRow, ProtocolInput, Setup, BASE_PARAMS};
+use super::{speculative_rounds, EvalOptions, Setup};
 use crate::data::Task;
 use crate::error::Result;
 use crate::features;
 use crate::train::Method;
+use serde_json::json;
 use spa_model::{argmax, top_k, BaseModel, CandleTensor, DownProjection, KvCache};
 use spa_protocol::{encode_i8_rows, Limits, PositionState};
 use std::collections::BTreeMap;
@@ -41,6 +44,10 @@ struct Generated {
     scores: BTreeMap<String, Vec<f64>>,
     /// Traces per test example, by ladder name.
     traces: BTreeMap<String, Vec<GenTrace>>,
+    /// Generation wall time (s) by row name.
+    seconds: BTreeMap<String, f64>,
+    /// Base compute per generated token (s), one per test generation of the base alone.
+    base_s_tok: Vec<f64>,
     /// New tokens per generation.
     max_new: usize,
 }
@@ -120,7 +127,7 @@ fn ladder_generate(
     top: usize,
 ) -> Result<GenTrace> {
     let (base, emb) = (&setup.base, &setup.emb);
-    let proj = setup.proj_of(lad.width);
+    let proj = setup.proj_of(lad.job.width);
     let limits = Limits::default();
     let (n_taps, width) = (proj.meta().taps.len(), proj.meta().width);
     let mut cache = pre.cache.fork()?;
@@ -176,29 +183,57 @@ fn state_bytes(s: &PositionState) -> usize {
     s.encoded_len()
 }
 
-/// Generates with the base and every ladder on `task`'s test examples, scores the generations
-/// and records the rows of Table 3 (ladder methods and the base), Table 1's test figures and
-/// the inputs of the protocol measurement.
+/// Everything the base's result depends on.
+pub(super) fn base_settings(
+    setup: &Setup,
+    opts: &EvalOptions,
+    task: Task,
+    data: &TaskData,
+) -> serde_json::Value {
+    json!({
+        "version": RUNS_VERSION,
+        "kind": "base",
+        "base": setup.base.identity(),
+        "task": task.name(),
+        "test": data_hash(&data.te),
+        "max_new": task.max_new_tokens(),
+        "draft": opts.profile.draft,
+    })
+}
+
+/// Generates with every ladder of `ladders` (and the base alone when `base_settings` is given,
+/// the settings of its run) on `task`'s test examples, scores the generations and returns one
+/// run record per method.
 pub(super) fn generate_and_score(
     setup: &Setup,
     opts: &EvalOptions,
     task: Task,
     data: &TaskData,
-    ladders: &Ladders,
+    ladders: &[Ladder],
+    base_settings: Option<serde_json::Value>,
     tally: &mut Tally,
-) -> Result<()> {
-    let gen = generate(setup, opts, task, &data.te, &ladders.ladders, tally)?;
-    record(opts, task, &data.te, ladders, &gen, tally);
-    Ok(())
+) -> Result<Vec<RunRecord>> {
+    let gen = generate(
+        setup,
+        opts,
+        task,
+        &data.te,
+        ladders,
+        base_settings.is_some(),
+        tally,
+    )?;
+    Ok(records(opts, task, &data.te, ladders, base_settings, gen))
 }
 
-/// Generates on the test examples: the base once, each ladder method from the same prefill.
+/// Generates on the test examples: the base once (when `with_base`), each ladder method from
+/// the same prefill.
 fn generate(
     setup: &Setup,
     opts: &EvalOptions,
     task: Task,
     te: &[Tok],
     ladders: &[Ladder],
+    with_base: bool,
     tally: &mut Tally,
 ) -> Result<Generated> {
     let p = &opts.profile;
@@ -207,50 +242,62 @@ fn generate(
     let max_new = task.max_new_tokens();
     let mut scores: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut traces: BTreeMap<String, Vec<GenTrace>> = BTreeMap::new();
+    let mut seconds: BTreeMap<String, f64> = BTreeMap::new();
+    let mut base_s_tok = Vec::new();
+    let mut widths: Vec<usize> = ladders.iter().map(|l| l.job.width).collect();
+    if with_base {
+        widths.push(p.width);
+    }
+    widths.sort();
+    widths.dedup();
     let pb = features::progress(
         te.len() as u64,
         &format!("{} test generations", task.name()),
         opts.quiet,
     );
     for t in te {
-        let pre_by_w: BTreeMap<usize, Prefill> = setup
-            .widths
+        let tp = Instant::now();
+        let pre_by_w: BTreeMap<usize, Prefill> = widths
             .iter()
             .map(|&w| Ok((w, prefill(base, setup.proj_of(w), &t.prompt, p.top_k)?)))
             .collect::<Result<_>>()?;
-        // The base alone (greedy).
-        let pre = &pre_by_w[&p.width];
-        let mut cache = pre.cache.fork()?;
-        let mut out = Vec::new();
-        let mut logits = pre.last_logits.clone();
-        let stop = base.tokenizer().eos_ids().to_vec();
-        let tb = Instant::now();
-        while out.len() < max_new {
-            let next = argmax(&logits).unwrap_or(0) as u32;
-            if stop.contains(&next) {
-                break;
+        // The prefill is shared: its time is split evenly between the methods.
+        let share = tp.elapsed().as_secs_f64() / (ladders.len() + with_base as usize).max(1) as f64;
+        if with_base {
+            // The base alone (greedy).
+            let tb = Instant::now();
+            let pre = &pre_by_w[&p.width];
+            let mut cache = pre.cache.fork()?;
+            let mut out = Vec::new();
+            let mut logits = pre.last_logits.clone();
+            let stop = base.tokenizer().eos_ids().to_vec();
+            while out.len() < max_new {
+                let next = argmax(&logits).unwrap_or(0) as u32;
+                if stop.contains(&next) {
+                    break;
+                }
+                out.push(next);
+                let o = base.forward(&[next], &mut cache)?;
+                logits = base.last_logits(&o.hidden)?;
             }
-            out.push(next);
-            let o = base.forward(&[next], &mut cache)?;
-            logits = base.last_logits(&o.hidden)?;
+            if !out.is_empty() {
+                base_s_tok.push(tb.elapsed().as_secs_f64() / out.len() as f64);
+            }
+            let text = base.tokenizer().decode(&out)?;
+            scores
+                .entry("base".into())
+                .or_default()
+                .push(crate::rouge::rouge_l(&t.ex.reference, &text).f1 * 100.0);
+            *seconds.entry("base".into()).or_default() += share + tb.elapsed().as_secs_f64();
         }
-        if !out.is_empty() {
-            tally
-                .base_s_tok
-                .push(tb.elapsed().as_secs_f64() / out.len() as f64);
-        }
-        let text = base.tokenizer().decode(&out)?;
-        scores
-            .entry("base".into())
-            .or_default()
-            .push(crate::rouge::rouge_l(&t.ex.reference, &text).f1 * 100.0);
         for lad in ladders {
-            let name = &lad.name;
+            let name = &lad.job.name;
+            let tl = Instant::now();
             let tr = ladder_generate(
                 setup,
                 lad,
                 &t.prompt,
-                &pre_by_w[&lad.width],
+                &pre_by_w[&lad.job.width],
                 max_new,
                 p.top_k,
             )?;
@@ -259,16 +306,7 @@ fn generate(
                 .entry(name.clone())
                 .or_default()
                 .push(crate::rouge::rouge_l(&t.ex.reference, &text).f1 * 100.0);
-            if name == "spa" {
-                let by_pos = &mut tally.by_pos;
-                for (i, s) in tr.side.iter().enumerate() {
-                    if by_pos.len() <= i {
-                        by_pos.push((0, 0));
-                    }
-                    by_pos[i].0 += *s as usize;
-                    by_pos[i].1 += 1;
-                }
-            }
+            *seconds.entry(name.clone()).or_default() += share + tl.elapsed().as_secs_f64();
             traces.entry(name.clone()).or_default().push(tr);
         }
         pb.inc(1);
@@ -281,26 +319,27 @@ fn generate(
     Ok(Generated {
         scores,
         traces,
+        seconds,
+        base_s_tok,
         max_new,
     })
 }
 
-/// Aggregates the generations into the ladder rows, Table 1, the protocol inputs and the base
-/// row.
-fn record(
+/// One run record per generated method: ROUGE-L per example, rounds, side usage, overrides,
+/// bytes, device time, validation figures; SPA's side usage per position and protocol inputs.
+fn records(
     opts: &EvalOptions,
     task: Task,
     te: &[Tok],
-    ladders: &Ladders,
-    gen: &Generated,
-    tally: &mut Tally,
-) {
+    ladders: &[Ladder],
+    base_settings: Option<serde_json::Value>,
+    mut gen: Generated,
+) -> Vec<RunRecord> {
     let p = &opts.profile;
-    let (scores, traces) = (&gen.scores, &gen.traces);
-    let rows = &mut tally.rows;
-    for lad in &ladders.ladders {
-        let (name, w) = (&lad.name, &lad.width);
-        let trs = &traces[name];
+    let mut out = Vec::new();
+    for lad in ladders {
+        let name = &lad.job.name;
+        let trs = gen.traces.remove(name).unwrap_or_default();
         let toks: usize = trs.iter().map(|t| t.tokens.len().max(1)).sum();
         let side: usize = trs
             .iter()
@@ -315,60 +354,72 @@ fn record(
             .iter()
             .map(|t| speculative_rounds(&t.overrides, p.draft))
             .sum();
-        let dev_ms = 1e3 * trs.iter().map(|t| t.device_s).sum::<f64>() / toks as f64;
-        let bytes = trs.iter().map(|t| t.bytes).sum::<usize>() as f64 / toks as f64;
-        tally.bytes_tok.entry(name.clone()).or_default().push(bytes);
-        let rouge = mean(&scores[name]);
-        if name.contains("_w") || (lad.method == Method::Spa && p.table1_tasks.contains(&task)) {
-            if let Some(i) = p.table1_widths.iter().position(|x| x == w) {
-                let r = &mut tally.table1[i];
-                r.rouge_l.insert(task.name().into(), rouge);
-                r.side_usage_pct +=
-                    100.0 * side as f64 / decided as f64 / p.table1_tasks.len() as f64;
-            }
-            if name.contains("_w") {
-                continue;
-            }
-        }
-        let row = rows.entry(name.clone()).or_insert_with(|| MethodRow {
-            method: name.clone(),
-            ..Default::default()
-        });
-        row.rouge_l.insert(task.name().into(), rouge);
-        let n_tasks = p.tasks.len() as f64;
         let spec = spec_rounds as f64 / toks as f64;
-        row.rounds_per_token_speculative =
-            Some(row.rounds_per_token_speculative.unwrap_or(0.0) + spec / n_tasks);
-        row.rounds_per_token += if lad.method == Method::Lst { 1.0 } else { spec } / n_tasks;
-        row.side_usage_pct += 100.0 * side as f64 / decided as f64 / n_tasks;
-        row.override_pct += 100.0 * ov as f64 / decided as f64 / n_tasks;
-        row.trainable_params = lad.params;
-        row.trainable_params_pct = 100.0 * lad.params as f64 / BASE_PARAMS as f64;
-        row.device_ms_per_token = Some(row.device_ms_per_token.unwrap_or(0.0) + dev_ms / n_tasks);
-        row.bytes_per_token += bytes / n_tasks;
-        row.val_loss.insert(task.name().into(), lad.val);
+        let mut r = RunRecord::new(
+            task.name(),
+            name,
+            &p.name,
+            lad.settings.clone(),
+            te,
+            gen.scores.remove(name).unwrap_or_default(),
+        );
+        r.width = Some(lad.job.width);
+        r.seconds = lad.train_s + gen.seconds.get(name).copied().unwrap_or(0.0);
+        r.rounds_per_token = if lad.job.method == Method::Lst {
+            1.0
+        } else {
+            spec
+        };
+        r.rounds_per_token_speculative = Some(spec);
+        r.side_usage_pct = 100.0 * side as f64 / decided as f64;
+        r.override_pct = 100.0 * ov as f64 / decided as f64;
+        r.bytes_per_token = Some(trs.iter().map(|t| t.bytes).sum::<usize>() as f64 / toks as f64);
+        r.device_ms_per_token =
+            Some(1e3 * trs.iter().map(|t| t.device_s).sum::<f64>() / toks as f64);
+        r.trainable_params = lad.params;
+        r.val_loss = Some(lad.val);
+        r.val_curve = lad.val_curve.clone();
+        if lad.job.method == Method::Spa {
+            r.val_side_usage_pct = Some(lad.val_side_usage_pct);
+        }
+        if name == "spa" {
+            for tr in &trs {
+                for (i, s) in tr.side.iter().enumerate() {
+                    if r.side_by_position.len() <= i {
+                        r.side_by_position.push((0, 0));
+                    }
+                    r.side_by_position[i].0 += *s as usize;
+                    r.side_by_position[i].1 += 1;
+                }
+            }
+            let n = trs.len().min(3);
+            let toks: usize = trs[..n].iter().map(|t| t.tokens.len().max(1)).sum();
+            let rounds: usize = trs[..n]
+                .iter()
+                .map(|t| speculative_rounds(&t.overrides, p.draft))
+                .sum();
+            r.protocol = Some(ProtocolRecord {
+                prompts: n,
+                max_new: gen.max_new,
+                simulated_rounds_per_token: rounds as f64 / toks.max(1) as f64,
+            });
+        }
+        out.push(r);
     }
-    if let (Some(path), Some(trs)) = (&ladders.spa_plugin, traces.get("spa")) {
-        let n = te.len().min(3);
-        let toks: usize = trs[..n].iter().map(|t| t.tokens.len().max(1)).sum();
-        let rounds: usize = trs[..n]
-            .iter()
-            .map(|t| speculative_rounds(&t.overrides, p.draft))
-            .sum();
-        tally.protocol_inputs.push(ProtocolInput {
-            task: task.name().into(),
-            plugin: path.clone(),
-            prompts: te[..n].iter().map(|t| t.prompt.clone()).collect(),
-            max_new: gen.max_new,
-            simulated_rounds_per_token: rounds as f64 / toks as f64,
-        });
+    if let Some(settings) = base_settings {
+        let mut r = RunRecord::new(
+            task.name(),
+            "base",
+            &p.name,
+            settings,
+            te,
+            gen.scores.remove("base").unwrap_or_default(),
+        );
+        r.seconds = gen.seconds.get("base").copied().unwrap_or(0.0);
+        r.rounds_per_token = 1.0 / p.draft as f64;
+        r.base_s_per_token = std::mem::take(&mut gen.base_s_tok);
+        r.note = "the frozen base alone (no adaptation)".into();
+        out.push(r);
     }
-    let brow = rows.entry("base".into()).or_insert_with(|| MethodRow {
-        method: "base".into(),
-        note: "the frozen base alone (no adaptation)".into(),
-        ..Default::default()
-    });
-    brow.rouge_l
-        .insert(task.name().into(), mean(&scores["base"]));
-    brow.rounds_per_token = 1.0 / p.draft as f64;
+    out
 }

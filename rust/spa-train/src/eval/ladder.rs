@@ -1,58 +1,99 @@
 //! Ladder training phase: SPA, LST and full separation train on the cached features (plus SPA at
 //! the other widths of Table 1 on its tasks), each becoming the device runtime's q8 model.
+//!
+//! A trained side network is kept under `<work dir>/ladders/`, named by the hash of everything
+//! its training read ([`Job::train_settings`]), so a run interrupted after training (during the
+//! generations) does not train again.
 
 use super::features::TaskData;
+use super::runs::{data_hash, settings_hash, RUNS_VERSION};
 use super::tables::Tally;
-use super::{paper, EvalOptions, Setup, SizeRow};
+use super::{EvalOptions, Setup};
 use crate::data::{Split, Task};
 use crate::error::{Result, TrainError};
 use crate::features;
 use crate::sidegrad::SideGraph;
 use crate::train::{self, Method, TrainConfig};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use spa_model::side::F32Tensor;
 use spa_model::{
     GateMode, PersonalVocab, QuantMode, SideConfig, SideNetwork, SidePlugin, SideWeights,
 };
 use spa_runtime::DeviceModel;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// A trained ladder method ready to generate.
-pub(super) struct Ladder {
+/// One ladder method to evaluate on a task.
+#[derive(Debug, Clone)]
+pub(super) struct Job {
+    pub(super) method: Method,
+    pub(super) width: usize,
     /// Row name: the method's name, with `_w{width}` for Table 1's other widths.
     pub(super) name: String,
-    /// Side width.
-    pub(super) width: usize,
-    pub(super) method: Method,
-    pub(super) device: DeviceModel,
-    pub(super) sep_in: Option<Vec<f32>>,
-    pub(super) params: usize,
-    /// Validation loss (initial, best).
-    pub(super) val: (f64, f64),
 }
 
-/// A task's trained ladder methods.
-pub(super) struct Ladders {
-    /// In training order.
-    pub(super) ladders: Vec<Ladder>,
-    /// The saved SPA plugin (the profile's width).
-    pub(super) spa_plugin: Option<PathBuf>,
+impl Job {
+    /// The training configuration (the learning rate is chosen from the profile's `lrs`).
+    fn config(&self, opts: &EvalOptions) -> TrainConfig {
+        let p = &opts.profile;
+        TrainConfig {
+            method: self.method,
+            max_steps: p.steps,
+            eval_every: (p.steps / 6).max(5),
+            patience: 3,
+            seed: 1,
+            ..Default::default()
+        }
+    }
+
+    /// Everything the trained weights depend on.
+    pub(super) fn train_settings(
+        &self,
+        setup: &Setup,
+        opts: &EvalOptions,
+        task: Task,
+        data: &TaskData,
+    ) -> serde_json::Value {
+        let p = &opts.profile;
+        json!({
+            "version": RUNS_VERSION,
+            "kind": "ladder",
+            "base": setup.base.identity(),
+            "projection": setup.proj_of(self.width).fingerprint(),
+            "task": task.name(),
+            "method": self.method.name(),
+            "width": self.width,
+            "train": data_hash(&data.tr),
+            "val": data_hash(&data.va),
+            "top_k": p.top_k,
+            "lrs": p.lrs,
+            "init_seed": 17,
+            "train_config": self.config(opts),
+        })
+    }
+
+    /// Everything the run's result depends on (training, test examples, decoding, protocol).
+    pub(super) fn run_settings(
+        &self,
+        setup: &Setup,
+        opts: &EvalOptions,
+        task: Task,
+        data: &TaskData,
+    ) -> serde_json::Value {
+        json!({
+            "training": self.train_settings(setup, opts, task, data),
+            "test": data_hash(&data.te),
+            "max_new": task.max_new_tokens(),
+            "draft": opts.profile.draft,
+        })
+    }
 }
 
-/// Trains SPA, LST and full separation at the profile's width (and SPA at Table 1's other
-/// widths on Table 1's tasks); fills Table 1's validation side usage.
-pub(super) fn train(
-    setup: &Setup,
-    opts: &EvalOptions,
-    task: Task,
-    data: &TaskData,
-    log_progress: &mut dyn FnMut(&str),
-    tally: &mut Tally,
-) -> Result<Ladders> {
+/// The ladder methods of `task`: SPA, LST and full separation at the profile's width, and SPA
+/// at Table 1's other widths on Table 1's tasks.
+pub(super) fn jobs(opts: &EvalOptions, task: Task) -> Vec<Job> {
     let p = &opts.profile;
-    let base = &setup.base;
-    let t_train = Instant::now();
-    let mut ladders: Vec<Ladder> = Vec::new();
-    let mut spa_plugin_path: Option<PathBuf> = None;
     let mut jobs: Vec<(Method, usize)> = vec![
         (Method::Spa, p.width),
         (Method::Lst, p.width),
@@ -65,66 +106,223 @@ pub(super) fn train(
             }
         }
     }
-    for (method, w) in jobs {
-        let proj = setup.proj_of(w);
-        let mut cfg = SideConfig::new(base.config().hidden, setup.n_layers, w);
-        cfg.taps = setup.taps.clone();
-        let init = SideWeights::init(cfg, 17, 0.0)?;
-        let make = || SideGraph::new(&init, method.input(), setup.head_f32.clone(), 17);
-        let tcfg = TrainConfig {
+    jobs.into_iter()
+        .map(|(method, width)| Job {
             method,
-            max_steps: p.steps,
-            eval_every: (p.steps / 6).max(5),
-            patience: 3,
-            seed: 1,
-            ..Default::default()
-        };
-        log_progress(&format!(
-            "[{}] training {} (width {w})",
-            task.name(),
-            method.name()
-        ));
-        let pb = features::progress(
-            p.steps as u64 * p.lrs.len() as u64,
-            &format!("{} {} w{w}", task.name(), method.name()),
-            opts.quiet,
+            width,
+            name: if width == p.width {
+                method.name().to_string()
+            } else {
+                format!("{}_w{width}", method.name())
+            },
+        })
+        .collect()
+}
+
+/// A trained ladder method ready to generate.
+pub(super) struct Ladder {
+    pub(super) job: Job,
+    /// Settings of its run (see [`Job::run_settings`]).
+    pub(super) settings: serde_json::Value,
+    pub(super) device: DeviceModel,
+    pub(super) sep_in: Option<Vec<f32>>,
+    pub(super) params: usize,
+    /// Validation loss (initial, best).
+    pub(super) val: (f64, f64),
+    /// Validation curve (step, loss).
+    pub(super) val_curve: Vec<(usize, f64)>,
+    /// Side usage % over the validation positions (at the best weights).
+    pub(super) val_side_usage_pct: f64,
+    /// Training wall time (s).
+    pub(super) train_s: f64,
+}
+
+/// What a cached trained side network carries besides its weights.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CachedMeta {
+    train_settings_hash: String,
+    config: SideConfig,
+    params: usize,
+    val: (f64, f64),
+    val_curve: Vec<(usize, f64)>,
+    val_side_usage_pct: f64,
+    train_s: f64,
+}
+
+/// Trained weights (and full separation's `sep_in`) with their metadata.
+struct Trained {
+    weights: SideWeights,
+    sep_in: Option<Vec<f32>>,
+    meta: CachedMeta,
+}
+
+fn save_cached(path: &Path, t: &Trained) -> Result<()> {
+    let mut tensors = t.weights.tensors.clone();
+    if let Some(sep) = &t.sep_in {
+        tensors.insert(
+            "sep_in".into(),
+            F32Tensor {
+                shape: vec![sep.len()],
+                data: sep.clone(),
+            },
         );
-        let choice = train::select_lr(
-            &make,
-            &data.feats[&(Split::Train, w)],
-            &data.feats[&(Split::Val, w)],
-            &tcfg,
-            &p.lrs,
-            &mut |pr| {
-                pb.inc(1);
-                pb.set_message(format!(
-                    "{} {} w{w} loss {:.3}",
+    }
+    let meta = serde_json::to_string(&t.meta)
+        .map_err(|e| TrainError::Config(format!("ladder cache metadata: {e}")))?;
+    spa_model::io::save_f32(path, &tensors, &meta)?;
+    Ok(())
+}
+
+/// The cached network at `path` if it exists and was trained under `hash`.
+fn load_cached(path: &Path, hash: &str) -> Option<Trained> {
+    if !path.exists() {
+        return None;
+    }
+    let loaded = (|| -> Result<Trained> {
+        let (mut tensors, meta) = spa_model::io::load_f32(path)?;
+        let meta: CachedMeta = serde_json::from_str(&meta).map_err(|e| TrainError::Cache {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let sep_in = tensors.remove("sep_in").map(|t| t.data);
+        let weights = SideWeights {
+            config: meta.config.clone(),
+            tensors,
+        };
+        weights.check_shapes()?;
+        Ok(Trained {
+            weights,
+            sep_in,
+            meta,
+        })
+    })();
+    match loaded {
+        Ok(t) if t.meta.train_settings_hash == hash => Some(t),
+        Ok(_) => None,
+        Err(e) => {
+            log::warn!("{}: unusable ladder cache ({e}); training", path.display());
+            None
+        }
+    }
+}
+
+/// Trains `job` on the task's features (learning rate chosen on validation).
+#[allow(clippy::too_many_arguments)]
+fn train_one(
+    setup: &Setup,
+    opts: &EvalOptions,
+    task: Task,
+    data: &mut TaskData,
+    job: &Job,
+    hash: String,
+    log_progress: &mut dyn FnMut(&str),
+    tally: &mut Tally,
+) -> Result<Trained> {
+    let p = &opts.profile;
+    let base = &setup.base;
+    let (method, w) = (job.method, job.width);
+    data.ensure_features(setup, opts, task, tally)?;
+    let t0 = Instant::now();
+    let mut cfg = SideConfig::new(base.config().hidden, setup.n_layers, w);
+    cfg.taps = setup.taps.clone();
+    let init = SideWeights::init(cfg, 17, 0.0)?;
+    let make = || SideGraph::new(&init, method.input(), setup.head_f32.clone(), 17);
+    log_progress(&format!(
+        "[{}] training {} (width {w})",
+        task.name(),
+        method.name()
+    ));
+    let pb = features::progress(
+        p.steps as u64 * p.lrs.len() as u64,
+        &format!("{} {} w{w}", task.name(), method.name()),
+        opts.quiet,
+    );
+    let choice = train::select_lr(
+        &make,
+        &data.feats[&(Split::Train, w)],
+        &data.feats[&(Split::Val, w)],
+        &job.config(opts),
+        &p.lrs,
+        &mut |pr| {
+            pb.inc(1);
+            pb.set_message(format!(
+                "{} {} w{w} loss {:.3}",
+                task.name(),
+                method.name(),
+                pr.loss
+            ));
+            true
+        },
+    )?;
+    pb.finish_and_clear();
+    let (weights, sep_in) = choice.graph.to_weights()?;
+    let config = weights.config.clone();
+    Ok(Trained {
+        weights,
+        sep_in,
+        meta: CachedMeta {
+            train_settings_hash: hash,
+            config,
+            params: choice.graph.param_count(method.gated()),
+            val: (choice.report.initial.loss, choice.report.best.loss),
+            val_curve: choice.report.history.clone(),
+            val_side_usage_pct: choice.report.best.side_usage * 100.0,
+            train_s: t0.elapsed().as_secs_f64(),
+        },
+    })
+}
+
+/// Trains (or loads the cached training of) each of `jobs` and makes it the device runtime's
+/// model; saves SPA's plugin at the profile's width for the protocol measurement.
+pub(super) fn train(
+    setup: &Setup,
+    opts: &EvalOptions,
+    task: Task,
+    data: &mut TaskData,
+    jobs: &[Job],
+    log_progress: &mut dyn FnMut(&str),
+    tally: &mut Tally,
+) -> Result<Vec<Ladder>> {
+    let p = &opts.profile;
+    let base = &setup.base;
+    let t_train = Instant::now();
+    let mut ladders: Vec<Ladder> = Vec::new();
+    for job in jobs {
+        let (method, w) = (job.method, job.width);
+        let proj = setup.proj_of(w);
+        let hash = settings_hash(&job.train_settings(setup, opts, task, data));
+        let cache = opts.work_dir.join("ladders").join(format!(
+            "{}-{}-{hash}.safetensors",
+            task.name(),
+            job.name
+        ));
+        let trained = match load_cached(&cache, &hash) {
+            Some(t) => {
+                log_progress(&format!(
+                    "[{}] {} (width {w}): trained network loaded from {}",
                     task.name(),
                     method.name(),
-                    pr.loss
+                    cache.display()
                 ));
-                true
-            },
-        )?;
-        pb.finish_and_clear();
-        let (weights, sep) = choice.graph.to_weights()?;
+                t
+            }
+            None => {
+                let t = train_one(setup, opts, task, data, job, hash, log_progress, tally)?;
+                save_cached(&cache, &t)?;
+                t
+            }
+        };
         if method == Method::Spa && w == p.width {
             let mut plugin = SidePlugin::init(base, proj, 17, 0.0)?;
-            plugin.weights = weights.clone();
-            let path = opts.work_dir.join("plugins").join(format!(
-                "{}-spa-{}.safetensors",
-                task.name(),
-                p.name
-            ));
-            if let Some(d) = path.parent() {
-                std::fs::create_dir_all(d).map_err(|e| TrainError::io(d, e))?;
-            }
-            plugin.save(&path)?;
-            spa_plugin_path = Some(path);
+            plugin.weights = trained.weights.clone();
+            plugin.save(&plugin_path(
+                opts,
+                task,
+                &job.run_settings(setup, opts, task, data),
+            ))?;
         }
-        let params = choice.graph.param_count(method.gated());
         let device = DeviceModel {
-            side: SideNetwork::new(&weights, QuantMode::Q8, base.max_positions())?,
+            side: SideNetwork::new(&trained.weights, QuantMode::Q8, base.max_positions())?,
             head: setup.dev_head.clone(),
             personal: PersonalVocab::default(),
             gate: if method.gated() {
@@ -136,45 +334,31 @@ pub(super) fn train(
             base_identity: base.identity().to_string(),
             projection: proj.fingerprint().to_string(),
         };
-        let name = if w == p.width {
-            method.name().to_string()
-        } else {
-            format!("{}_w{w}", method.name())
-        };
+        let m = trained.meta;
         ladders.push(Ladder {
-            name,
-            width: w,
-            method,
+            job: job.clone(),
+            settings: job.run_settings(setup, opts, task, data),
             device,
-            sep_in: sep,
-            params,
-            val: (choice.report.initial.loss, choice.report.best.loss),
+            sep_in: trained.sep_in,
+            params: m.params,
+            val: m.val,
+            val_curve: m.val_curve,
+            val_side_usage_pct: m.val_side_usage_pct,
+            train_s: m.train_s,
         });
-        if method == Method::Spa && p.table1_tasks.contains(&task) {
-            let val_usage = choice.report.best.side_usage * 100.0;
-            let idx = p.table1_widths.iter().position(|&x| x == w);
-            if let Some(i) = idx {
-                let table1 = &mut tally.table1;
-                while table1.len() <= i {
-                    table1.push(SizeRow::default());
-                }
-                let r = &mut table1[i];
-                r.size = ["small", "medium", "full"]
-                    .get(i)
-                    .unwrap_or(&"?")
-                    .to_string();
-                r.width = w;
-                r.paper_side_usage_pct = paper::TABLE1.get(i).copied().unwrap_or(f64::NAN);
-                r.val_side_usage_pct += val_usage / p.table1_tasks.len() as f64;
-            }
-        }
     }
     tally.timings.insert(
         format!("{}_train_s", task.name()),
         t_train.elapsed().as_secs_f64(),
     );
-    Ok(Ladders {
-        ladders,
-        spa_plugin: spa_plugin_path,
-    })
+    Ok(ladders)
+}
+
+/// Where SPA's plugin of the run with `settings` is saved.
+pub(super) fn plugin_path(opts: &EvalOptions, task: Task, settings: &serde_json::Value) -> PathBuf {
+    opts.work_dir.join("plugins").join(format!(
+        "{}-spa-{}.safetensors",
+        task.name(),
+        settings_hash(settings)
+    ))
 }

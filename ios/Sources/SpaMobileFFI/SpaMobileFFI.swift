@@ -1212,9 +1212,11 @@ public protocol SpaClientProtocol: AnyObject, Sendable {
     /**
      * Up to `count` next-word suggestions for `text`, the text before the cursor (a keyboard's
      * suggestion strip). When `text` ends inside a word, the suggestions complete it. One
-     * stateless request to the server (the base's features of the context's token ids); the
-     * personal side network and gate run here. Words the tokenizer splits into several tokens
-     * are never suggested.
+     * stateless request to the server per context (the base's final hidden state for the
+     * context's token ids, up to 256 of them); the LM head scores the whole vocabulary here,
+     * with the personal side network and gate. Typing letters of a word re-ranks the last
+     * context's words without a request. Words the tokenizer splits into several tokens are
+     * not suggested.
      */
     func suggest(text: String, count: UInt32) async throws  -> Suggestions
     
@@ -1330,9 +1332,11 @@ open func personalizer(storageDir: String) -> Personalizer  {
     /**
      * Up to `count` next-word suggestions for `text`, the text before the cursor (a keyboard's
      * suggestion strip). When `text` ends inside a word, the suggestions complete it. One
-     * stateless request to the server (the base's features of the context's token ids); the
-     * personal side network and gate run here. Words the tokenizer splits into several tokens
-     * are never suggested.
+     * stateless request to the server per context (the base's final hidden state for the
+     * context's token ids, up to 256 of them); the LM head scores the whole vocabulary here,
+     * with the personal side network and gate. Typing letters of a word re-ranks the last
+     * context's words without a request. Words the tokenizer splits into several tokens are
+     * not suggested.
      */
 open func suggest(text: String, count: UInt32)async throws  -> Suggestions  {
     return
@@ -1885,7 +1889,7 @@ public struct NextWordQuality: Equatable, Hashable {
      */
     public var keystrokeSavings: Double
     /**
-     * Perplexity over the device's shortlist.
+     * Perplexity over the whole vocabulary.
      */
     public var perplexity: Double
     /**
@@ -1909,7 +1913,7 @@ public struct NextWordQuality: Equatable, Hashable {
          * Keystrokes saved by tapping suggestions (%).
          */keystrokeSavings: Double, 
         /**
-         * Perplexity over the device's shortlist.
+         * Perplexity over the whole vocabulary.
          */perplexity: Double, 
         /**
          * Positions where the personal side path was used (%).
@@ -3473,7 +3477,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_spa_ffi_checksum_method_spaclient_personalizer() != 24995) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_spa_ffi_checksum_method_spaclient_suggest() != 48386) {
+    if (uniffi_spa_ffi_checksum_method_spaclient_suggest() != 10562) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_spa_ffi_checksum_method_personalizer_cancel() != 47164) {

@@ -1015,7 +1015,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_spa_ffi_checksum_method_spaclient_personalizer() and 0xFFFF) != 24995) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_spa_ffi_checksum_method_spaclient_suggest() and 0xFFFF) != 48386) {
+    if ((lib.uniffi_spa_ffi_checksum_method_spaclient_suggest() and 0xFFFF) != 10562) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_spa_ffi_checksum_method_personalizer_cancel() and 0xFFFF) != 47164) {
@@ -2605,9 +2605,11 @@ public interface SpaClientInterface {
     /**
      * Up to `count` next-word suggestions for `text`, the text before the cursor (a keyboard's
      * suggestion strip). When `text` ends inside a word, the suggestions complete it. One
-     * stateless request to the server (the base's features of the context's token ids); the
-     * personal side network and gate run here. Words the tokenizer splits into several tokens
-     * are never suggested.
+     * stateless request to the server per context (the base's final hidden state for the
+     * context's token ids, up to 256 of them); the LM head scores the whole vocabulary here,
+     * with the personal side network and gate. Typing letters of a word re-ranks the last
+     * context's words without a request. Words the tokenizer splits into several tokens are
+     * not suggested.
      */
     suspend fun `suggest`(`text`: kotlin.String, `count`: kotlin.UInt): Suggestions
     
@@ -2790,9 +2792,11 @@ open class SpaClient: Disposable, AutoCloseable, SpaClientInterface
     /**
      * Up to `count` next-word suggestions for `text`, the text before the cursor (a keyboard's
      * suggestion strip). When `text` ends inside a word, the suggestions complete it. One
-     * stateless request to the server (the base's features of the context's token ids); the
-     * personal side network and gate run here. Words the tokenizer splits into several tokens
-     * are never suggested.
+     * stateless request to the server per context (the base's final hidden state for the
+     * context's token ids, up to 256 of them); the LM head scores the whole vocabulary here,
+     * with the personal side network and gate. Typing letters of a word re-ranks the last
+     * context's words without a request. Words the tokenizer splits into several tokens are
+     * not suggested.
      */
     @Throws(SpaMobileException::class)
     @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
@@ -3221,7 +3225,7 @@ data class NextWordQuality (
     var `keystrokeSavings`: kotlin.Double
     , 
     /**
-     * Perplexity over the device's shortlist.
+     * Perplexity over the whole vocabulary.
      */
     var `perplexity`: kotlin.Double
     , 

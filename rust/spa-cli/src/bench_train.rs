@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use spa_model::{BaseModel, SidePlugin};
 use spa_train::data::{self, Split, Task};
-use spa_train::features::{self, SeqSpec};
+use spa_train::features;
 use spa_train::sidegrad::SideGraph;
 use spa_train::train::{self, Method, TrainConfig};
 use std::path::PathBuf;
@@ -76,16 +76,7 @@ pub fn train_bench(a: TrainBenchArgs) -> Result<()> {
     let proj = train_cmd::projection(&base, a.width)?;
     let all = data::load_task(&assets::spa_home(), task, 200)?;
     let tok = base.tokenizer();
-    let specs: Vec<SeqSpec> = data::take_split(&all, Split::Train, a.examples)
-        .iter()
-        .map(|e| {
-            let (prompt, target) = e.tokenize(tok)?;
-            Ok(SeqSpec {
-                loss_start: prompt.len(),
-                tokens: prompt.into_iter().chain(target).collect(),
-            })
-        })
-        .collect::<Result<_>>()?;
+    let specs = train_cmd::task_specs(tok, &data::take_split(&all, Split::Train, a.examples))?;
     let tokens: usize = specs.iter().map(|s| s.tokens.len()).sum();
 
     // The server's prefill: batch-invariant attention, one sequence at a time.

@@ -10,12 +10,13 @@
 
 use crate::assets;
 use crate::serve::{answer, device_with, load_server_parts};
+use crate::train_cmd::task_specs;
 use anyhow::{bail, Context, Result};
 use spa_model::{BaseModel, DownProjection, GateMode, QuantMode, SidePlugin};
 use spa_runtime::{Client, ClientConfig, Mode, RuntimeParams, SpaSession};
 use spa_server::{tls, AppState, Keys, ServerConfig};
-use spa_train::data::{self, Example, Split, Task};
-use spa_train::features::{self, SeqSpec};
+use spa_train::data::{self, Split, Task};
+use spa_train::features;
 use spa_train::sidegrad::SideGraph;
 use spa_train::train::{self, Method, TrainConfig};
 use std::path::PathBuf;
@@ -85,18 +86,6 @@ fn recipe_tag(r: &Recipe, proj: &DownProjection) -> String {
     )
 }
 
-fn specs(tok: &spa_model::SpaTokenizer, exs: &[Example]) -> Result<Vec<SeqSpec>> {
-    exs.iter()
-        .map(|e| {
-            let (prompt, target) = e.tokenize(tok)?;
-            Ok(SeqSpec {
-                loss_start: prompt.len(),
-                tokens: prompt.into_iter().chain(target).collect(),
-            })
-        })
-        .collect()
-}
-
 /// The demo plugin: loaded from the cache when it was made for this base and projection,
 /// else trained (SPA, XSum) and cached.
 fn demo_plugin(base: &BaseModel, proj: &DownProjection, retrain: bool) -> Result<SidePlugin> {
@@ -125,8 +114,8 @@ fn demo_plugin(base: &BaseModel, proj: &DownProjection, retrain: bool) -> Result
     let t0 = Instant::now();
     let all = data::load_task(&home, Task::Xsum, r.words)?;
     let tok = base.tokenizer();
-    let tr = specs(tok, &data::take_split(&all, Split::Train, r.train))?;
-    let va = specs(tok, &data::take_split(&all, Split::Val, r.val))?;
+    let tr = task_specs(tok, &data::take_split(&all, Split::Train, r.train))?;
+    let va = task_specs(tok, &data::take_split(&all, Split::Val, r.val))?;
     let cache = home.join("work/cache");
     let p_tr = cache.join(format!("demo-train-{tag}.safetensors"));
     let p_va = cache.join(format!("demo-val-{tag}.safetensors"));

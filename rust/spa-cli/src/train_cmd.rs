@@ -122,6 +122,22 @@ fn method(s: &str) -> Result<Method> {
     })
 }
 
+/// Prompt + target token sequences of task examples (loss from the first target token).
+pub(crate) fn task_specs(
+    tok: &spa_model::SpaTokenizer,
+    exs: &[data::Example],
+) -> Result<Vec<SeqSpec>> {
+    exs.iter()
+        .map(|e| {
+            let (prompt, target) = e.tokenize(tok)?;
+            Ok(SeqSpec {
+                loss_start: prompt.len(),
+                tokens: prompt.into_iter().chain(target).collect(),
+            })
+        })
+        .collect()
+}
+
 pub(crate) fn projection(base: &BaseModel, width: usize) -> Result<DownProjection> {
     let taps: Vec<usize> = (0..base.config().n_layers).collect();
     Ok(DownProjection::published(
@@ -141,18 +157,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
     let home = assets::spa_home();
     let all = data::load_task(&home, task, 200)?;
     let tok = base.tokenizer();
-    let mk = |split, n| -> Result<Vec<SeqSpec>> {
-        data::take_split(&all, split, n)
-            .iter()
-            .map(|e| {
-                let (prompt, target) = e.tokenize(tok)?;
-                Ok(SeqSpec {
-                    loss_start: prompt.len(),
-                    tokens: prompt.into_iter().chain(target).collect(),
-                })
-            })
-            .collect()
-    };
+    let mk = |split, n| task_specs(tok, &data::take_split(&all, split, n));
     let (tr, va) = (mk(Split::Train, a.n_train)?, mk(Split::Val, a.n_val)?);
     let cache = home.join("work/cache");
     let p_tr = cache.join(format!(

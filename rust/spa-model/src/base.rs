@@ -338,9 +338,7 @@ impl BaseModel {
 
     /// Runs `tokens` at positions `cache.len()..` and appends them to the cache.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<BaseOutput> {
-        self.forward_batch(&mut [(tokens, cache)])?
-            .pop()
-            .ok_or_else(|| SpaError::InvalidConfig("forward produced no output".into()))
+        self.forward_with(tokens, cache, ForwardMode::BatchInvariant)
     }
 
     /// [`BaseModel::forward`] with a chosen [`ForwardMode`].

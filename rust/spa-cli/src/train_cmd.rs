@@ -68,6 +68,14 @@ pub struct EvalArgs {
     /// Skip LoRA / Adapter / full integration (they train through the base).
     #[arg(long)]
     skip_basegrad: bool,
+    /// Only these tasks, in this order (comma-separated: xsum,wikilingua,coqa,squad)
+    /// [default: the profile's].
+    #[arg(long, value_delimiter = ',')]
+    tasks: Vec<String>,
+    /// Skip Table 1's other side widths (SPA at 32 and 128); a later run without it adds them
+    /// and reuses the finished runs.
+    #[arg(long)]
+    skip_table1: bool,
     /// Run files: one JSON per finished (task, method), skipped by a later run with the same
     /// settings, so an interrupted evaluation continues where it stopped
     /// [default: runs/<profile> next to --json].
@@ -237,6 +245,16 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
         }
         profile = profile.slice(s);
     }
+    if !a.tasks.is_empty() {
+        profile.tasks = a
+            .tasks
+            .iter()
+            .map(|t| spa_train::data::Task::parse(t))
+            .collect::<std::result::Result<_, _>>()?;
+    }
+    if a.skip_table1 {
+        profile.table1_tasks.clear();
+    }
     let model = assets::model_path(a.model.as_deref())?;
     let home = assets::spa_home();
     let runs_dir = match (&a.from_runs, &a.runs) {
@@ -262,23 +280,34 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     let mut results = eval::run(&opts, &mut |line| eprintln!("{line}"))?;
     eprintln!("[protocol] SPA rounds through the real HTTPS server + device runtime");
     let inputs = std::mem::take(&mut results.protocol_inputs);
-    let measured = match crate::runtime()?.block_on(measure_rounds(&model, &profile, &inputs)) {
-        Ok(m) => m,
+    match crate::runtime()?.block_on(measure_rounds(&model, &profile, &inputs)) {
+        Ok(rows) => {
+            for inp in &inputs {
+                let at_k = rows
+                    .iter()
+                    .find(|r| r.task == inp.task && r.k == serde_json::json!(profile.draft));
+                if let Some(r) = at_k {
+                    results.notes.push(format!(
+                        "{}: SPA rounds/token through the real protocol (loopback TLS server, K = {}, first {} test prompts): {:.3}; simulated from the local trace on the same prompts: {:.3}.",
+                        inp.task,
+                        profile.draft,
+                        inp.prompts.len(),
+                        r.rounds_per_token,
+                        inp.simulated_rounds_per_token
+                    ));
+                    results
+                        .measured_rounds_per_token
+                        .insert(inp.task.clone(), r.rounds_per_token);
+                }
+            }
+            results.rounds = rows;
+        }
         Err(e) => {
             log::error!("measuring rounds through the protocol failed: {e:#}");
             results.notes.push(format!(
                 "rounds through the real protocol: not measured ({e})"
             ));
-            Default::default()
         }
-    };
-    for (task, (m, sim)) in measured {
-        results.notes.push(format!(
-            "{task}: SPA rounds/token through the real protocol (loopback TLS server, K = {}, first {} test prompts): {m:.3}; simulated from the local trace on the same prompts: {sim:.3}.",
-            profile.draft,
-            inputs.first().map(|i| i.prompts.len()).unwrap_or(0)
-        ));
-        results.measured_rounds_per_token.insert(task, m);
     }
     if a.author != "none" {
         eprintln!("[personalization] {}", a.author);
@@ -445,15 +474,20 @@ pub fn personalize_cmd(a: PersonalizeArgs) -> Result<()> {
 
 /// Runs the trained SPA plugins through a real loopback HTTPS server and the device runtime and
 /// returns (measured, simulated) rounds per token per task.
+/// SPA's trained plugins through a real loopback HTTPS server and the device runtime (trained
+/// gate), on each task's first test prompts, at K = 4, 8, 16 and with the adaptive K: one row
+/// per (task, policy).
 async fn measure_rounds(
     model: &std::path::Path,
     profile: &Profile,
     inputs: &[eval::ProtocolInput],
-) -> Result<std::collections::BTreeMap<String, (f64, f64)>> {
-    use spa_runtime::{Client, ClientConfig, DeviceModel, Mode, RuntimeParams, SpaSession};
+) -> Result<Vec<eval::RoundsRow>> {
+    use spa_runtime::{
+        AdaptiveDraft, Client, ClientConfig, DeviceModel, Mode, RuntimeParams, SpaSession,
+    };
     use spa_server::{tls, AppState, Keys, ServerConfig};
     use std::sync::Arc;
-    let mut out = std::collections::BTreeMap::new();
+    let mut out = Vec::new();
     if inputs.is_empty() {
         return Ok(out);
     }
@@ -475,6 +509,12 @@ async fn measure_rounds(
     cfg.extra_root_pem = Some(cert.cert_pem.clone());
     let client = Client::new(cfg)?;
     let assets_dev = DeviceAssets::load(model)?;
+    let policies: [(serde_json::Value, u32, Option<AdaptiveDraft>); 4] = [
+        (4.into(), 4, None),
+        (8.into(), 8, None),
+        (16.into(), 16, None),
+        ("adaptive".into(), 8, Some(AdaptiveDraft::default())),
+    ];
     for inp in inputs {
         let plugin = SidePlugin::load(&inp.plugin)?;
         let dev = Arc::new(DeviceModel::new(
@@ -485,25 +525,41 @@ async fn measure_rounds(
             spa_model::PersonalVocab::default(),
         )?);
         dev.check_manifest(&client.manifest().await?)?;
-        let params = RuntimeParams {
-            max_tokens: inp.max_new,
-            draft: profile.draft as u32,
-            top_k: profile.top_k as u32,
-            stop_tokens: assets_dev.tokenizer.eos_ids().to_vec(),
-            ..Default::default()
-        };
-        let (mut rounds, mut toks) = (0usize, 0usize);
-        for p in &inp.prompts {
-            let mut s = SpaSession::new(client.clone(), dev.clone(), Mode::Spa);
-            let (t, st) = s.generate(p, &params, None, |_| true).await?;
-            rounds += st.rounds;
-            toks += t.len().max(1);
-            s.reset().await;
+        for (k, draft, adaptive) in &policies {
+            let params = RuntimeParams {
+                max_tokens: inp.max_new,
+                draft: *draft,
+                adaptive_draft: *adaptive,
+                top_k: profile.top_k as u32,
+                stop_tokens: assets_dev.tokenizer.eos_ids().to_vec(),
+                ..Default::default()
+            };
+            let mut sum = spa_runtime::GenerationStats::default();
+            for p in &inp.prompts {
+                let mut s = SpaSession::new(client.clone(), dev.clone(), Mode::Spa);
+                let (_, st) = s.generate(p, &params, None, |_| true).await?;
+                sum.tokens += st.tokens;
+                sum.rounds += st.rounds;
+                sum.bytes_down += st.bytes_down;
+                sum.drafts_requested += st.drafts_requested;
+                sum.decisions += st.decisions;
+                sum.side_chosen += st.side_chosen;
+                sum.overrides += st.overrides;
+                s.reset().await;
+            }
+            let toks = sum.tokens.max(1) as f64;
+            out.push(eval::RoundsRow {
+                k: k.clone(),
+                task: inp.task.clone(),
+                rounds_per_token: sum.rounds as f64 / toks,
+                bytes_down_per_token: sum.bytes_down as f64 / toks,
+                mean_k: sum.drafts_requested as f64 / sum.rounds.max(1) as f64,
+                side_usage_pct: 100.0 * sum.side_usage(),
+                override_pct: 100.0 * sum.override_rate(),
+                prompts: inp.prompts.len(),
+                tokens: sum.tokens,
+            });
         }
-        out.insert(
-            inp.task.clone(),
-            (rounds as f64 / toks as f64, inp.simulated_rounds_per_token),
-        );
     }
     srv.shutdown().await;
     Ok(out)

@@ -87,6 +87,7 @@ impl GenerateParams {
         RuntimeParams {
             max_tokens: self.max_tokens as usize,
             draft: self.draft_k,
+            adaptive_draft: None,
             top_k: 0,
             stop_tokens: stop_tokens.to_vec(),
             sampling: WireSampling {

@@ -39,7 +39,7 @@ pub mod words;
 pub use client::{Client, ClientConfig};
 pub use device::{Decision, DeviceModel, WireSampling};
 pub use error::{Result, RuntimeError};
-pub use session::{GenerationStats, RuntimeParams, SpaSession};
+pub use session::{AdaptiveDraft, GenerationStats, RuntimeParams, SpaSession};
 pub use spa_protocol::Mode;
 pub use suggest::{suggest, Suggester, Suggestions};
 pub use words::{RankedWords, WordCache, WordVocab};

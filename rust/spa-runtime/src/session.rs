@@ -49,6 +49,8 @@ pub struct GenerationStats {
     pub overrides: usize,
     /// Times the session was re-created and re-prefilled.
     pub reprefills: usize,
+    /// Drafts asked for over all rounds (the sum of each round's K).
+    pub drafts_requested: usize,
 }
 
 impl GenerationStats {
@@ -66,13 +68,58 @@ impl GenerationStats {
     }
 }
 
+/// K chosen per round from the recent override rate instead of a fixed K.
+///
+/// A round ends at its first override, so drafts past it are bytes sent for nothing, while a
+/// round that runs out of drafts costs a round trip. With an estimated per-token override
+/// probability `p` (overrides over emitted tokens, both decayed by [`AdaptiveDraft::DECAY`] per
+/// round, starting from the prior of the first K), the next round asks for the smallest K at
+/// which 90% of rounds would have ended by an override: `(1 - p)^K <= 0.1`, clamped to
+/// `[min, max]`. A plugin that rarely overrides gets `max`; one that overrides every few
+/// tokens gets a short round.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveDraft {
+    /// Smallest K.
+    pub min: u32,
+    /// Largest K.
+    pub max: u32,
+}
+
+impl Default for AdaptiveDraft {
+    fn default() -> Self {
+        Self { min: 2, max: 16 }
+    }
+}
+
+impl AdaptiveDraft {
+    /// Weight kept per round by the override and token counts.
+    pub const DECAY: f64 = 0.7;
+
+    /// The K of the next round for `overrides` over `tokens` (decayed counts).
+    pub fn next_k(&self, overrides: f64, tokens: f64) -> u32 {
+        let (lo, hi) = (self.min.max(1), self.max.max(self.min.max(1)));
+        let p = (overrides / tokens.max(1e-9)).clamp(0.0, 1.0);
+        if p <= 1e-6 {
+            return hi;
+        }
+        if p >= 1.0 - 1e-6 {
+            return lo;
+        }
+        let k = (0.1f64.ln() / (1.0 - p).ln()).ceil();
+        (k.max(lo as f64).min(hi as f64)) as u32
+    }
+}
+
 /// Decoding settings of the runtime.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RuntimeParams {
     /// Maximum new tokens.
     pub max_tokens: usize,
-    /// Drafts per round (K).
+    /// Drafts per round (K); with [`RuntimeParams::adaptive_draft`], the first round's K.
     pub draft: u32,
+    /// Choose K per round from the recent override rate (see [`AdaptiveDraft`]); `None`: every
+    /// round asks for `draft`.
+    pub adaptive_draft: Option<AdaptiveDraft>,
     /// Candidates per draft position requested from the server (0 = server default).
     pub top_k: u32,
     /// Token ids that end generation (not emitted).
@@ -86,6 +133,7 @@ impl Default for RuntimeParams {
         Self {
             max_tokens: 64,
             draft: 8,
+            adaptive_draft: None,
             top_k: 0,
             stop_tokens: Vec::new(),
             sampling: WireSampling::default(),
@@ -227,6 +275,10 @@ impl SpaSession {
         self.history.extend_from_slice(prompt);
         let mut done = params.max_tokens == 0;
         let mut lost_in_a_row = 0u32;
+        // Decayed override and token counts of the adaptive K; the prior is one override per
+        // `draft` tokens, worth one round.
+        let (mut ovr, mut emitted) = (1.0f64, params.draft as f64);
+        let mut k = params.draft;
         while !done {
             if cancel.as_ref().is_some_and(|c| c.load(Relaxed)) {
                 return Err(RuntimeError::Cancelled);
@@ -235,7 +287,7 @@ impl SpaSession {
             let req = StepRequest {
                 position: self.synced as u64,
                 tokens: self.history[self.synced..].to_vec(),
-                draft: params.draft,
+                draft: k,
                 top_k: params.top_k,
                 temperature: params.sampling.temperature,
                 top_p: params.sampling.top_p,
@@ -271,9 +323,10 @@ impl SpaSession {
             st.t_pretrained += server;
             st.t_net += wall.saturating_sub(server);
             st.rounds += 1;
+            st.drafts_requested += k as usize;
             // Validate positions before touching any state.
             let n_new = req.tokens.len();
-            let expected = n_new + params.draft as usize - 1;
+            let expected = n_new + k as usize - 1;
             if resp.states.len() != expected
                 || resp.states.iter().enumerate().any(|(i, s)| {
                     s.position != req.position + i as u64 || s.is_draft != (i + 1 >= n_new)
@@ -288,6 +341,7 @@ impl SpaSession {
             let td = Instant::now();
             self.cache.truncate(req.position as usize);
             let mut accepted_all = true;
+            let tokens_before = st.tokens;
             for s in &resp.states {
                 let Some(d) =
                     self.device
@@ -319,6 +373,11 @@ impl SpaSession {
                 }
             }
             st.t_device += td.elapsed();
+            if let Some(a) = &params.adaptive_draft {
+                ovr = ovr * AdaptiveDraft::DECAY + (!accepted_all) as u32 as f64;
+                emitted = emitted * AdaptiveDraft::DECAY + (st.tokens - tokens_before) as f64;
+                k = a.next_k(ovr, emitted);
+            }
             // The last history token has not been fed to the server; everything before has.
             self.synced = self.history.len() - 1;
             self.cache.truncate(self.synced);
@@ -333,5 +392,28 @@ impl SpaSession {
 impl Drop for SpaSession {
     fn drop(&mut self) {
         self.delete_in_background();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AdaptiveDraft;
+
+    #[test]
+    fn adaptive_k_follows_the_override_rate() {
+        let a = AdaptiveDraft { min: 2, max: 16 };
+        // No override: the largest K; overrides on every token: the smallest.
+        assert_eq!(a.next_k(0.0, 10.0), 16);
+        assert_eq!(a.next_k(10.0, 10.0), 2);
+        // p = 0.25: (0.75)^K <= 0.1 from K = 9 (0.75^8 = 0.100 > 0.1).
+        assert_eq!(a.next_k(1.0, 4.0), 9);
+        // p = 0.5: K = 4 (0.5^4 = 0.0625; 0.5^3 = 0.125).
+        assert_eq!(a.next_k(1.0, 2.0), 4);
+        // p = 0.02: K = 114 before the clamp.
+        assert_eq!(a.next_k(1.0, 50.0), 16);
+        // A degenerate range is still a valid K.
+        let b = AdaptiveDraft { min: 0, max: 0 };
+        assert_eq!(b.next_k(1.0, 4.0), 1);
+        assert_eq!(b.next_k(0.0, 4.0), 1);
     }
 }

@@ -1,10 +1,10 @@
-//! Speculative rounds (K = 1, 4, 16) over real HTTPS produce exactly the tokens of plain
-//! token-by-token SPA decoding with the same side network run locally.
+//! Speculative rounds (K = 1, 4, 16 and the adaptive K) over real HTTPS produce exactly the
+//! tokens of plain token-by-token SPA decoding with the same side network run locally.
 
 mod common;
 use spa_model::GateMode;
 use spa_runtime::reference::generate_local;
-use spa_runtime::{Mode, RuntimeParams, SpaSession};
+use spa_runtime::{AdaptiveDraft, Mode, RuntimeParams, SpaSession};
 use std::sync::Arc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,7 +25,8 @@ async fn speculative_rounds_equal_local_decoding() {
         let dev = Arc::new(common::device(gate, &prompt));
         let want = generate_local(&w.base, &w.proj, &dev, &prompt, max_tokens, 32, &[]).unwrap();
         assert_eq!(want.len(), max_tokens);
-        for k in [1u32, 4, 16] {
+        let adaptive = Some(AdaptiveDraft { min: 2, max: 16 });
+        for (k, adaptive_draft) in [(1u32, None), (4, None), (16, None), (8, adaptive)] {
             let mut s = SpaSession::new(
                 common::client(&srv.url(), common::KEY),
                 dev.clone(),
@@ -34,6 +35,7 @@ async fn speculative_rounds_equal_local_decoding() {
             let params = RuntimeParams {
                 max_tokens,
                 draft: k,
+                adaptive_draft,
                 ..Default::default()
             };
             let mut streamed = Vec::new();
@@ -44,17 +46,36 @@ async fn speculative_rounds_equal_local_decoding() {
                 })
                 .await
                 .unwrap();
-            assert_eq!(got, want, "gate {gate:?} K={k}");
+            let policy = if adaptive_draft.is_some() {
+                "adaptive K".to_string()
+            } else {
+                format!("K={k}")
+            };
+            assert_eq!(got, want, "gate {gate:?} {policy}");
             assert_eq!(streamed, want);
             assert_eq!(stats.tokens, max_tokens);
+            if adaptive_draft.is_none() {
+                assert_eq!(stats.drafts_requested, stats.rounds * k as usize);
+            } else {
+                // Every round asked for 2..=16 drafts; a gate that never overrides climbs to 16.
+                assert!(stats.drafts_requested >= 2 * stats.rounds);
+                assert!(stats.drafts_requested <= 16 * stats.rounds);
+                if gate == GateMode::AlwaysBase {
+                    assert!(
+                        stats.rounds <= 3,
+                        "no override: K should grow to 16 ({} rounds)",
+                        stats.rounds
+                    );
+                }
+            }
             eprintln!(
-                "gate {gate:?} K={k}: rounds/token {:.3}, side usage {:.2}, overrides {:.2}, down {} B/token",
+                "gate {gate:?} {policy}: rounds/token {:.3}, side usage {:.2}, overrides {:.2}, down {} B/token",
                 stats.rounds_per_token(),
                 stats.side_usage(),
                 stats.override_rate(),
                 stats.bytes_down / stats.tokens as u64
             );
-            if gate == GateMode::AlwaysBase {
+            if gate == GateMode::AlwaysBase && adaptive_draft.is_none() {
                 assert_eq!(stats.overrides, 0);
                 assert!(stats.rounds as u32 <= (max_tokens as u32).div_ceil(k) + 1);
             }

@@ -140,6 +140,35 @@ pub fn markdown(r: &Results) -> String {
             let _ = writeln!(s, "\nSPA rounds/token under speculative drafting: {sp:.3} (the paper's SPA: 0.62-0.64).");
         }
     }
+    if !r.rounds.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n### SPA through the real protocol (loopback HTTPS server + device runtime, trained gate)\n"
+        );
+        let _ = writeln!(
+            s,
+            "| task | K | mean K asked | rounds/token | KiB down/token (prompt taps included) | side usage % | override % | prompts | tokens |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+        for x in &r.rounds {
+            let k = match &x.k {
+                serde_json::Value::String(v) => v.clone(),
+                v => v.to_string(),
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {k} | {:.1} | {:.3} | {:.1} | {:.1} | {:.1} | {} | {} |",
+                x.task,
+                x.mean_k,
+                x.rounds_per_token,
+                x.bytes_down_per_token / 1024.0,
+                x.side_usage_pct,
+                x.override_pct,
+                x.prompts,
+                x.tokens
+            );
+        }
+    }
     // Table 2.
     let _ = writeln!(s, "\n## Table 2: 50 new tokens (ours | paper, LLaMA-7B)\n");
     let _ = writeln!(s, "| method | params % | on-device s | base s | network s | total s | M | ROUGE-L XSum | ROUGE-L CoQA |");
@@ -453,6 +482,22 @@ mod tests {
         assert!(md.contains("xsum 100."), "{md}");
         assert!(
             md.contains("| spa − base | xsum | 100 | +1.50 | [+0.25, +2.75] | yes (above) |"),
+            "{md}"
+        );
+        r.rounds.push(crate::eval::RoundsRow {
+            k: "adaptive".into(),
+            task: "xsum".into(),
+            rounds_per_token: 0.25,
+            bytes_down_per_token: 4096.0,
+            mean_k: 5.5,
+            side_usage_pct: 20.0,
+            override_pct: 10.0,
+            prompts: 3,
+            tokens: 120,
+        });
+        let md = markdown(&r);
+        assert!(
+            md.contains("| xsum | adaptive | 5.5 | 0.250 | 4.0 | 20.0 | 10.0 | 3 | 120 |"),
             "{md}"
         );
         let svg = rouge_vs_rounds_svg(&r);

@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::features;
 use crate::train::Method;
 use serde_json::json;
-use spa_model::{argmax, top_k, BaseModel, CandleTensor, DownProjection, KvCache};
+use spa_model::{argmax, top_k, BaseModel, CandleTensor, DownProjection, ForwardMode, KvCache};
 use spa_protocol::{encode_i8_rows, Limits, PositionState};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -79,27 +79,41 @@ fn state_for(
     s
 }
 
-fn prefill(base: &BaseModel, proj: &DownProjection, prompt: &[u32], k: usize) -> Result<Prefill> {
+/// Prefills `prompt` once (the fast forward: the test prompts need no re-prefill equality with
+/// the server, and it is several times faster on long prompts) and gives the base's state with
+/// the wire states of every prompt position for each of `projs` (one per side width; the KV
+/// cache and logits are shared).
+fn prefill(
+    base: &BaseModel,
+    projs: &[&DownProjection],
+    prompt: &[u32],
+    k: usize,
+) -> Result<Vec<Prefill>> {
     let mut cache = base.new_cache();
-    let o = base.forward(prompt, &mut cache)?;
-    let z = proj.apply_taps(&o.taps)?;
+    let o = base.forward_with(prompt, &mut cache, ForwardMode::Fast)?;
     let hidden = tensor_rows(&o.hidden)?;
     let last_hidden = hidden.last().cloned().unwrap_or_default();
     let last_logits = base.last_logits(&o.hidden)?;
-    let n = z.len();
-    let states = z
+    projs
         .iter()
-        .enumerate()
-        .map(|(i, zp)| {
-            let last = (i + 1 == n).then_some((&last_hidden[..], &last_logits[..], k));
-            state_for(proj, base, zp, i, last)
+        .map(|proj| {
+            let z = proj.apply_taps(&o.taps)?;
+            let n = z.len();
+            let states = z
+                .iter()
+                .enumerate()
+                .map(|(i, zp)| {
+                    let last = (i + 1 == n).then_some((&last_hidden[..], &last_logits[..], k));
+                    state_for(proj, base, zp, i, last)
+                })
+                .collect();
+            Ok(Prefill {
+                cache: cache.fork()?,
+                states,
+                last_logits: last_logits.clone(),
+            })
         })
-        .collect();
-    Ok(Prefill {
-        cache,
-        states,
-        last_logits,
-    })
+        .collect()
 }
 
 /// Taps of full separation: `sep_in . e(token)` for every tapped block, `[n_taps][width]`.
@@ -257,10 +271,12 @@ fn generate(
     );
     for t in te {
         let tp = Instant::now();
+        let projs: Vec<&DownProjection> = widths.iter().map(|&w| setup.proj_of(w)).collect();
         let pre_by_w: BTreeMap<usize, Prefill> = widths
             .iter()
-            .map(|&w| Ok((w, prefill(base, setup.proj_of(w), &t.prompt, p.top_k)?)))
-            .collect::<Result<_>>()?;
+            .copied()
+            .zip(prefill(base, &projs, &t.prompt, p.top_k)?)
+            .collect();
         // The prefill is shared: its time is split evenly between the methods.
         let share = tp.elapsed().as_secs_f64() / (ladders.len() + with_base as usize).max(1) as f64;
         if with_base {

@@ -289,6 +289,7 @@ pub(super) fn assemble(
         timings,
         notes,
         measured_rounds_per_token: BTreeMap::new(),
+        rounds: Vec::new(),
         paired: paired(&records, &p.tasks),
         protocol_inputs,
     }

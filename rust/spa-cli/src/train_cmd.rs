@@ -119,6 +119,85 @@ pub struct PersonalizeArgs {
     /// GGUF model.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Every author of the keyboard study (sotu:obama holding out its last 2 addresses,
+    /// moby-dick in chapter order, sotu:james_polk holding out his last address), each trained
+    /// on the last --train-words words before its held-out text and measured on the first
+    /// --heldout-words held-out words; writes --out-json.
+    #[arg(long)]
+    all_authors: bool,
+    /// Hold out the author's last N documents (default: the last fifth of the text).
+    #[arg(long)]
+    hold_out_last: Option<usize>,
+    /// Training text: the last N words before the held-out text (0: all of it).
+    #[arg(long, default_value_t = 0)]
+    train_words: usize,
+    /// Held-out text: its first N words (0: all of it).
+    #[arg(long, default_value_t = 0)]
+    heldout_words: usize,
+    /// Where --all-authors writes its JSON.
+    #[arg(long, default_value = "results/personalization.json")]
+    out_json: PathBuf,
+}
+
+/// The last `n` words of `texts` (0: all), cut at whitespace, documents kept apart.
+fn last_words(texts: &[String], n: usize) -> Vec<String> {
+    if n == 0 {
+        return texts.to_vec();
+    }
+    let (_, tail) = personalize::split_tail(texts, 1.0, n);
+    tail
+}
+
+/// The first `n` words of `texts` (0: all), documents kept apart.
+fn first_words(texts: &[String], n: usize) -> Vec<String> {
+    if n == 0 {
+        return texts.to_vec();
+    }
+    let mut left = n;
+    let mut out = Vec::new();
+    for t in texts {
+        if left == 0 {
+            break;
+        }
+        let words: Vec<&str> = t.split_whitespace().collect();
+        if words.len() <= left {
+            left -= words.len();
+            out.push(t.clone());
+        } else {
+            out.push(words[..left].join(" "));
+            left = 0;
+        }
+    }
+    out
+}
+
+fn count_words(texts: &[String]) -> usize {
+    texts.iter().map(|t| t.split_whitespace().count()).sum()
+}
+
+/// Which text of an author trains and which is typed.
+#[derive(Debug, Clone, Copy)]
+struct TextSplit {
+    hold_out_last: Option<usize>,
+    train_words: usize,
+    heldout_words: usize,
+}
+
+fn author_texts(author: &str, split: TextSplit) -> Result<UserTexts> {
+    let mut text = data::load_author(&assets::spa_home(), author)?;
+    if let Some(n) = split.hold_out_last {
+        let mut all = std::mem::take(&mut text.train);
+        all.append(&mut text.held_out);
+        if n == 0 || n >= all.len() {
+            bail!("--hold-out-last must be in 1..{}", all.len());
+        }
+        text.held_out = all.split_off(all.len() - n);
+        text.train = all;
+    }
+    Ok(UserTexts {
+        train: last_words(&text.train, split.train_words),
+        held_out: first_words(&text.held_out, split.heldout_words),
+    })
 }
 
 fn method(s: &str) -> Result<Method> {
@@ -316,7 +395,12 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
             max_chunks: profile.n_train * 4,
             ..Default::default()
         };
-        match personalize_run(&model, &a.author, profile.width, &cfg, a.quiet) {
+        let split = TextSplit {
+            hold_out_last: None,
+            train_words: 0,
+            heldout_words: 0,
+        };
+        match personalize_run(&model, &a.author, split, profile.width, &cfg, a.quiet) {
             Ok(r) => results.personalization = r.1,
             Err(e) => {
                 log::error!("personalization failed: {e:#}");
@@ -352,21 +436,20 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
 fn personalize_run(
     model: &std::path::Path,
     author: &str,
+    split: TextSplit,
     width: usize,
     cfg: &PersonalizeConfig,
     quiet: bool,
 ) -> Result<(SidePlugin, serde_json::Value)> {
-    let home = assets::spa_home();
-    let text = data::load_author(&home, author)?;
-    let texts = UserTexts {
-        train: text.train.clone(),
-        held_out: text.held_out.clone(),
-    };
+    let texts = author_texts(author, split)?;
     let assets_dev = DeviceAssets::load(model)?;
     let (plugin, feats, held, cache_input) = {
         let base = BaseModel::load(model)?;
         let proj = projection(&base, width)?;
-        let mut specs = personalize::chunk_texts(base.tokenizer(), &texts.train, cfg.chunk_tokens)?;
+        // The end of the training text validates (cache weight, shipping decision): the side
+        // network trains on the rest.
+        let (head_texts, _) = personalize::split_tail(&texts.train, 0.1, cfg.cache_tuning_words);
+        let mut specs = personalize::chunk_texts(base.tokenizer(), &head_texts, cfg.chunk_tokens)?;
         specs.truncate(cfg.max_chunks);
         let mut src = LocalFeatures {
             base: &base,
@@ -377,16 +460,8 @@ fn personalize_run(
         let f = src.features(&specs, cfg.top_k)?;
         let tok = base.tokenizer();
         let h = personalize::strip_docs(&mut src, tok, &texts.held_out, true)?;
-        let c = if cfg.word_cache {
-            Some(personalize::CacheInput::fetch(
-                &mut src,
-                tok,
-                &texts.train,
-                cfg.cache_tuning_words,
-            )?)
-        } else {
-            None
-        };
+        let c =
+            personalize::CacheInput::fetch(&mut src, tok, &texts.train, cfg.cache_tuning_words)?;
         (SidePlugin::init(&base, &proj, cfg.seed, 0.0)?, f, h, c)
     }; // the base is dropped here
     let reset = personalize::reset_peak_rss();
@@ -398,7 +473,7 @@ fn personalize_run(
         &assets_dev.tokenizer,
         &feats,
         &held,
-        cache_input.as_ref(),
+        Some(&cache_input),
         cfg,
         &mut |p| {
             pb.set_position(p.step as u64);
@@ -409,6 +484,7 @@ fn personalize_run(
     pb.finish_and_clear();
     let mut v = serde_json::to_value(&r)?;
     v["author"] = serde_json::json!(author);
+    v["train_words"] = serde_json::json!(count_words(&texts.train));
     v["train_chunks"] = serde_json::json!(feats.len());
     v["held_out_words"] = serde_json::json!(r.before.words);
     v["peak_rss_scope"] = serde_json::json!(if reset {
@@ -421,6 +497,130 @@ fn personalize_run(
     Ok((plugin, v))
 }
 
+/// The authors of `spa personalize --all-authors`: (author, documents held out at the end).
+pub const STUDY_AUTHORS: [(&str, Option<usize>); 3] = [
+    ("sotu:obama", Some(2)),
+    ("moby-dick", None),
+    ("sotu:james_polk", Some(1)),
+];
+
+/// One author's entry of results/personalization.json from a run's report.
+fn study_entry(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::json;
+    let d = &v["decision"];
+    let pick = |m: &serde_json::Value| {
+        json!({
+            "keystroke_savings": m["keystroke_savings"],
+            "top1": m["top1"],
+            "top3": m["top3"],
+            "perplexity": m["perplexity"],
+            "side_usage": m["side_usage"],
+        })
+    };
+    json!({
+        "author": v["author"],
+        "train_words": v["train_words"],
+        "heldout_words": v["held_out_words"],
+        "base": pick(&d["held_out"]["base"]),
+        "cache": pick(&d["held_out"]["cache"]),
+        "spa": pick(&d["held_out"]["spa"]),
+        "spa_cache": pick(&d["held_out"]["spa_cache"]),
+        "shipped": d["shipped"],
+        "gain_points": d["gain_points"],
+        "ci95_shipped_minus_base": d["ci95_minus_base"],
+        "validation_words": d["validation_words"],
+        "validation_savings": d["validation_savings"],
+        "cache_weight": v["cache"]["weight"],
+        "train_chunks": v["train_chunks"],
+        "steps": v["train"]["steps"],
+        "val_loss": [v["train"]["initial"]["loss"], v["train"]["best"]["loss"]],
+        "train_seconds": v["train"]["seconds"],
+        "peak_rss_bytes": v["peak_rss_bytes"],
+    })
+}
+
+fn all_authors_cmd(
+    a: &PersonalizeArgs,
+    model: &std::path::Path,
+    cfg: &PersonalizeConfig,
+) -> Result<()> {
+    use serde_json::json;
+    let t0 = std::time::Instant::now();
+    let mut entries = Vec::new();
+    for (author, hold) in STUDY_AUTHORS {
+        eprintln!("[personalize] {author}");
+        let split = TextSplit {
+            hold_out_last: hold,
+            train_words: a.train_words,
+            heldout_words: a.heldout_words,
+        };
+        let (_, v) = personalize_run(model, author, split, a.width, cfg, a.json)?;
+        let e = study_entry(&v);
+        eprintln!(
+            "[personalize] {author}: ships {} ({:+.2} points, 95% [{}])",
+            e["shipped"],
+            e["gain_points"].as_f64().unwrap_or(f64::NAN),
+            e["ci95_shipped_minus_base"]
+        );
+        entries.push(e);
+    }
+    let peak = entries
+        .iter()
+        .filter_map(|e| e["peak_rss_bytes"].as_u64())
+        .max();
+    let train_s = entries
+        .iter()
+        .filter_map(|e| e["train_seconds"].as_f64())
+        .fold(0.0f64, f64::max);
+    let out = json!({
+        "authors": entries,
+        "peak_rss_bytes": peak,
+        "train_seconds": train_s,
+        "settings": {
+            "steps": cfg.steps,
+            "chunk_tokens": cfg.chunk_tokens,
+            "max_chunks": cfg.max_chunks,
+            "width": a.width,
+            "train_words": a.train_words,
+            "heldout_words": a.heldout_words,
+            "validation": "the end of the training text (a tenth, at most 1,500 words): the word cache's weight is tuned and the shipped candidate chosen on it; the side network never trains on it",
+            "peak_rss_bytes": "largest of the authors' training phases (base unloaded; the process's peak since the phase began)",
+            "train_seconds": "longest of the authors' side-network trainings (wall)",
+        },
+        "seconds": t0.elapsed().as_secs_f64(),
+    });
+    if let Some(d) = a.out_json.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    spa_model::io::atomic_write(&a.out_json, serde_json::to_string_pretty(&out)?.as_bytes())?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "{:<18} {:>6} {:>6} {:>7} {:>7} {:>7} {:>9} {:>9} {:>16}",
+            "author", "train", "held", "base", "cache", "spa", "spa+cache", "ships", "gain [95%]"
+        );
+        for e in out["authors"].as_array().into_iter().flatten() {
+            let ks = |k: &str| e[k]["keystroke_savings"].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "{:<18} {:>6} {:>6} {:>6.1}% {:>6.1}% {:>6.1}% {:>8.1}% {:>9} {:>+6.2} {}",
+                e["author"].as_str().unwrap_or(""),
+                e["train_words"],
+                e["heldout_words"],
+                ks("base"),
+                ks("cache"),
+                ks("spa"),
+                ks("spa_cache"),
+                e["shipped"].as_str().unwrap_or(""),
+                e["gain_points"].as_f64().unwrap_or(f64::NAN),
+                e["ci95_shipped_minus_base"]
+            );
+        }
+        println!("wrote {}", a.out_json.display());
+    }
+    Ok(())
+}
+
 pub fn personalize_cmd(a: PersonalizeArgs) -> Result<()> {
     let model = assets::model_path(a.model.as_deref())?;
     let cfg = PersonalizeConfig {
@@ -428,7 +628,15 @@ pub fn personalize_cmd(a: PersonalizeArgs) -> Result<()> {
         max_chunks: a.max_chunks,
         ..Default::default()
     };
-    let (plugin, v) = personalize_run(&model, &a.author, a.width, &cfg, a.json)?;
+    if a.all_authors {
+        return all_authors_cmd(&a, &model, &cfg);
+    }
+    let split = TextSplit {
+        hold_out_last: a.hold_out_last,
+        train_words: a.train_words,
+        heldout_words: a.heldout_words,
+    };
+    let (plugin, v) = personalize_run(&model, &a.author, split, a.width, &cfg, a.json)?;
     plugin.save(&a.out)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -602,7 +810,12 @@ pub fn keyboard_cmd(a: KeyboardArgs) -> Result<()> {
                 steps: a.steps,
                 ..Default::default()
             };
-            personalize_run(&model, &a.author, width, &cfg, false)?.0
+            let split = TextSplit {
+                hold_out_last: None,
+                train_words: 0,
+                heldout_words: 0,
+            };
+            personalize_run(&model, &a.author, split, width, &cfg, false)?.0
         }
     };
     let base = BaseModel::load(&model)?;

@@ -29,6 +29,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use spa_model::{GateMode, SidePlugin, SpaTokenizer};
 use spa_runtime::{DeviceModel, WordCache, WordVocab};
+use std::collections::BTreeMap;
 
 /// Settings of a personalization run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,6 +120,109 @@ pub struct PersonalizeReport {
     pub peak_rss_bytes: Option<u64>,
     /// The personal word cache, when one was built.
     pub cache: Option<CacheReport>,
+    /// What ships (the best of base, cache, personalized and both on the user's own validation
+    /// text), when the run had that text (a [`CacheInput`]).
+    #[serde(default)]
+    pub decision: Option<ShipDecision>,
+}
+
+/// The candidates a personalization run chooses from, in the order that wins ties (the
+/// simpler one ships when two save the same keystrokes).
+pub const CANDIDATES: [&str; 4] = ["base", "cache", "spa", "spa_cache"];
+
+/// Which suggestion model ships to the user, and what it does on the held-out text.
+///
+/// Every candidate is scored by keystroke savings on the end of the user's training text
+/// ([`split_tail`], the text the word cache's weight is tuned on; the side network never
+/// trains on it when [`personalize`] split it off), and the best ships: "base" (the base
+/// alone), "cache" (base + word cache), "spa" (personal side network + gate) or "spa_cache".
+/// A personalization that does not beat the base on the user's own text never ships.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShipDecision {
+    /// "base" | "cache" | "spa" | "spa_cache".
+    pub shipped: String,
+    /// Words of the validation text the decision read.
+    pub validation_words: usize,
+    /// Keystroke savings (%) of each candidate on the validation text.
+    pub validation_savings: BTreeMap<String, f64>,
+    /// Held-out metrics of each candidate.
+    pub held_out: BTreeMap<String, NextWordMetrics>,
+    /// Keystroke savings of what ships minus the base's on the held-out text (points).
+    pub gain_points: f64,
+    /// Its paired 95% bootstrap interval over held-out words (1,000 resamples; each resample's
+    /// difference is divided by the whole text's keystrokes).
+    pub ci95_minus_base: (f64, f64),
+}
+
+/// A candidate of [`decide`]: (validation metrics, held-out metrics, held-out (keys saved,
+/// keys without the strip) per word).
+pub type Candidate = (NextWordMetrics, NextWordMetrics, Vec<(usize, usize)>);
+
+/// [`strip_metrics`] plus each word's (keys saved, keys without the strip), for paired
+/// bootstraps over words.
+pub fn strip_metrics_per_word(
+    device: &spa_runtime::DeviceModel,
+    vocab: &spa_runtime::WordVocab,
+    cache: Option<&spa_runtime::WordCache>,
+    docs: &[StripDoc],
+) -> Result<(NextWordMetrics, Vec<(usize, usize)>)> {
+    let mut per_word = Vec::new();
+    let m = strip_metrics(device, vocab, cache, docs, &mut |e| {
+        per_word.push((e.keys_without - e.keys, e.keys_without));
+    })?;
+    Ok((m, per_word))
+}
+
+/// The shipping decision from each candidate's (validation metrics, held-out per-word keys):
+/// the best validation keystroke savings ships (ties: the earlier of [`CANDIDATES`]); its
+/// held-out gain over the base comes with a paired bootstrap interval over words.
+pub fn decide(candidates: &BTreeMap<String, Candidate>) -> Result<ShipDecision> {
+    let base = candidates
+        .get("base")
+        .ok_or_else(|| TrainError::Data("the shipping decision needs the base".into()))?;
+    let mut best: Option<(&str, f64)> = None;
+    for name in CANDIDATES {
+        if let Some((val, _, _)) = candidates.get(name) {
+            if best.is_none_or(|(_, b)| val.keystroke_savings > b) {
+                best = Some((name, val.keystroke_savings));
+            }
+        }
+    }
+    let shipped = best.map(|b| b.0).unwrap_or("base");
+    let (_, held, words) = &candidates[shipped];
+    if words.len() != base.2.len() {
+        return Err(TrainError::Data(format!(
+            "candidates scored different held-out words ({} vs {})",
+            words.len(),
+            base.2.len()
+        )));
+    }
+    let keys: usize = base.2.iter().map(|w| w.1).sum();
+    let n = words.len() as f64;
+    let scale = 100.0 * n / keys.max(1) as f64;
+    let a: Vec<f64> = words.iter().map(|w| w.0 as f64 * scale).collect();
+    let b: Vec<f64> = base.2.iter().map(|w| w.0 as f64 * scale).collect();
+    let d = crate::stats::paired_bootstrap(
+        &a,
+        &b,
+        crate::stats::RESAMPLES,
+        crate::stats::SEED,
+        crate::stats::LEVEL,
+    )?;
+    Ok(ShipDecision {
+        shipped: shipped.to_string(),
+        validation_words: base.0.words,
+        validation_savings: candidates
+            .iter()
+            .map(|(k, v)| (k.clone(), v.0.keystroke_savings))
+            .collect(),
+        held_out: candidates
+            .iter()
+            .map(|(k, v)| (k.clone(), v.1.clone()))
+            .collect(),
+        gain_points: held.keystroke_savings - base.1.keystroke_savings,
+        ci95_minus_base: d.ci,
+    })
 }
 
 /// A tensor as on the wire (int8 rows with f16 scales, or f16).
@@ -753,11 +857,12 @@ pub fn strip_device(
     })
 }
 
-/// Trains `plugin` in place on `texts.train` (SPA: side + gate) and reports next-word quality
-/// of the suggestion strip before and after on `texts.held_out`, with and without the personal
-/// word cache (`cfg.word_cache`). `head` is the frozen tied head `[vocab, hidden]` (the
-/// device's `DeviceAssets::head`). `progress` returning `false` cancels; the plugin is only
-/// replaced when training finishes.
+/// Trains `plugin` in place on `texts.train` without its end (SPA: side + gate) and reports
+/// next-word quality of the suggestion strip before and after on `texts.held_out`, with and
+/// without the personal word cache (`cfg.word_cache`), and which of them ships
+/// ([`ShipDecision`], decided on the end of the training text). `head` is the frozen tied head
+/// `[vocab, hidden]` (the device's `DeviceAssets::head`). `progress` returning `false`
+/// cancels; the plugin is only replaced when training finishes.
 pub fn personalize(
     plugin: &mut SidePlugin,
     head: &Tensor,
@@ -767,7 +872,10 @@ pub fn personalize(
     cfg: &PersonalizeConfig,
     progress: &mut dyn FnMut(&Progress) -> bool,
 ) -> Result<PersonalizeReport> {
-    let mut specs = chunk_texts(tok, &texts.train, cfg.chunk_tokens)?;
+    // The end of the training text is the user's validation text (the word cache's weight
+    // and the shipping decision): the side network never trains on it.
+    let (head_texts, _) = split_tail(&texts.train, 0.1, cfg.cache_tuning_words);
+    let mut specs = chunk_texts(tok, &head_texts, cfg.chunk_tokens)?;
     specs.truncate(cfg.max_chunks);
     if specs.len() < 4 {
         return Err(TrainError::Data(format!(
@@ -778,31 +886,23 @@ pub fn personalize(
     }
     let feats = source.features(&specs, cfg.top_k)?;
     let held = strip_docs(source, tok, &texts.held_out, true)?;
-    let cache = if cfg.word_cache {
-        Some(CacheInput::fetch(
-            source,
-            tok,
-            &texts.train,
-            cfg.cache_tuning_words,
-        )?)
-    } else {
-        None
-    };
+    let cache = CacheInput::fetch(source, tok, &texts.train, cfg.cache_tuning_words)?;
     personalize_features(
         plugin,
         head,
         tok,
         &feats,
         &held,
-        cache.as_ref(),
+        Some(&cache),
         cfg,
         progress,
     )
 }
 
-/// [`personalize`] on features already fetched (`feats` from the training text, `held` the
-/// strip's features of the held-out text, `cache` the word cache's input), e.g. after the base
-/// was unloaded to measure device-scale memory.
+/// [`personalize`] on features already fetched (`feats` from the training text without its
+/// end, `held` the strip's features of the held-out text, `cache` the word cache's input and
+/// the validation text of the shipping decision; `None`: no cache and no decision), e.g.
+/// after the base was unloaded to measure device-scale memory.
 #[allow(clippy::too_many_arguments)]
 pub fn personalize_features(
     plugin: &mut SidePlugin,
@@ -825,12 +925,22 @@ pub fn personalize_features(
     let dev_head = spa_model::DeviceHead::from_weights(head, spa_model::QuantMode::Q8)?;
     let vocab = WordVocab::shared(tok, &plugin.meta.base);
     let base_dev = strip_device(plugin, &dev_head, tok, GateMode::AlwaysBase)?;
-    let before = strip_metrics(&base_dev, &vocab, None, held, &mut |_| {})?;
+    // Each candidate's (validation metrics, held-out metrics, held-out keys per word).
+    let mut cands: BTreeMap<String, Candidate> = BTreeMap::new();
+    let (before, before_words) = strip_metrics_per_word(&base_dev, &vocab, None, held)?;
     let built = match cache {
         Some(c) => {
-            let (wc, words, _) = build_word_cache(&base_dev, &vocab, c)?;
-            let m = strip_metrics(&base_dev, &vocab, Some(&wc), held, &mut |_| {})?;
-            Some((wc, words, m))
+            let val_base = strip_metrics(&base_dev, &vocab, None, &c.tune_docs, &mut |_| {})?;
+            cands.insert("base".into(), (val_base, before.clone(), before_words));
+            if cfg.word_cache {
+                let (wc, words, _) = build_word_cache(&base_dev, &vocab, c)?;
+                let (m, per_word) = strip_metrics_per_word(&base_dev, &vocab, Some(&wc), held)?;
+                let val = strip_metrics(&base_dev, &vocab, Some(&wc), &c.tune_docs, &mut |_| {})?;
+                cands.insert("cache".into(), (val, m.clone(), per_word));
+                Some((wc, words, m))
+            } else {
+                None
+            }
         }
         None => None,
     };
@@ -852,16 +962,32 @@ pub fn personalize_features(
     let mut trained = plugin.clone();
     trained.weights = w;
     let spa_dev = strip_device(&trained, &dev_head, tok, GateMode::Learned)?;
-    let after = strip_metrics(&spa_dev, &vocab, None, held, &mut |_| {})?;
-    let cache = match built {
-        Some((wc, tuning_words, base_cache)) => Some(CacheReport {
-            weight: wc.weight,
-            tuning_words,
-            distinct_words: wc.len(),
-            base_cache,
-            spa_cache: strip_metrics(&spa_dev, &vocab, Some(&wc), held, &mut |_| {})?,
-        }),
+    let (after, after_words) = strip_metrics_per_word(&spa_dev, &vocab, None, held)?;
+    if let Some(c) = cache {
+        let val = strip_metrics(&spa_dev, &vocab, None, &c.tune_docs, &mut |_| {})?;
+        cands.insert("spa".into(), (val, after.clone(), after_words));
+    }
+    let cache_report = match built {
+        Some((wc, tuning_words, base_cache)) => {
+            let (spa_cache, per_word) = strip_metrics_per_word(&spa_dev, &vocab, Some(&wc), held)?;
+            if let Some(c) = cache {
+                let val = strip_metrics(&spa_dev, &vocab, Some(&wc), &c.tune_docs, &mut |_| {})?;
+                cands.insert("spa_cache".into(), (val, spa_cache.clone(), per_word));
+            }
+            Some(CacheReport {
+                weight: wc.weight,
+                tuning_words,
+                distinct_words: wc.len(),
+                base_cache,
+                spa_cache,
+            })
+        }
         None => None,
+    };
+    let decision = if cands.is_empty() {
+        None
+    } else {
+        Some(decide(&cands)?)
     };
     *plugin = trained;
     Ok(PersonalizeReport {
@@ -870,7 +996,8 @@ pub fn personalize_features(
         train: report,
         train_tokens: tr.iter().map(|s| s.len()).sum(),
         peak_rss_bytes: peak_rss_bytes(),
-        cache,
+        cache: cache_report,
+        decision,
     })
 }
 
@@ -966,7 +1093,63 @@ impl FeatureSource for RemoteFeatures<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::split_tail;
+    use super::{decide, split_tail, Candidate, NextWordMetrics};
+    use std::collections::BTreeMap;
+
+    fn cand(val_savings: f64, held_savings: f64, per_word: Vec<(usize, usize)>) -> Candidate {
+        let m = |k: f64| NextWordMetrics {
+            words: per_word.len(),
+            keystroke_savings: k,
+            ..Default::default()
+        };
+        (m(val_savings), m(held_savings), per_word)
+    }
+
+    #[test]
+    fn the_best_on_validation_ships_with_its_held_out_gain() {
+        // 100 held-out words of 5 keys each: the base saves 2 on every word (40%), the cache 3
+        // on every word (60%), the side network 2 on half and 4 on the other half (60%).
+        let base = vec![(2, 5); 100];
+        let cache = vec![(3, 5); 100];
+        let spa: Vec<(usize, usize)> = (0..100).map(|i| (2 + 2 * (i % 2), 5)).collect();
+        let mut c = BTreeMap::new();
+        c.insert("base".to_string(), cand(40.0, 40.0, base.clone()));
+        c.insert("cache".to_string(), cand(45.0, 60.0, cache));
+        c.insert("spa".to_string(), cand(44.0, 60.0, spa));
+        let d = decide(&c).unwrap();
+        assert_eq!(d.shipped, "cache");
+        assert!((d.gain_points - 20.0).abs() < 1e-9);
+        // Every word gains exactly 1 of 5 keys: the interval is a point at +20.
+        assert!((d.ci95_minus_base.0 - 20.0).abs() < 1e-9);
+        assert!((d.ci95_minus_base.1 - 20.0).abs() < 1e-9);
+        assert_eq!(d.validation_savings["spa"], 44.0);
+        // A tie on validation ships the simpler candidate; nothing beating the base ships it.
+        c.insert("spa".to_string(), cand(45.0, 60.0, vec![(3, 5); 100]));
+        assert_eq!(decide(&c).unwrap().shipped, "cache");
+        c.insert("cache".to_string(), cand(39.0, 60.0, vec![(3, 5); 100]));
+        c.insert("spa".to_string(), cand(40.0, 60.0, vec![(3, 5); 100]));
+        let d = decide(&c).unwrap();
+        assert_eq!(d.shipped, "base");
+        assert_eq!(d.gain_points, 0.0);
+        assert_eq!(d.ci95_minus_base, (0.0, 0.0));
+        // The side network's per-word gains vary: the interval has width and holds the mean.
+        c.insert(
+            "spa".to_string(),
+            cand(50.0, 60.0, (0..100).map(|i| (2 + 2 * (i % 2), 5)).collect()),
+        );
+        let d = decide(&c).unwrap();
+        assert_eq!(d.shipped, "spa");
+        let (lo, hi) = d.ci95_minus_base;
+        assert!(
+            lo < 20.0 && 20.0 < hi && lo > 10.0 && hi < 30.0,
+            "{lo} {hi}"
+        );
+        // Different held-out words are an error, not a silent figure.
+        c.insert("spa".to_string(), cand(50.0, 60.0, vec![(3, 5); 99]));
+        assert!(decide(&c).is_err());
+        c.remove("base");
+        assert!(decide(&c).is_err());
+    }
 
     #[test]
     fn tail_is_the_last_words() {

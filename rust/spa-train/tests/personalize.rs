@@ -192,6 +192,28 @@ fn personalization_on_an_author_improves_held_out_metrics() {
     assert!(c.tuning_words > 100 && c.distinct_words > 1000, "{c:?}");
     assert_eq!(c.base_cache.words, r.before.words);
     assert!(c.base_cache.keystroke_savings > 55.0, "{c:?}");
+    // What ships was chosen among the four on the end of the training text, and its held-out
+    // gain over the base is the held-out figures' difference, inside its interval.
+    let d = r.decision.as_ref().expect("shipping decision");
+    assert!(
+        personalize::CANDIDATES.contains(&d.shipped.as_str()),
+        "{d:?}"
+    );
+    assert_eq!(d.held_out.len(), 4, "{d:?}");
+    assert_eq!(d.held_out["base"], r.before);
+    assert_eq!(d.held_out["spa"], r.after);
+    assert_eq!(d.held_out["cache"], c.base_cache);
+    assert!(d.validation_words > 50, "{d:?}");
+    let best = d
+        .validation_savings
+        .values()
+        .copied()
+        .fold(f64::MIN, f64::max);
+    assert_eq!(d.validation_savings[&d.shipped], best);
+    let gain = d.held_out[&d.shipped].keystroke_savings - r.before.keystroke_savings;
+    assert!((d.gain_points - gain).abs() < 1e-9, "{d:?}");
+    let (lo, hi) = d.ci95_minus_base;
+    assert!(lo <= gain + 1e-9 && gain - 1e-9 <= hi, "{d:?}");
     // The personalized weights are a valid plugin for this base and projection.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("me.safetensors");

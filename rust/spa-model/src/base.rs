@@ -7,14 +7,13 @@
 
 use crate::config::{Arch, BaseConfig};
 use crate::error::{Result, SpaError};
+use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
 use crate::linear::{BaseKernel, Linear, QuantMode};
 use crate::tokenizer::SpaTokenizer;
-use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor, D};
 use sha2::{Digest, Sha256};
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -142,83 +141,23 @@ impl BaseModel {
 
     /// Like [`BaseModel::load`], choosing the kernels for Q4_1 / Q8_0 matrices.
     pub fn load_with(path: impl AsRef<Path>, kernel: BaseKernel) -> Result<Self> {
-        let path = path.as_ref();
-        let bytes = read_file(path)?;
-        Self::from_bytes(path, &bytes, kernel)
+        Self::from_gguf(GgufFile::read(path)?, kernel)
     }
 
     /// Loads and checks the file's sha256 first: a flipped byte anywhere is reported as corrupt.
     pub fn load_verified(path: impl AsRef<Path>, sha256: &str) -> Result<Self> {
-        let path = path.as_ref();
-        let bytes = read_file(path)?;
-        let got = sha256_hex(&bytes);
-        if got != sha256 {
-            return Err(SpaError::gguf(
-                path,
-                format!("sha256 {got} != expected {sha256}"),
-            ));
-        }
-        Self::from_bytes(path, &bytes, BaseKernel::default())
+        Self::from_gguf(
+            GgufFile::read_verified(path, sha256)?,
+            BaseKernel::default(),
+        )
     }
 
-    fn from_bytes(path: &Path, bytes: &[u8], kernel: BaseKernel) -> Result<Self> {
-        let identity = sha256_hex(bytes);
-        let mut cur = Cursor::new(bytes);
-        let content = Content::read(&mut cur).map_err(|e| SpaError::gguf(path, e))?;
-        // Every tensor's data must lie inside the file (truncation check before any read).
-        for (name, info) in content.tensor_infos.iter() {
-            // Checked arithmetic: a damaged dimension must be an error, not an overflow panic.
-            let n = info
-                .shape
-                .dims()
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .ok_or_else(|| {
-                    SpaError::gguf(path, format!("tensor {name}: element count overflows"))
-                })?;
-            let bs = info.ggml_dtype.block_size();
-            if n % bs != 0 {
-                return Err(SpaError::gguf(
-                    path,
-                    format!("tensor {name}: {n} elements not a multiple of block {bs}"),
-                ));
-            }
-            let size = ((n / bs) as u64).checked_mul(info.ggml_dtype.type_size() as u64);
-            let end = size.and_then(|size| {
-                content
-                    .tensor_data_offset
-                    .checked_add(info.offset)
-                    .and_then(|x| x.checked_add(size))
-            });
-            match end {
-                Some(end) if end <= bytes.len() as u64 => {}
-                _ => {
-                    return Err(SpaError::gguf(
-                        path,
-                        format!(
-                            "tensor {name} extends past the end of the file ({} bytes): truncated?",
-                            bytes.len()
-                        ),
-                    ))
-                }
-            }
-        }
-        let cfg = BaseConfig::from_gguf(&content)?;
-        let tokenizer = SpaTokenizer::from_gguf(&content)?;
-        let dev = Device::Cpu;
-        let mut load = |name: &str, expected: &[usize]| -> Result<QTensor> {
-            let t = content
-                .tensor(&mut cur, name, &dev)
-                .map_err(|e| SpaError::gguf(path, format!("tensor {name}: {e}")))?;
-            if t.shape().dims() != expected {
-                return Err(SpaError::WrongShape {
-                    name: name.to_string(),
-                    expected: expected.to_vec(),
-                    got: t.shape().dims().to_vec(),
-                });
-            }
-            Ok(t)
-        };
+    fn from_gguf(file: GgufFile, kernel: BaseKernel) -> Result<Self> {
+        let (path, identity) = (file.path().to_path_buf(), file.identity().to_string());
+        let content = file.content();
+        let cfg = BaseConfig::from_gguf(content)?;
+        let tokenizer = SpaTokenizer::from_gguf(content)?;
+        let load = |name: &str, expected: &[usize]| file.tensor(name, expected);
         let (d, hd) = (cfg.hidden, cfg.head_dim);
         let f32t = |q: QTensor| -> Result<Tensor> { Ok(q.dequantize(&Device::Cpu)?) };
         let embed = load("token_embd.weight", &[cfg.vocab, d])?;
@@ -271,7 +210,7 @@ impl BaseModel {
             layers.push(layer);
         }
         let norm = f32t(load("output_norm.weight", &[d])?)?;
-        let head = if content.tensor_infos.contains_key("output.weight") {
+        let head = if file.has("output.weight") {
             Linear::from_qtensor_with(load("output.weight", &[cfg.vocab, d])?, kernel)?
         } else {
             Linear::from_qtensor_with(load("token_embd.weight", &[cfg.vocab, d])?, kernel)?
@@ -291,7 +230,7 @@ impl BaseModel {
             cfg,
             tokenizer,
             identity,
-            path: path.to_path_buf(),
+            path,
             embed: Arc::new(embed),
             layers,
             norm,
@@ -632,13 +571,6 @@ impl BaseModel {
 }
 
 /// Reads a whole model file, mapping I/O errors to [`SpaError::MissingFile`].
-fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| SpaError::MissingFile {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })
-}
-
 /// Causal (and sliding-window) attention of `seq` query rows at positions `pos..pos + seq` in
 /// one matrix product per KV head: `q` `[1, nh, seq, hd]`, `k`/`v` `[1, nkv, total, hd]` with
 /// `total = pos + seq`; the query heads of a KV group are stacked as rows. Returns
@@ -730,30 +662,20 @@ pub struct DeviceAssets {
 }
 
 impl DeviceAssets {
-    /// Loads tokenizer + head from a base GGUF.
+    /// Loads tokenizer + head from a base GGUF (every tensor's extent is checked first, so a
+    /// damaged file is an error, never a crash).
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let bytes = read_file(path)?;
-        let identity = sha256_hex(&bytes);
-        let mut cur = Cursor::new(&bytes[..]);
-        let content = Content::read(&mut cur).map_err(|e| SpaError::gguf(path, e))?;
-        let config = BaseConfig::from_gguf(&content)?;
-        let tokenizer = SpaTokenizer::from_gguf(&content)?;
-        let name = if content.tensor_infos.contains_key("output.weight") {
+        let file = GgufFile::read(path)?;
+        let content = file.content();
+        let config = BaseConfig::from_gguf(content)?;
+        let tokenizer = SpaTokenizer::from_gguf(content)?;
+        let name = if file.has("output.weight") {
             "output.weight"
         } else {
             "token_embd.weight"
         };
-        let q = content
-            .tensor(&mut cur, name, &Device::Cpu)
-            .map_err(|e| SpaError::gguf(path, format!("tensor {name}: {e}")))?;
-        if q.shape().dims() != [config.vocab, config.hidden] {
-            return Err(SpaError::WrongShape {
-                name: name.into(),
-                expected: vec![config.vocab, config.hidden],
-                got: q.shape().dims().to_vec(),
-            });
-        }
+        let q = file.tensor(name, &[config.vocab, config.hidden])?;
+        let identity = file.identity().to_string();
         let head = q.dequantize(&Device::Cpu)?;
         Ok(Self {
             tokenizer,

@@ -22,6 +22,7 @@ pub mod config;
 pub mod corpus;
 pub mod error;
 pub mod generate;
+pub mod gguf;
 pub mod head;
 pub mod io;
 pub mod kernels;
@@ -39,6 +40,7 @@ pub use base::{argmax, sha256_hex, BaseModel, BaseOutput, DeviceAssets, ForwardM
 pub use config::{Arch, BaseConfig};
 pub use error::{Result, SpaError};
 pub use generate::{generate, BaseDecoder, Decoder, GenerateParams, Sampling};
+pub use gguf::GgufFile;
 pub use head::{gate_mixture, shortlist_with_target, softmax, top_k, DeviceHead, PersonalVocab};
 pub use kv_cache::KvCache;
 pub use linear::{BaseKernel, Linear, QuantMode};

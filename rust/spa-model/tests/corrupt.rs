@@ -3,8 +3,8 @@
 
 mod common;
 use spa_model::{
-    generate, BaseModel, Decoder, DeviceHead, DownProjection, GenerateParams, QuantMode,
-    SidePlugin, SpaError,
+    generate, BaseModel, Decoder, DeviceAssets, DeviceHead, DownProjection, GenerateParams,
+    QuantMode, SidePlugin, SpaError,
 };
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -45,7 +45,7 @@ fn big_lock() -> std::sync::MutexGuard<'static, ()> {
 }
 
 #[track_caller]
-fn assert_corrupt_gguf(r: spa_model::Result<BaseModel>, what: &str) -> String {
+fn assert_corrupt_gguf<T>(r: spa_model::Result<T>, what: &str) -> String {
     match r {
         Err(SpaError::CorruptGguf { reason, .. }) => {
             eprintln!("{what}: CorruptGguf: {reason}");
@@ -67,20 +67,26 @@ fn data_offset(bytes: &[u8]) -> usize {
 fn truncated_gguf_is_corrupt() {
     let _g = big_lock();
     let bytes = model_bytes();
+    // The server's loader and the device's (tokenizer + head only) read through the same
+    // checks: both refuse every damaged file.
+    let both = |f: &TempFile, what: &str| {
+        assert_corrupt_gguf(BaseModel::load(&f.0), what);
+        assert_corrupt_gguf(DeviceAssets::load(&f.0), &format!("{what} (device)"));
+    };
     let mb = TempFile::with("first-1mb.gguf", &bytes[..1 << 20]);
-    assert_corrupt_gguf(BaseModel::load(&mb.0), "first 1 MB");
+    both(&mb, "first 1 MB");
     drop(mb);
     let ninety = TempFile::with("first-90pct.gguf", &bytes[..bytes.len() / 10 * 9]);
-    assert_corrupt_gguf(BaseModel::load(&ninety.0), "first 90%");
+    both(&ninety, "first 90%");
     drop(ninety);
     // Header complete, no tensor data at all; and one byte short of the full file.
     let header = TempFile::with("header-only.gguf", &bytes[..data_offset(&bytes)]);
-    assert_corrupt_gguf(BaseModel::load(&header.0), "header only");
+    both(&header, "header only");
     drop(header);
     let short = TempFile::with("minus-1-byte.gguf", &bytes[..bytes.len() - 1]);
-    assert_corrupt_gguf(BaseModel::load(&short.0), "one byte short");
+    both(&short, "one byte short");
     let empty = TempFile::with("empty.gguf", &[]);
-    assert_corrupt_gguf(BaseModel::load(&empty.0), "empty file");
+    both(&empty, "empty file");
 }
 
 #[test]
@@ -161,15 +167,20 @@ fn corrupt_tensor_dims_in_header_are_errors() {
         let at = dim_offset(&b, name, n_dims) + 8 * which + 7;
         b[at] ^= bit;
         let f = TempFile::with("bad-dims.gguf", &b);
-        let r = std::panic::catch_unwind(|| BaseModel::load(&f.0));
-        match r {
-            Ok(Err(SpaError::CorruptGguf { reason, .. })) => eprintln!("{what}: {reason}"),
-            Ok(Err(SpaError::WrongShape { name, got, .. })) => {
-                eprintln!("{what}: WrongShape {name} {got:?}")
+        let r = std::panic::catch_unwind(|| BaseModel::load(&f.0).map(|_| ()));
+        let device = std::panic::catch_unwind(|| DeviceAssets::load(&f.0).map(|_| ()));
+        for (r, loader) in [(r, "base"), (device, "device")] {
+            match r {
+                Ok(Err(SpaError::CorruptGguf { reason, .. })) => {
+                    eprintln!("{what} ({loader}): {reason}")
+                }
+                Ok(Err(SpaError::WrongShape { name, got, .. })) => {
+                    eprintln!("{what} ({loader}): WrongShape {name} {got:?}")
+                }
+                Ok(Err(e)) => panic!("{what} ({loader}): unexpected error kind {e:?}"),
+                Ok(Ok(())) => panic!("{what} ({loader}): loaded"),
+                Err(_) => panic!("{what} ({loader}): the loader panicked"),
             }
-            Ok(Err(e)) => panic!("{what}: unexpected error kind {e:?}"),
-            Ok(Ok(_)) => panic!("{what}: loaded"),
-            Err(_) => panic!("{what}: the loader panicked"),
         }
     }
 }

@@ -39,7 +39,6 @@
 mod ops;
 
 use crate::error::{Result, TrainError};
-use candle_core::quantized::gguf_file::Content;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use rand::rngs::StdRng;
@@ -49,7 +48,6 @@ use serde::{Deserialize, Serialize};
 use spa_model::side::F32Tensor;
 use spa_model::{Arch, BaseConfig, DownProjection, SpaTokenizer};
 use std::collections::BTreeMap;
-use std::io::Cursor;
 use std::path::Path;
 use std::time::Instant;
 
@@ -385,17 +383,10 @@ struct Loaded {
 }
 
 fn load_gguf(path: &Path) -> Result<Loaded> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        TrainError::Model(spa_model::SpaError::MissingFile {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })
-    })?;
-    let identity = spa_model::sha256_hex(&bytes);
-    let mut cur = Cursor::new(&bytes[..]);
-    let content =
-        Content::read(&mut cur).map_err(|e| spa_model::SpaError::gguf(path, e.to_string()))?;
-    let cfg = BaseConfig::from_gguf(&content)?;
+    let file = spa_model::GgufFile::read(path)?;
+    let identity = file.identity().to_string();
+    let content = file.content();
+    let cfg = BaseConfig::from_gguf(content)?;
     if cfg.arch != Arch::Llama {
         return Err(TrainError::Model(spa_model::SpaError::Unsupported(
             format!(
@@ -404,19 +395,10 @@ fn load_gguf(path: &Path) -> Result<Loaded> {
             ),
         )));
     }
-    let tokenizer = SpaTokenizer::from_gguf(&content)?;
+    let tokenizer = SpaTokenizer::from_gguf(content)?;
     let (d, hd) = (cfg.hidden, cfg.head_dim);
-    let mut get = |name: &str, expected: &[usize]| -> Result<Tensor> {
-        let q = content
-            .tensor(&mut cur, name, &Device::Cpu)
-            .map_err(|e| spa_model::SpaError::gguf(path, format!("tensor {name}: {e}")))?;
-        if q.shape().dims() != expected {
-            return Err(TrainError::Model(spa_model::SpaError::WrongShape {
-                name: name.to_string(),
-                expected: expected.to_vec(),
-                got: q.shape().dims().to_vec(),
-            }));
-        }
+    let get = |name: &str, expected: &[usize]| -> Result<Tensor> {
+        let q = file.tensor(name, expected)?;
         Ok(q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?)
     };
     // Row permutation interleaved -> split-half within each head.

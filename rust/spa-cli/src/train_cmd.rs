@@ -451,10 +451,12 @@ fn personalize_run(
         let (head_texts, _) = personalize::split_tail(&texts.train, 0.1, cfg.cache_tuning_words);
         let mut specs = personalize::chunk_texts(base.tokenizer(), &head_texts, cfg.chunk_tokens)?;
         specs.truncate(cfg.max_chunks);
+        // The fast forward (the server's features up to float rounding, several times faster).
         let mut src = LocalFeatures {
             base: &base,
             proj: &proj,
             quiet,
+            window_mode: spa_model::ForwardMode::Fast,
         };
         use spa_train::personalize::FeatureSource;
         let f = src.features(&specs, cfg.top_k)?;
@@ -830,6 +832,7 @@ pub fn keyboard_cmd(a: KeyboardArgs) -> Result<()> {
         base: &base,
         proj: &proj,
         quiet: true,
+        window_mode: spa_model::ForwardMode::BatchInvariant,
     };
     let docs = personalize::strip_docs(&mut src, tok, &held, true)?;
     let head = spa_model::DeviceHead::from_base(&base, spa_model::QuantMode::Q8)?;

@@ -131,12 +131,14 @@ fn check_extents(path: &Path, content: &Content, file_len: u64) -> Result<()> {
         });
         match end {
             Some(end) if end <= file_len => {}
-            _ => return Err(SpaError::gguf(
-                path,
-                format!(
+            _ => {
+                return Err(SpaError::gguf(
+                    path,
+                    format!(
                     "tensor {name} extends past the end of the file ({file_len} bytes): truncated?"
                 ),
-            )),
+                ))
+            }
         }
     }
     Ok(())

@@ -25,7 +25,12 @@
 //!     train: vec!["My earlier writing ...".into()],
 //!     held_out: vec!["My later writing ...".into()],
 //! };
-//! let mut source = LocalFeatures { base: &base, proj: &proj, quiet: false };
+//! let mut source = LocalFeatures {
+//!     base: &base,
+//!     proj: &proj,
+//!     quiet: false,
+//!     window_mode: spa_model::ForwardMode::Fast,
+//! };
 //! let report = personalize(
 //!     &mut plugin,
 //!     &base.head_weight_f32()?,

@@ -261,6 +261,10 @@ pub struct LocalFeatures<'a> {
     pub proj: &'a spa_model::DownProjection,
     /// Hide progress bars.
     pub quiet: bool,
+    /// Forward mode of the suggestion strip's windows: `BatchInvariant` gives exactly the
+    /// server's features, `Fast` the same up to float rounding, several times faster (the
+    /// training sequences always use the fast pass).
+    pub window_mode: spa_model::ForwardMode,
 }
 
 impl FeatureSource for LocalFeatures<'_> {
@@ -289,7 +293,7 @@ impl FeatureSource for LocalFeatures<'_> {
             hidden_positions,
             with_taps,
             false,
-            spa_model::ForwardMode::BatchInvariant,
+            self.window_mode,
         )
     }
 }
@@ -800,7 +804,8 @@ pub struct CacheInput {
 
 impl CacheInput {
     /// Splits `train` (the end: a tenth, at most `max_words` words) and fetches the end's
-    /// features from `source` (hidden states only).
+    /// features from `source` (hidden states and taps: the personalized candidates are scored
+    /// on it too).
     pub fn fetch(
         source: &mut dyn FeatureSource,
         tok: &SpaTokenizer,
@@ -811,7 +816,7 @@ impl CacheInput {
         Ok(Self {
             train: train.to_vec(),
             head,
-            tune_docs: strip_docs(source, tok, &tail, false)?,
+            tune_docs: strip_docs(source, tok, &tail, true)?,
         })
     }
 }

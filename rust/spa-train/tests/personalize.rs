@@ -71,6 +71,7 @@ fn features_over_https_equal_local_features() {
         base: &base,
         proj: &proj,
         quiet: true,
+        window_mode: spa_model::ForwardMode::BatchInvariant,
     };
     let strip_local = personalize::strip_docs(&mut local_src, tok, &text, true).unwrap();
     assert_eq!(strip_remote, strip_local, "wire strip features differ");
@@ -159,6 +160,7 @@ fn personalization_on_an_author_improves_held_out_metrics() {
         base: &base,
         proj: &proj,
         quiet: true,
+        window_mode: spa_model::ForwardMode::Fast,
     };
     let mut calls = 0;
     let r = personalize::personalize(

@@ -541,6 +541,12 @@ fn study_entry(v: &serde_json::Value) -> serde_json::Value {
     })
 }
 
+/// `[lo, hi]` of a JSON pair, two decimals.
+fn ci_text(v: &serde_json::Value) -> String {
+    let x = |i: usize| v[i].as_f64().unwrap_or(f64::NAN);
+    format!("[{:+.2}, {:+.2}]", x(0), x(1))
+}
+
 fn all_authors_cmd(
     a: &PersonalizeArgs,
     model: &std::path::Path,
@@ -559,10 +565,10 @@ fn all_authors_cmd(
         let (_, v) = personalize_run(model, author, split, a.width, cfg, a.json)?;
         let e = study_entry(&v);
         eprintln!(
-            "[personalize] {author}: ships {} ({:+.2} points, 95% [{}])",
+            "[personalize] {author}: ships {} ({:+.2} points, 95% {})",
             e["shipped"],
             e["gain_points"].as_f64().unwrap_or(f64::NAN),
-            e["ci95_shipped_minus_base"]
+            ci_text(&e["ci95_shipped_minus_base"])
         );
         entries.push(e);
     }
@@ -615,7 +621,7 @@ fn all_authors_cmd(
                 ks("spa_cache"),
                 e["shipped"].as_str().unwrap_or(""),
                 e["gain_points"].as_f64().unwrap_or(f64::NAN),
-                e["ci95_shipped_minus_base"]
+                ci_text(&e["ci95_shipped_minus_base"])
             );
         }
         println!("wrote {}", a.out_json.display());

@@ -916,16 +916,14 @@ pub fn keystrokes_cmd(a: KeystrokesArgs) -> Result<()> {
     let model = assets::model_path(a.model.as_deref())?;
     let base = BaseModel::load(&model)?;
     let tok = base.tokenizer();
-    let mut text = data::load_author(&assets::spa_home(), &a.author)?;
-    if let Some(n) = a.hold_out_last {
-        let mut all = std::mem::take(&mut text.train);
-        all.append(&mut text.held_out);
-        if n == 0 || n >= all.len() {
-            bail!("--hold-out-last must be in 1..{}", all.len());
-        }
-        text.held_out = all.split_off(all.len() - n);
-        text.train = all;
-    }
+    let text = author_texts(
+        &a.author,
+        TextSplit {
+            hold_out_last: a.hold_out_last,
+            train_words: 0,
+            heldout_words: 0,
+        },
+    )?;
     let t0 = std::time::Instant::now();
     let cfg = base.config();
     // The base alone runs no side network; an untrained one fills the device model.

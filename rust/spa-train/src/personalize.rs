@@ -839,6 +839,20 @@ pub fn build_word_cache(
     Ok((cache, words, keys))
 }
 
+/// The cache that scores candidates on the validation text (the end of the training text):
+/// learned on the training text without that end, with the tuned `weight`, so no candidate is
+/// scored on words it has already seen.
+pub fn validation_cache(
+    vocab: &WordVocab,
+    tok: &SpaTokenizer,
+    input: &CacheInput,
+    weight: f32,
+) -> WordCache {
+    let mut cache = WordCache::learn(&input.head, vocab, tok);
+    cache.weight = weight;
+    cache
+}
+
 /// The device model of the suggestion strip for `plugin` with `gate` (q8 side network and
 /// head, as the SDK builds it).
 pub fn strip_device(
@@ -940,9 +954,10 @@ pub fn personalize_features(
             if cfg.word_cache {
                 let (wc, words, _) = build_word_cache(&base_dev, &vocab, c)?;
                 let (m, per_word) = strip_metrics_per_word(&base_dev, &vocab, Some(&wc), held)?;
-                let val = strip_metrics(&base_dev, &vocab, Some(&wc), &c.tune_docs, &mut |_| {})?;
+                let vc = validation_cache(&vocab, tok, c, wc.weight);
+                let val = strip_metrics(&base_dev, &vocab, Some(&vc), &c.tune_docs, &mut |_| {})?;
                 cands.insert("cache".into(), (val, m.clone(), per_word));
-                Some((wc, words, m))
+                Some((wc, vc, words, m))
             } else {
                 None
             }
@@ -973,10 +988,10 @@ pub fn personalize_features(
         cands.insert("spa".into(), (val, after.clone(), after_words));
     }
     let cache_report = match built {
-        Some((wc, tuning_words, base_cache)) => {
+        Some((wc, vc, tuning_words, base_cache)) => {
             let (spa_cache, per_word) = strip_metrics_per_word(&spa_dev, &vocab, Some(&wc), held)?;
             if let Some(c) = cache {
-                let val = strip_metrics(&spa_dev, &vocab, Some(&wc), &c.tune_docs, &mut |_| {})?;
+                let val = strip_metrics(&spa_dev, &vocab, Some(&vc), &c.tune_docs, &mut |_| {})?;
                 cands.insert("spa_cache".into(), (val, spa_cache.clone(), per_word));
             }
             Some(CacheReport {

@@ -466,6 +466,7 @@ fn personalize_run(
             personalize::CacheInput::fetch(&mut src, tok, &texts.train, cfg.cache_tuning_words)?;
         (SidePlugin::init(&base, &proj, cfg.seed, 0.0)?, f, h, c)
     }; // the base is dropped here
+    personalize::release_freed_memory();
     let reset = personalize::reset_peak_rss();
     let mut plugin = plugin;
     let pb = features::progress(cfg.steps as u64, "personalizing", quiet);
@@ -490,7 +491,7 @@ fn personalize_run(
     v["train_chunks"] = serde_json::json!(feats.len());
     v["held_out_words"] = serde_json::json!(r.before.words);
     v["peak_rss_scope"] = serde_json::json!(if reset {
-        "process peak since the training phase began (base unloaded), including memory the process already held (in spa eval: everything the evaluation left resident)"
+        "process peak since the training phase began (base unloaded, freed heap returned to the OS), including memory the process already held (in spa eval: everything the evaluation left resident)"
     } else {
         "whole process (peak reset unavailable)"
     });

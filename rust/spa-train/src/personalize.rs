@@ -956,6 +956,25 @@ pub fn personalize_features(
     let (tr, va) = feats.split_at(feats.len() - n_val);
     let dev_head = spa_model::DeviceHead::from_weights(head, spa_model::QuantMode::Q8)?;
     let vocab = WordVocab::shared(tok, &plugin.meta.base);
+    // Training first (the app sees progress, and can cancel, from the start), then every
+    // candidate is measured.
+    let graph = SideGraph::new(&plugin.weights, SideInput::BaseTaps, head.clone(), cfg.seed)?;
+    let tcfg = TrainConfig {
+        method: Method::Spa,
+        lr: cfg.lr,
+        batch: cfg.batch,
+        max_steps: cfg.steps,
+        eval_every: (cfg.steps / 8).max(5),
+        patience: 3,
+        seed: cfg.seed,
+        usage_cost: cfg.usage_cost,
+        ..Default::default()
+    };
+    let report = train::train(&graph, tr, va, &tcfg, None, progress)?;
+    let (w, _) = graph.to_weights()?;
+    let mut trained = plugin.clone();
+    trained.weights = w;
+    drop(graph);
     let base_dev = strip_device(plugin, &dev_head, tok, GateMode::AlwaysBase)?;
     // Each candidate's (validation metrics, held-out metrics, held-out keys per word).
     let mut cands: BTreeMap<String, Candidate> = BTreeMap::new();
@@ -978,22 +997,6 @@ pub fn personalize_features(
         None => None,
     };
     drop(base_dev);
-    let graph = SideGraph::new(&plugin.weights, SideInput::BaseTaps, head.clone(), cfg.seed)?;
-    let tcfg = TrainConfig {
-        method: Method::Spa,
-        lr: cfg.lr,
-        batch: cfg.batch,
-        max_steps: cfg.steps,
-        eval_every: (cfg.steps / 8).max(5),
-        patience: 3,
-        seed: cfg.seed,
-        usage_cost: cfg.usage_cost,
-        ..Default::default()
-    };
-    let report = train::train(&graph, tr, va, &tcfg, None, progress)?;
-    let (w, _) = graph.to_weights()?;
-    let mut trained = plugin.clone();
-    trained.weights = w;
     let spa_dev = strip_device(&trained, &dev_head, tok, GateMode::Learned)?;
     let (after, after_words) = strip_metrics_per_word(&spa_dev, &vocab, None, held)?;
     if let Some(c) = cache {

@@ -244,6 +244,9 @@ impl Personalizer {
                 steps: options.steps.max(1) as usize,
                 max_chunks: options.max_chunks.max(4) as usize,
                 seed: options.seed,
+                // The SDK does not ship the word cache yet: building and scoring it would only
+                // cost the user time.
+                word_cache: false,
                 ..Default::default()
             };
             let mut callback_error = None;

@@ -195,8 +195,15 @@ pub fn markdown(r: &Results) -> String {
     }
     // Table 1.
     let _ = writeln!(s, "\n## Table 1: side usage by side size (SPA)\n");
-    let _ = writeln!(s, "| size | width | side usage % (test generations) | side usage % (validation positions) | paper % | ROUGE-L |");
-    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    if r.table1.is_empty() {
+        let _ = writeln!(
+            s,
+            "Not run in this evaluation (no run of SPA at Table 1's widths on its tasks)."
+        );
+    } else {
+        let _ = writeln!(s, "| size | width | side usage % (test generations) | side usage % (validation positions) | paper % | ROUGE-L |");
+        let _ = writeln!(s, "|---|---|---|---|---|---|");
+    }
     for row in &r.table1 {
         let rl: Vec<String> = row
             .rouge_l

@@ -186,6 +186,10 @@ pub(super) fn assemble(
                     .collect()
             })
             .unwrap_or_default();
+        if recs.is_empty() {
+            // Not run (e.g. `spa eval --skip-table1`): no row rather than a row of zeros.
+            continue;
+        }
         let u: Vec<f64> = recs.iter().map(|r| r.side_usage_pct).collect();
         table1.push(SizeRow {
             size: ["small", "medium", "full"]

@@ -980,7 +980,7 @@ pub fn keystrokes_cmd(a: KeystrokesArgs) -> Result<()> {
             head: head_texts,
             tune_docs: personalize::strip_docs_with(tok, &tail, false, &mut fetch(false))?,
         };
-        let (cache, words, keys) = personalize::build_word_cache(&device, &vocab, &input)?;
+        let (cache, _, words, keys) = personalize::build_word_cache(&device, &vocab, &input)?;
         let m = personalize::strip_metrics(&device, &vocab, Some(&cache), &held, &mut |_| {})?;
         out["cache"] = serde_json::json!({
             "weight": cache.weight,

@@ -836,34 +836,23 @@ impl CacheInput {
 
 /// Builds the user's word cache from `input` and tunes its weight with `device`'s model
 /// (usually the base alone): learned on the head of the training text, tuned by the keystroke
-/// rule on its end, then learned again on all of it. Returns the cache and (tuning words,
-/// keys per weight of [`spa_runtime::words::WEIGHT_GRID`]).
+/// rule on its end, then learned again on all of it. Returns the cache, the tuning cache (the
+/// head's, with the tuned weight: it scores candidates on the validation text, where the
+/// shipped cache has seen every word) and (tuning words, keys per weight of
+/// [`spa_runtime::words::WEIGHT_GRID`]).
 pub fn build_word_cache(
     device: &DeviceModel,
     vocab: &WordVocab,
     input: &CacheInput,
-) -> Result<(WordCache, usize, Vec<usize>)> {
+) -> Result<(WordCache, WordCache, usize, Vec<usize>)> {
     let tok = &device.tokenizer;
-    let tuning = WordCache::learn(&input.head, vocab, tok);
+    let mut tuning = WordCache::learn(&input.head, vocab, tok);
     let (weight, words, keys) = tune_cache_weight(device, vocab, &tuning, &input.tune_docs)?;
     log::info!("word cache: weight {weight} tuned on {words} words (keys per weight {keys:?})");
+    tuning.weight = weight;
     let mut cache = WordCache::learn(&input.train, vocab, tok);
     cache.weight = weight;
-    Ok((cache, words, keys))
-}
-
-/// The cache that scores candidates on the validation text (the end of the training text):
-/// learned on the training text without that end, with the tuned `weight`, so no candidate is
-/// scored on words it has already seen.
-pub fn validation_cache(
-    vocab: &WordVocab,
-    tok: &SpaTokenizer,
-    input: &CacheInput,
-    weight: f32,
-) -> WordCache {
-    let mut cache = WordCache::learn(&input.head, vocab, tok);
-    cache.weight = weight;
-    cache
+    Ok((cache, tuning, words, keys))
 }
 
 /// The device model of the suggestion strip for `plugin` with `gate` (q8 side network and
@@ -984,9 +973,8 @@ pub fn personalize_features(
             let val_base = strip_metrics(&base_dev, &vocab, None, &c.tune_docs, &mut |_| {})?;
             cands.insert("base".into(), (val_base, before.clone(), before_words));
             if cfg.word_cache {
-                let (wc, words, _) = build_word_cache(&base_dev, &vocab, c)?;
+                let (wc, vc, words, _) = build_word_cache(&base_dev, &vocab, c)?;
                 let (m, per_word) = strip_metrics_per_word(&base_dev, &vocab, Some(&wc), held)?;
-                let vc = validation_cache(&vocab, tok, c, wc.weight);
                 let val = strip_metrics(&base_dev, &vocab, Some(&vc), &c.tune_docs, &mut |_| {})?;
                 cands.insert("cache".into(), (val, m.clone(), per_word));
                 Some((wc, vc, words, m))

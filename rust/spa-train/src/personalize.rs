@@ -967,45 +967,39 @@ pub fn personalize_features(
     let base_dev = strip_device(plugin, &dev_head, tok, GateMode::AlwaysBase)?;
     // Each candidate's (validation metrics, held-out metrics, held-out keys per word).
     let mut cands: BTreeMap<String, Candidate> = BTreeMap::new();
-    let (before, before_words) = strip_metrics_per_word(&base_dev, &vocab, None, held)?;
-    let built = match cache {
-        Some(c) => {
-            let val_base = strip_metrics(&base_dev, &vocab, None, &c.tune_docs, &mut |_| {})?;
-            cands.insert("base".into(), (val_base, before.clone(), before_words));
-            if cfg.word_cache {
-                let (wc, vc, words, _) = build_word_cache(&base_dev, &vocab, c)?;
-                let (m, per_word) = strip_metrics_per_word(&base_dev, &vocab, Some(&wc), held)?;
-                let val = strip_metrics(&base_dev, &vocab, Some(&vc), &c.tune_docs, &mut |_| {})?;
-                cands.insert("cache".into(), (val, m.clone(), per_word));
-                Some((wc, vc, words, m))
-            } else {
-                None
-            }
+    // A candidate's held-out metrics; with a validation text, also its score there (with the
+    // cache learned without that text) for the decision.
+    let mut score = |name: &str,
+                     dev: &DeviceModel,
+                     caches: Option<(&WordCache, &WordCache)>|
+     -> Result<NextWordMetrics> {
+        let (m, per_word) = strip_metrics_per_word(dev, &vocab, caches.map(|c| c.0), held)?;
+        if let Some(c) = cache {
+            let val = strip_metrics(dev, &vocab, caches.map(|c| c.1), &c.tune_docs, &mut |_| {})?;
+            cands.insert(name.into(), (val, m.clone(), per_word));
         }
-        None => None,
+        Ok(m)
+    };
+    let before = score("base", &base_dev, None)?;
+    let built = match cache {
+        Some(c) if cfg.word_cache => {
+            let (wc, vc, words, _) = build_word_cache(&base_dev, &vocab, c)?;
+            let m = score("cache", &base_dev, Some((&wc, &vc)))?;
+            Some((wc, vc, words, m))
+        }
+        _ => None,
     };
     drop(base_dev);
     let spa_dev = strip_device(&trained, &dev_head, tok, GateMode::Learned)?;
-    let (after, after_words) = strip_metrics_per_word(&spa_dev, &vocab, None, held)?;
-    if let Some(c) = cache {
-        let val = strip_metrics(&spa_dev, &vocab, None, &c.tune_docs, &mut |_| {})?;
-        cands.insert("spa".into(), (val, after.clone(), after_words));
-    }
+    let after = score("spa", &spa_dev, None)?;
     let cache_report = match built {
-        Some((wc, vc, tuning_words, base_cache)) => {
-            let (spa_cache, per_word) = strip_metrics_per_word(&spa_dev, &vocab, Some(&wc), held)?;
-            if let Some(c) = cache {
-                let val = strip_metrics(&spa_dev, &vocab, Some(&vc), &c.tune_docs, &mut |_| {})?;
-                cands.insert("spa_cache".into(), (val, spa_cache.clone(), per_word));
-            }
-            Some(CacheReport {
-                weight: wc.weight,
-                tuning_words,
-                distinct_words: wc.len(),
-                base_cache,
-                spa_cache,
-            })
-        }
+        Some((wc, vc, tuning_words, base_cache)) => Some(CacheReport {
+            weight: wc.weight,
+            tuning_words,
+            distinct_words: wc.len(),
+            base_cache,
+            spa_cache: score("spa_cache", &spa_dev, Some((&wc, &vc)))?,
+        }),
         None => None,
     };
     let decision = if cands.is_empty() {

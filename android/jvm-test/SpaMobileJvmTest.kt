@@ -6,6 +6,7 @@ import ai.spa.mobile.SpaMobile
 import ai.spa.mobile.ffi.GenerateParams
 import ai.spa.mobile.ffi.GenerationListener
 import ai.spa.mobile.ffi.GenerationStats
+import ai.spa.mobile.ffi.PersonalModel
 import ai.spa.mobile.ffi.PersonalizeOptions
 import ai.spa.mobile.ffi.TrainProgress
 import ai.spa.mobile.ffi.Role
@@ -208,7 +209,9 @@ fun main(): Unit = runBlocking {
                 p.delete()
                 expect(!p.hasSavedWeights) { "weights present after delete" }
                 val steps = mutableListOf<TrainProgress>()
-                val r = p.train(train, held, options) { steps.add(it) }
+                // Kept whatever the validation text says, to test saving and reloading weights.
+                val forced = options.copy(wordCache = false, forceSideNetwork = true)
+                val r = p.train(train, held, forced) { steps.add(it) }
                 println("  -> ${steps.size} progress calls, ${r.steps} steps on ${r.trainTokens} tokens; " +
                     "top-3 ${"%.1f".format(r.before.top3)}% -> ${"%.1f".format(r.after.top3)}%, " +
                     "perplexity ${"%.1f".format(r.before.perplexity)} -> ${"%.1f".format(r.after.perplexity)}")
@@ -217,6 +220,9 @@ fun main(): Unit = runBlocking {
                 expect(r.before.words > 100u && r.after.words == r.before.words) { "report $r" }
                 expect(r.after.perplexity.isFinite() && r.before.perplexity.isFinite()) { "report $r" }
                 expect(r.weightsPath == p.weightsPath && p.hasSavedWeights) { "weights not saved at ${p.weightsPath}" }
+                expect(r.shipped == PersonalModel.SIDE_NETWORK && !p.hasSavedWords) { "forced run shipped ${r.shipped}" }
+                expect(r.candidates.map { it.model } == listOf(PersonalModel.BASE, PersonalModel.SIDE_NETWORK)) { "candidates ${r.candidates}" }
+                expect(r.shippedQuality == r.after && r.seconds > 0.0) { "report $r" }
                 expect(File(storage).listFiles()!!.none { it.name.contains(".tmp") }) { "temporary file left behind" }
                 SpaMobile.connect(config().copy(personalWeightsPath = r.weightsPath)).use { again ->
                     expect(again.isPersonalized) { "reloaded client does not use the personal weights" }
@@ -227,6 +233,57 @@ fun main(): Unit = runBlocking {
                 SpaMobile.connect(config().copy(personalWeightsPath = r.weightsPath)).use { again ->
                     expect(!again.isPersonalized) { "deleted weights still used" }
                 }
+            }
+        }
+
+        test("personalization ships the best of base, word cache and side network on the user's own text", timeoutMs = 600_000) {
+            spa.personalization(storage).use { p ->
+                p.delete()
+                val r = p.train(train, held, options)
+                val order = listOf(PersonalModel.BASE, PersonalModel.WORD_CACHE, PersonalModel.SIDE_NETWORK, PersonalModel.SIDE_NETWORK_WITH_WORD_CACHE)
+                println("  -> shipped ${r.shipped} (${"%+.2f".format(r.gainPoints)} points, 95% [${"%.2f".format(r.gainCi95Low)}, ${"%.2f".format(r.gainCi95High)}]); " +
+                    r.candidates.joinToString { "${it.model}: validation ${"%.1f".format(it.validationKeystrokeSavings)}%, held-out ${"%.1f".format(it.heldOut.keystrokeSavings)}%" } +
+                    "; ${"%.0f".format(r.seconds)} s, peak RSS ${(r.peakRssBytes ?: 0uL) / 1_000_000uL} MB")
+                expect(r.candidates.map { it.model } == order && r.validationWords > 50u) { "candidates ${r.candidates}" }
+                // The first (simplest) candidate with the best validation savings ships ...
+                val best = r.candidates.maxOf { it.validationKeystrokeSavings }
+                expect(r.shipped == r.candidates.first { it.validationKeystrokeSavings == best }.model) { "shipped ${r.shipped} of ${r.candidates}" }
+                val shipped = r.candidates.first { it.model == r.shipped }
+                expect(r.shippedQuality == shipped.heldOut) { "shipped quality ${r.shippedQuality}" }
+                expect(r.gainCi95Low <= r.gainPoints && r.gainPoints <= r.gainCi95High) { "gain interval $r" }
+                // ... and storage holds exactly its files, which a new client loads.
+                val side = r.shipped == PersonalModel.SIDE_NETWORK || r.shipped == PersonalModel.SIDE_NETWORK_WITH_WORD_CACHE
+                val words = r.shipped == PersonalModel.WORD_CACHE || r.shipped == PersonalModel.SIDE_NETWORK_WITH_WORD_CACHE
+                expect(p.hasSavedWeights == side && p.hasSavedWords == words) { "storage: weights ${p.hasSavedWeights}, words ${p.hasSavedWords} for ${r.shipped}" }
+                SpaMobile.connect(config().copy(personalWeightsPath = p.weightsPath, personalWordsPath = p.wordsPath)).use { again ->
+                    expect(again.isPersonalized == side && again.usesPersonalWords == words) { "reloaded ${again.isPersonalized}/${again.usesPersonalWords} for ${r.shipped}" }
+                    expect(again.suggest("Call me", 3).words.size == 3) { "no suggestions" }
+                }
+                p.delete()
+                expect(!p.hasSavedWeights && !p.hasSavedWords) { "files left after delete" }
+            }
+        }
+
+        test("a word cache file: its words are suggested; a damaged one is a Model error") {
+            val dir = File(env("SPA_TEST_DIR"), "kotlin-words").apply { mkdirs() }
+            val good = File(dir, "words.txt")
+            // The format of Personalizer's word cache: one word the user types all the time.
+            good.writeText("spa-word-cache 1\nweight 0.5 kappa 2 words 1 bigrams 0\n50 Queequeg\n")
+            SpaMobile.connect(config().copy(personalWordsPath = good.path)).use { c ->
+                expect(c.usesPersonalWords && !spa.usesPersonalWords) { "word cache not loaded" }
+                val s = c.suggest("I saw ", 3)
+                expect(s.words.first() == "Queequeg") { "cache word not first: ${s.words}" }
+                expect(c.suggest("I saw Que", 3).words.first() == "Queequeg") { "no completion" }
+                expect(spa.suggest("I saw ", 3).words.none { it == "Queequeg" }) { "the base alone suggests it" }
+            }
+            val bad = File(dir, "bad.txt").apply { writeText("spa-word-cache 1\nweight 0.5 kappa 2 words 2 bigrams 0\n50 Queequeg\n") }
+            try {
+                SpaMobile.connect(config().copy(personalWordsPath = bad.path)).close()
+                throw AssertionError("connected with a damaged word cache")
+            } catch (e: SpaMobileException.Model) {
+            }
+            SpaMobile.connect(config().copy(personalWordsPath = File(dir, "missing.txt").path)).use { c ->
+                expect(!c.usesPersonalWords) { "a missing file loaded" }
             }
         }
 

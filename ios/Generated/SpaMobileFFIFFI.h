@@ -376,6 +376,11 @@ uint64_t uniffi_spa_ffi_fn_method_spaclient_personalizer(uint64_t ptr, RustBuffe
 uint64_t uniffi_spa_ffi_fn_method_spaclient_suggest(uint64_t ptr, RustBuffer text, uint32_t count
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_SPACLIENT_USES_PERSONAL_WORDS
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_SPACLIENT_USES_PERSONAL_WORDS
+int8_t uniffi_spa_ffi_fn_method_spaclient_uses_personal_words(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_CLONE_PERSONALIZER
 #define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_CLONE_PERSONALIZER
 uint64_t uniffi_spa_ffi_fn_clone_personalizer(uint64_t handle, RustCallStatus *_Nonnull out_status
@@ -401,6 +406,11 @@ void uniffi_spa_ffi_fn_method_personalizer_delete_weights(uint64_t ptr, RustCall
 int8_t uniffi_spa_ffi_fn_method_personalizer_has_saved_weights(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_PERSONALIZER_HAS_SAVED_WORDS
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_PERSONALIZER_HAS_SAVED_WORDS
+int8_t uniffi_spa_ffi_fn_method_personalizer_has_saved_words(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_PERSONALIZER_TRAIN
 #define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_PERSONALIZER_TRAIN
 uint64_t uniffi_spa_ffi_fn_method_personalizer_train(uint64_t ptr, RustBuffer texts, RustBuffer held_out, RustBuffer options, uint64_t listener
@@ -409,6 +419,11 @@ uint64_t uniffi_spa_ffi_fn_method_personalizer_train(uint64_t ptr, RustBuffer te
 #ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_PERSONALIZER_WEIGHTS_PATH
 #define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_PERSONALIZER_WEIGHTS_PATH
 RustBuffer uniffi_spa_ffi_fn_method_personalizer_weights_path(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_PERSONALIZER_WORDS_PATH
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_METHOD_PERSONALIZER_WORDS_PATH
+RustBuffer uniffi_spa_ffi_fn_method_personalizer_words_path(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_INIT_CALLBACK_VTABLE_GENERATIONLISTENER
@@ -770,6 +785,12 @@ uint16_t uniffi_spa_ffi_checksum_method_spaclient_suggest(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_SPACLIENT_USES_PERSONAL_WORDS
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_SPACLIENT_USES_PERSONAL_WORDS
+uint16_t uniffi_spa_ffi_checksum_method_spaclient_uses_personal_words(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_CANCEL
 #define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_CANCEL
 uint16_t uniffi_spa_ffi_checksum_method_personalizer_cancel(void
@@ -788,6 +809,12 @@ uint16_t uniffi_spa_ffi_checksum_method_personalizer_has_saved_weights(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_HAS_SAVED_WORDS
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_HAS_SAVED_WORDS
+uint16_t uniffi_spa_ffi_checksum_method_personalizer_has_saved_words(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_TRAIN
 #define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_TRAIN
 uint16_t uniffi_spa_ffi_checksum_method_personalizer_train(void
@@ -797,6 +824,12 @@ uint16_t uniffi_spa_ffi_checksum_method_personalizer_train(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_WEIGHTS_PATH
 #define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_WEIGHTS_PATH
 uint16_t uniffi_spa_ffi_checksum_method_personalizer_weights_path(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_WORDS_PATH
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_WORDS_PATH
+uint16_t uniffi_spa_ffi_checksum_method_personalizer_words_path(void
     
 );
 #endif

@@ -172,11 +172,13 @@ fun main(): Unit = runBlocking {
             vm.start().join()
             val steps = mutableListOf<Int>()
             val watcher = scope.launch { vm.state.collect { (it.learning as? Learning.Running)?.let { r -> steps += r.step } } }
-            vm.learn(train, listOf(held), options).join()
+            // The side network is kept even if the base wins on the validation text (SDK tests
+            // cover that decision): this test is about switching, reloading and privacy.
+            vm.learn(train, listOf(held), options.copy(forceSideNetwork = true)).join()
             watcher.cancel()
             val done = vm.state.value.learning as? Learning.Done ?: throw AssertionError("learning: ${vm.state.value.learning}")
             val r = done.report
-            println("  -> ${KeyboardViewModel.summary(r.before, r.after)}, side usage ${"%.1f".format(r.after.sideUsage)}% (${r.steps} steps, ${r.trainTokens} tokens)")
+            println("  -> kept ${r.shipped}: ${KeyboardViewModel.summary(r.before, r.shippedQuality)}, side usage ${"%.1f".format(r.after.sideUsage)}% (${r.steps} steps, ${r.trainTokens} tokens)")
             expect(steps.distinct().size >= 3 && steps.zipWithNext().all { (a, b) -> b >= a }) { "progress $steps" }
             expect(vm.state.value.personalized) { "strip not switched to the personal weights" }
             val w = File(r.weightsPath)
@@ -196,7 +198,7 @@ fun main(): Unit = runBlocking {
             vm.start().join()
             expect(vm.state.value.personalized) { "saved weights not reloaded: ${vm.state.value}" }
             vm.forget().join()
-            expect(!vm.state.value.personalized && File(storage).listFiles().orEmpty().none { it.name.endsWith(".safetensors") }) { "forget left weights" }
+            expect(!vm.state.value.personalized && File(storage).listFiles().orEmpty().isEmpty()) { "forget left personal files" }
         }
         // Privacy: the server saw manifests and base-feature requests of token ids, nothing else,
         // and no request was anywhere near the size of the personal weights.

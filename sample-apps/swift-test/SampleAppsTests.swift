@@ -142,10 +142,14 @@ struct SampleAppsTests {
             await vm.start().value
             var steps: [Int] = []
             vm.onChange = { st in if case .running(let step, _, _) = st.learning { steps.append(step) } }
-            await vm.learn(train, heldOut: [held], options: options).value
+            // The side network is kept even if the base wins on the validation text (SDK tests
+            // cover that decision): this test is about switching, reloading and the strips.
+            var forced = options
+            forced.forceSideNetwork = true
+            await vm.learn(train, heldOut: [held], options: forced).value
             vm.onChange = nil
             guard case .done(let r) = vm.state.learning else { throw Failure(description: "learning: \(vm.state.learning)") }
-            print("  -> \(KeyboardViewModel.summary(r.before, r.after)) (\(r.steps) steps, \(r.trainTokens) tokens)")
+            print("  -> kept \(r.shipped): \(KeyboardViewModel.summary(r.before, r.shippedQuality)) (\(r.steps) steps, \(r.trainTokens) tokens)")
             try expect(Set(steps).count >= 2 && zip(steps, steps.dropFirst()).allSatisfy { $0 <= $1 }, "progress \(steps)")
             try expect(vm.state.personalized, "strip not switched to the personal weights")
             try expect(weightFiles(storage) == ["personal.safetensors"], "weights in \(storage): \(weightFiles(storage))")
@@ -160,7 +164,8 @@ struct SampleAppsTests {
             await again.start().value
             try expect(again.state.personalized, "saved weights not reloaded")
             await again.forget().value
-            try expect(!again.state.personalized && weightFiles(storage).isEmpty, "forget left weights")
+            let left = (try? FileManager.default.contentsOfDirectory(atPath: storage)) ?? []
+            try expect(!again.state.personalized && left.isEmpty, "forget left \(left)")
         }
 
         await test("keyboard: cancel learning saves nothing; a wrong key is a banner") {

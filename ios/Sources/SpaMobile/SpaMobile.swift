@@ -33,6 +33,9 @@ public final class SpaMobile: @unchecked Sendable {
     /// Whether this connection runs personal weights.
     public var isPersonalized: Bool { client.isPersonalized() }
 
+    /// Whether the suggestion strip uses the user's word cache (`personalWordsPath` was loaded).
+    public var usesPersonalWords: Bool { client.usesPersonalWords() }
+
     /// Up to `count` next-word suggestions for `textBeforeCursor` (a keyboard's suggestion
     /// strip; a partly typed word is completed). One request to the server.
     public func suggest(_ textBeforeCursor: String, count: Int = 3) async throws -> Suggestions {
@@ -122,15 +125,18 @@ private final class ClosureListener: GenerationListener, @unchecked Sendable {
 }
 
 /// Trains personal weights on the user's texts (on the device; the server only computes base
-/// features of the token ids) and keeps them in app storage. Connect again with
-/// `personalWeightsPath: weightsPath` to use them.
+/// features of the token ids), learns the user's word cache, and keeps in app storage whichever
+/// of base, word cache, side network and both saves the most keystrokes on the end of the user's
+/// own text (`PersonalizationReport.shipped`). Connect again with
+/// `personalWeightsPath: weightsPath` and `personalWordsPath: wordsPath` to use them (a missing
+/// file is simply not used).
 public final class Personalization: @unchecked Sendable {
     /// The bindings' personalizer.
     public let personalizer: Personalizer
 
     init(personalizer: Personalizer) { self.personalizer = personalizer }
 
-    /// Trains, reports next-word quality before/after on `heldOut`, and saves the weights
+    /// Trains, reports next-word quality of every candidate on `heldOut`, and saves what ships
     /// atomically. Cancelling the task (or `cancel()`) stops it and saves nothing.
     public func train(_ texts: [String], heldOut: [String], options: PersonalizeOptions = PersonalizeOptions(),
                       onProgress: @escaping @Sendable (TrainProgress) throws -> Void = { _ in }) async throws -> PersonalizationReport {
@@ -151,7 +157,13 @@ public final class Personalization: @unchecked Sendable {
     /// Whether weights are saved.
     public var hasSavedWeights: Bool { personalizer.hasSavedWeights() }
 
-    /// Deletes the saved weights.
+    /// Where the word cache is saved.
+    public var wordsPath: String { personalizer.wordsPath() }
+
+    /// Whether a word cache is saved.
+    public var hasSavedWords: Bool { personalizer.hasSavedWords() }
+
+    /// Deletes the saved weights and word cache.
     public func delete() throws { try personalizer.deleteWeights() }
 }
 

@@ -978,8 +978,8 @@ public protocol PersonalizerProtocol: AnyObject, Sendable {
     func cancel() 
     
     /**
-     * Deletes the saved personal weights (no error when there are none). Clients connected
-     * with them keep them until they are closed.
+     * Deletes the saved personal weights and word cache (no error when there are none).
+     * Clients connected with them keep them until they are closed.
      */
     func deleteWeights() throws 
     
@@ -987,6 +987,11 @@ public protocol PersonalizerProtocol: AnyObject, Sendable {
      * Whether personal weights are saved.
      */
     func hasSavedWeights()  -> Bool
+    
+    /**
+     * Whether a word cache is saved.
+     */
+    func hasSavedWords()  -> Bool
     
     /**
      * Trains the personal side network on `texts` (the user's writing, at least ~300 tokens)
@@ -1002,6 +1007,11 @@ public protocol PersonalizerProtocol: AnyObject, Sendable {
      * Where the personal weights are kept (`<storage dir>/personal.safetensors`).
      */
     func weightsPath()  -> String
+    
+    /**
+     * Where the word cache is kept (`<storage dir>/personal-words.txt`).
+     */
+    func wordsPath()  -> String
     
 }
 /**
@@ -1072,8 +1082,8 @@ open func cancel()  {try! rustCall() {
 }
     
     /**
-     * Deletes the saved personal weights (no error when there are none). Clients connected
-     * with them keep them until they are closed.
+     * Deletes the saved personal weights and word cache (no error when there are none).
+     * Clients connected with them keep them until they are closed.
      */
 open func deleteWeights()throws   {try rustCallWithError(FfiConverterTypeSpaMobileError_lift) {
         uniffiCallStatus in
@@ -1090,6 +1100,18 @@ open func hasSavedWeights() -> Bool  {
     return try!  FfiConverterBool.lift(try! rustCall() {
         uniffiCallStatus in
     uniffi_spa_ffi_fn_method_personalizer_has_saved_weights(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Whether a word cache is saved.
+     */
+open func hasSavedWords() -> Bool  {
+    return try!  FfiConverterBool.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_spa_ffi_fn_method_personalizer_has_saved_words(
             self.uniffiCloneHandle(),uniffiCallStatus
     )
 })
@@ -1126,6 +1148,18 @@ open func weightsPath() -> String  {
     return try!  FfiConverterString.lift(try! rustCall() {
         uniffiCallStatus in
     uniffi_spa_ffi_fn_method_personalizer_weights_path(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Where the word cache is kept (`<storage dir>/personal-words.txt`).
+     */
+open func wordsPath() -> String  {
+    return try!  FfiConverterString.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_spa_ffi_fn_method_personalizer_words_path(
             self.uniffiCloneHandle(),uniffiCallStatus
     )
 })
@@ -1219,6 +1253,12 @@ public protocol SpaClientProtocol: AnyObject, Sendable {
      * not suggested.
      */
     func suggest(text: String, count: UInt32) async throws  -> Suggestions
+    
+    /**
+     * Whether the suggestion strip uses the user's word cache (`personal_words_path` was
+     * loaded).
+     */
+    func usesPersonalWords()  -> Bool
     
 }
 /**
@@ -1354,6 +1394,19 @@ open func suggest(text: String, count: UInt32)async throws  -> Suggestions  {
         )
 }
     
+    /**
+     * Whether the suggestion strip uses the user's word cache (`personal_words_path` was
+     * loaded).
+     */
+open func usesPersonalWords() -> Bool  {
+    return try!  FfiConverterBool.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_spa_ffi_fn_method_spaclient_uses_personal_words(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
 
     
 }
@@ -1400,6 +1453,87 @@ public func FfiConverterTypeSpaClient_lower(_ value: SpaClient) -> UInt64 {
 }
 
 
+
+
+/**
+ * One candidate of the shipping decision.
+ */
+public struct CandidateQuality: Equatable, Hashable {
+    /**
+     * The candidate.
+     */
+    public var model: PersonalModel
+    /**
+     * Keystroke savings (%) on the user's validation text (the end of the training texts,
+     * never trained on), which decides what ships.
+     */
+    public var validationKeystrokeSavings: Double
+    /**
+     * Quality on the held-out texts.
+     */
+    public var heldOut: NextWordQuality
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The candidate.
+         */model: PersonalModel, 
+        /**
+         * Keystroke savings (%) on the user's validation text (the end of the training texts,
+         * never trained on), which decides what ships.
+         */validationKeystrokeSavings: Double, 
+        /**
+         * Quality on the held-out texts.
+         */heldOut: NextWordQuality) {
+        self.model = model
+        self.validationKeystrokeSavings = validationKeystrokeSavings
+        self.heldOut = heldOut
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension CandidateQuality: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeCandidateQuality: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> CandidateQuality {
+        return
+            try CandidateQuality(
+                model: FfiConverterTypePersonalModel.read(from: &buf), 
+                validationKeystrokeSavings: FfiConverterDouble.read(from: &buf), 
+                heldOut: FfiConverterTypeNextWordQuality.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: CandidateQuality, into buf: inout [UInt8]) {
+        FfiConverterTypePersonalModel.write(value.model, into: &buf)
+        FfiConverterDouble.write(value.validationKeystrokeSavings, into: &buf)
+        FfiConverterTypeNextWordQuality.write(value.heldOut, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeCandidateQuality_lift(_ buf: RustBuffer) throws -> CandidateQuality {
+    return try FfiConverterTypeCandidateQuality.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeCandidateQuality_lower(_ value: CandidateQuality) -> RustBuffer {
+    return FfiConverterTypeCandidateQuality.lower(value)
+}
 
 
 /**
@@ -1481,8 +1615,14 @@ public struct GenerateParams: Equatable, Hashable {
     public var maxTokens: UInt32
     /**
      * Drafts per round (K): more tokens per round trip when the device agrees with the base.
+     * With `adaptive_draft`, the largest K.
      */
     public var draftK: UInt32
+    /**
+     * Choose K per round from the recent override rate (between 2 and `draft_k`): long rounds
+     * while the personal model agrees with the base, short ones while it overrides.
+     */
+    public var adaptiveDraft: Bool
     /**
      * Softmax temperature (0: greedy).
      */
@@ -1504,7 +1644,12 @@ public struct GenerateParams: Equatable, Hashable {
          */maxTokens: UInt32 = UInt32(128), 
         /**
          * Drafts per round (K): more tokens per round trip when the device agrees with the base.
+         * With `adaptive_draft`, the largest K.
          */draftK: UInt32 = UInt32(8), 
+        /**
+         * Choose K per round from the recent override rate (between 2 and `draft_k`): long rounds
+         * while the personal model agrees with the base, short ones while it overrides.
+         */adaptiveDraft: Bool = false, 
         /**
          * Softmax temperature (0: greedy).
          */temperature: Float = Float(0.0), 
@@ -1516,6 +1661,7 @@ public struct GenerateParams: Equatable, Hashable {
          */seed: UInt64 = UInt64(0)) {
         self.maxTokens = maxTokens
         self.draftK = draftK
+        self.adaptiveDraft = adaptiveDraft
         self.temperature = temperature
         self.topP = topP
         self.seed = seed
@@ -1539,6 +1685,7 @@ public struct FfiConverterTypeGenerateParams: FfiConverterRustBuffer {
             try GenerateParams(
                 maxTokens: FfiConverterUInt32.read(from: &buf), 
                 draftK: FfiConverterUInt32.read(from: &buf), 
+                adaptiveDraft: FfiConverterBool.read(from: &buf), 
                 temperature: FfiConverterFloat.read(from: &buf), 
                 topP: FfiConverterFloat.read(from: &buf), 
                 seed: FfiConverterUInt64.read(from: &buf)
@@ -1548,6 +1695,7 @@ public struct FfiConverterTypeGenerateParams: FfiConverterRustBuffer {
     public static func write(_ value: GenerateParams, into buf: inout [UInt8]) {
         FfiConverterUInt32.write(value.maxTokens, into: &buf)
         FfiConverterUInt32.write(value.draftK, into: &buf)
+        FfiConverterBool.write(value.adaptiveDraft, into: &buf)
         FfiConverterFloat.write(value.temperature, into: &buf)
         FfiConverterFloat.write(value.topP, into: &buf)
         FfiConverterUInt64.write(value.seed, into: &buf)
@@ -1998,9 +2146,53 @@ public struct PersonalizationReport: Equatable, Hashable {
      */
     public var trainTokens: UInt32
     /**
-     * Where the weights were saved (pass it as `SpaConfig.personal_weights_path`).
+     * Where the weights are kept (pass it as `SpaConfig.personal_weights_path`); the file
+     * exists only when `shipped` uses the side network.
      */
     public var weightsPath: String
+    /**
+     * What was kept: the candidate with the best keystroke savings on the user's validation
+     * text (the simpler one on ties). The storage directory now holds exactly its files.
+     */
+    public var shipped: PersonalModel
+    /**
+     * The kept candidate on the held-out texts.
+     */
+    public var shippedQuality: NextWordQuality
+    /**
+     * Its keystroke savings minus the base's on the held-out texts (points)...
+     */
+    public var gainPoints: Double
+    /**
+     * ... and that gain's paired 95% bootstrap interval over held-out words.
+     */
+    public var gainCi95Low: Double
+    /**
+     * Upper end of the interval.
+     */
+    public var gainCi95High: Double
+    /**
+     * Words of the validation text the decision read.
+     */
+    public var validationWords: UInt32
+    /**
+     * Every candidate considered.
+     */
+    public var candidates: [CandidateQuality]
+    /**
+     * Where the word cache is kept (pass it as `SpaConfig.personal_words_path`); the file
+     * exists only when `shipped` uses the word cache.
+     */
+    public var wordsPath: String
+    /**
+     * Wall time of the whole run (features, training, measurements), seconds.
+     */
+    public var seconds: Double
+    /**
+     * Peak resident memory of the app's process so far, bytes (Linux and Android; `None`
+     * elsewhere).
+     */
+    public var peakRssBytes: UInt64?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -2018,13 +2210,57 @@ public struct PersonalizationReport: Equatable, Hashable {
          * Training tokens used.
          */trainTokens: UInt32, 
         /**
-         * Where the weights were saved (pass it as `SpaConfig.personal_weights_path`).
-         */weightsPath: String) {
+         * Where the weights are kept (pass it as `SpaConfig.personal_weights_path`); the file
+         * exists only when `shipped` uses the side network.
+         */weightsPath: String, 
+        /**
+         * What was kept: the candidate with the best keystroke savings on the user's validation
+         * text (the simpler one on ties). The storage directory now holds exactly its files.
+         */shipped: PersonalModel, 
+        /**
+         * The kept candidate on the held-out texts.
+         */shippedQuality: NextWordQuality, 
+        /**
+         * Its keystroke savings minus the base's on the held-out texts (points)...
+         */gainPoints: Double, 
+        /**
+         * ... and that gain's paired 95% bootstrap interval over held-out words.
+         */gainCi95Low: Double, 
+        /**
+         * Upper end of the interval.
+         */gainCi95High: Double, 
+        /**
+         * Words of the validation text the decision read.
+         */validationWords: UInt32, 
+        /**
+         * Every candidate considered.
+         */candidates: [CandidateQuality], 
+        /**
+         * Where the word cache is kept (pass it as `SpaConfig.personal_words_path`); the file
+         * exists only when `shipped` uses the word cache.
+         */wordsPath: String, 
+        /**
+         * Wall time of the whole run (features, training, measurements), seconds.
+         */seconds: Double, 
+        /**
+         * Peak resident memory of the app's process so far, bytes (Linux and Android; `None`
+         * elsewhere).
+         */peakRssBytes: UInt64?) {
         self.before = before
         self.after = after
         self.steps = steps
         self.trainTokens = trainTokens
         self.weightsPath = weightsPath
+        self.shipped = shipped
+        self.shippedQuality = shippedQuality
+        self.gainPoints = gainPoints
+        self.gainCi95Low = gainCi95Low
+        self.gainCi95High = gainCi95High
+        self.validationWords = validationWords
+        self.candidates = candidates
+        self.wordsPath = wordsPath
+        self.seconds = seconds
+        self.peakRssBytes = peakRssBytes
     }
 
     
@@ -2047,7 +2283,17 @@ public struct FfiConverterTypePersonalizationReport: FfiConverterRustBuffer {
                 after: FfiConverterTypeNextWordQuality.read(from: &buf), 
                 steps: FfiConverterUInt32.read(from: &buf), 
                 trainTokens: FfiConverterUInt32.read(from: &buf), 
-                weightsPath: FfiConverterString.read(from: &buf)
+                weightsPath: FfiConverterString.read(from: &buf), 
+                shipped: FfiConverterTypePersonalModel.read(from: &buf), 
+                shippedQuality: FfiConverterTypeNextWordQuality.read(from: &buf), 
+                gainPoints: FfiConverterDouble.read(from: &buf), 
+                gainCi95Low: FfiConverterDouble.read(from: &buf), 
+                gainCi95High: FfiConverterDouble.read(from: &buf), 
+                validationWords: FfiConverterUInt32.read(from: &buf), 
+                candidates: FfiConverterSequenceTypeCandidateQuality.read(from: &buf), 
+                wordsPath: FfiConverterString.read(from: &buf), 
+                seconds: FfiConverterDouble.read(from: &buf), 
+                peakRssBytes: FfiConverterOptionUInt64.read(from: &buf)
         )
     }
 
@@ -2057,6 +2303,16 @@ public struct FfiConverterTypePersonalizationReport: FfiConverterRustBuffer {
         FfiConverterUInt32.write(value.steps, into: &buf)
         FfiConverterUInt32.write(value.trainTokens, into: &buf)
         FfiConverterString.write(value.weightsPath, into: &buf)
+        FfiConverterTypePersonalModel.write(value.shipped, into: &buf)
+        FfiConverterTypeNextWordQuality.write(value.shippedQuality, into: &buf)
+        FfiConverterDouble.write(value.gainPoints, into: &buf)
+        FfiConverterDouble.write(value.gainCi95Low, into: &buf)
+        FfiConverterDouble.write(value.gainCi95High, into: &buf)
+        FfiConverterUInt32.write(value.validationWords, into: &buf)
+        FfiConverterSequenceTypeCandidateQuality.write(value.candidates, into: &buf)
+        FfiConverterString.write(value.wordsPath, into: &buf)
+        FfiConverterDouble.write(value.seconds, into: &buf)
+        FfiConverterOptionUInt64.write(value.peakRssBytes, into: &buf)
     }
 }
 
@@ -2092,6 +2348,17 @@ public struct PersonalizeOptions: Equatable, Hashable {
      * Seed (same texts and seed: same weights).
      */
     public var seed: UInt64
+    /**
+     * Also learn the personal word cache (the user's words and word pairs, interpolated with
+     * the model's suggestions) and consider it, alone and with the side network.
+     */
+    public var wordCache: Bool
+    /**
+     * Keep the trained side network even when it does not beat the base on the user's own
+     * validation text (for comparisons; a keyboard leaves this off, so that personalizing
+     * never makes suggestions worse).
+     */
+    public var forceSideNetwork: Bool
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -2104,10 +2371,21 @@ public struct PersonalizeOptions: Equatable, Hashable {
          */maxChunks: UInt32 = UInt32(400), 
         /**
          * Seed (same texts and seed: same weights).
-         */seed: UInt64 = UInt64(0)) {
+         */seed: UInt64 = UInt64(0), 
+        /**
+         * Also learn the personal word cache (the user's words and word pairs, interpolated with
+         * the model's suggestions) and consider it, alone and with the side network.
+         */wordCache: Bool = true, 
+        /**
+         * Keep the trained side network even when it does not beat the base on the user's own
+         * validation text (for comparisons; a keyboard leaves this off, so that personalizing
+         * never makes suggestions worse).
+         */forceSideNetwork: Bool = false) {
         self.steps = steps
         self.maxChunks = maxChunks
         self.seed = seed
+        self.wordCache = wordCache
+        self.forceSideNetwork = forceSideNetwork
     }
 
     
@@ -2128,7 +2406,9 @@ public struct FfiConverterTypePersonalizeOptions: FfiConverterRustBuffer {
             try PersonalizeOptions(
                 steps: FfiConverterUInt32.read(from: &buf), 
                 maxChunks: FfiConverterUInt32.read(from: &buf), 
-                seed: FfiConverterUInt64.read(from: &buf)
+                seed: FfiConverterUInt64.read(from: &buf), 
+                wordCache: FfiConverterBool.read(from: &buf), 
+                forceSideNetwork: FfiConverterBool.read(from: &buf)
         )
     }
 
@@ -2136,6 +2416,8 @@ public struct FfiConverterTypePersonalizeOptions: FfiConverterRustBuffer {
         FfiConverterUInt32.write(value.steps, into: &buf)
         FfiConverterUInt32.write(value.maxChunks, into: &buf)
         FfiConverterUInt64.write(value.seed, into: &buf)
+        FfiConverterBool.write(value.wordCache, into: &buf)
+        FfiConverterBool.write(value.forceSideNetwork, into: &buf)
     }
 }
 
@@ -2250,6 +2532,11 @@ public struct SpaConfig: Equatable, Hashable {
      */
     public var personalWeightsPath: String?
     /**
+     * The user's word cache for the suggestion strip (see `Personalizer`); `None` or a missing
+     * file: the model's suggestions alone.
+     */
+    public var personalWordsPath: String?
+    /**
      * Quantization of the on-device weights.
      */
     public var quantization: Quantization
@@ -2287,6 +2574,10 @@ public struct SpaConfig: Equatable, Hashable {
          * untrained side network for the server's base.
          */personalWeightsPath: String? = nil, 
         /**
+         * The user's word cache for the suggestion strip (see `Personalizer`); `None` or a missing
+         * file: the model's suggestions alone.
+         */personalWordsPath: String? = nil, 
+        /**
          * Quantization of the on-device weights.
          */quantization: Quantization, 
         /**
@@ -2304,6 +2595,7 @@ public struct SpaConfig: Equatable, Hashable {
         self.caCertPem = caCertPem
         self.modelPath = modelPath
         self.personalWeightsPath = personalWeightsPath
+        self.personalWordsPath = personalWordsPath
         self.quantization = quantization
         self.threads = threads
         self.timeoutMs = timeoutMs
@@ -2331,6 +2623,7 @@ public struct FfiConverterTypeSpaConfig: FfiConverterRustBuffer {
                 caCertPem: FfiConverterOptionString.read(from: &buf), 
                 modelPath: FfiConverterString.read(from: &buf), 
                 personalWeightsPath: FfiConverterOptionString.read(from: &buf), 
+                personalWordsPath: FfiConverterOptionString.read(from: &buf), 
                 quantization: FfiConverterTypeQuantization.read(from: &buf), 
                 threads: FfiConverterUInt32.read(from: &buf), 
                 timeoutMs: FfiConverterUInt64.read(from: &buf), 
@@ -2344,6 +2637,7 @@ public struct FfiConverterTypeSpaConfig: FfiConverterRustBuffer {
         FfiConverterOptionString.write(value.caCertPem, into: &buf)
         FfiConverterString.write(value.modelPath, into: &buf)
         FfiConverterOptionString.write(value.personalWeightsPath, into: &buf)
+        FfiConverterOptionString.write(value.personalWordsPath, into: &buf)
         FfiConverterTypeQuantization.write(value.quantization, into: &buf)
         FfiConverterUInt32.write(value.threads, into: &buf)
         FfiConverterUInt64.write(value.timeoutMs, into: &buf)
@@ -2533,6 +2827,101 @@ public func FfiConverterTypeTrainProgress_lift(_ buf: RustBuffer) throws -> Trai
 public func FfiConverterTypeTrainProgress_lower(_ value: TrainProgress) -> RustBuffer {
     return FfiConverterTypeTrainProgress.lower(value)
 }
+
+
+/**
+ * What a personalization run keeps for the suggestion strip.
+ */
+
+public enum PersonalModel: Equatable, Hashable {
+    
+    /**
+     * Nothing personal: the base model alone did best on the user's validation text.
+     */
+    case base
+    /**
+     * The base with the user's word cache.
+     */
+    case wordCache
+    /**
+     * The personal side network and gate.
+     */
+    case sideNetwork
+    /**
+     * The personal side network with the word cache.
+     */
+    case sideNetworkWithWordCache
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension PersonalModel: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypePersonalModel: FfiConverterRustBuffer {
+    typealias SwiftType = PersonalModel
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> PersonalModel {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .base
+        
+        case 2: return .wordCache
+        
+        case 3: return .sideNetwork
+        
+        case 4: return .sideNetworkWithWordCache
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: PersonalModel, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .base:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .wordCache:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .sideNetwork:
+            writeInt(&buf, Int32(3))
+        
+        
+        case .sideNetworkWithWordCache:
+            writeInt(&buf, Int32(4))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePersonalModel_lift(_ buf: RustBuffer) throws -> PersonalModel {
+    return try FfiConverterTypePersonalModel.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePersonalModel_lower(_ value: PersonalModel) -> RustBuffer {
+    return FfiConverterTypePersonalModel.lower(value)
+}
+
 
 
 /**
@@ -3254,6 +3643,30 @@ public func FfiConverterCallbackInterfacePersonalizeListener_lower(_ v: Personal
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterOptionUInt64: FfiConverterRustBuffer {
+    typealias SwiftType = UInt64?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterUInt64.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterUInt64.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterOptionDouble: FfiConverterRustBuffer {
     typealias SwiftType = Double?
 
@@ -3319,6 +3732,31 @@ fileprivate struct FfiConverterSequenceString: FfiConverterRustBuffer {
         seq.reserveCapacity(Int(len))
         for _ in 0 ..< len {
             seq.append(try FfiConverterString.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterSequenceTypeCandidateQuality: FfiConverterRustBuffer {
+    typealias SwiftType = [CandidateQuality]
+
+    public static func write(_ value: [CandidateQuality], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeCandidateQuality.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [CandidateQuality] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [CandidateQuality]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeCandidateQuality.read(from: &buf))
         }
         return seq
     }
@@ -3480,19 +3918,28 @@ private let initializationResult: InitializationResult = {
     if (uniffi_spa_ffi_checksum_method_spaclient_suggest() != 10562) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_spa_ffi_checksum_method_spaclient_uses_personal_words() != 5002) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_spa_ffi_checksum_method_personalizer_cancel() != 47164) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_spa_ffi_checksum_method_personalizer_delete_weights() != 20516) {
+    if (uniffi_spa_ffi_checksum_method_personalizer_delete_weights() != 25502) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_spa_ffi_checksum_method_personalizer_has_saved_weights() != 41804) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_spa_ffi_checksum_method_personalizer_has_saved_words() != 26511) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_spa_ffi_checksum_method_personalizer_train() != 7665) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_spa_ffi_checksum_method_personalizer_weights_path() != 24540) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_spa_ffi_checksum_method_personalizer_words_path() != 14835) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_spa_ffi_checksum_method_generationlistener_on_token() != 693) {

@@ -190,7 +190,11 @@ struct SpaMobileLinuxTests {
             try p.delete()
             try expect(!p.hasSavedWeights, "weights present after delete")
             let steps = Steps()
-            let r = try await p.train(train, heldOut: held, options: options) { steps.add($0) }
+            // Kept whatever the validation text says, to test saving and reloading weights.
+            var forced = options
+            forced.wordCache = false
+            forced.forceSideNetwork = true
+            let r = try await p.train(train, heldOut: held, options: forced) { steps.add($0) }
             let s = steps.all
             print("  -> \(s.count) progress calls, \(r.steps) steps on \(r.trainTokens) tokens; top-3 "
                 + "\(r.before.top3)% -> \(r.after.top3)%, perplexity \(r.before.perplexity) -> \(r.after.perplexity)")
@@ -199,6 +203,9 @@ struct SpaMobileLinuxTests {
             try expect(r.before.words > 100 && r.after.words == r.before.words, "report \(r)")
             try expect(r.after.perplexity.isFinite && r.before.perplexity.isFinite, "report \(r)")
             try expect(r.weightsPath == p.weightsPath && p.hasSavedWeights, "weights not saved")
+            try expect(r.shipped == .sideNetwork && !p.hasSavedWords, "forced run shipped \(r.shipped)")
+            try expect(r.candidates.map { $0.model } == [.base, .sideNetwork], "candidates \(r.candidates)")
+            try expect(r.shippedQuality == r.after && r.seconds > 0, "report \(r)")
             let files = try FileManager.default.contentsOfDirectory(atPath: storage)
             try expect(!files.contains { $0.contains(".tmp") }, "temporary file left behind")
             var c = try config()
@@ -211,6 +218,63 @@ struct SpaMobileLinuxTests {
             try expect(!p.hasSavedWeights, "weights present after delete")
             let fallback = try await SpaMobile.connect(c)
             try expect(!fallback.isPersonalized, "deleted weights still used")
+        }
+
+        await test("personalization ships the best of base, word cache and side network on the user's own text") {
+            let p = spa.personalization(storageDir: storage)
+            try p.delete()
+            let r = try await p.train(train, heldOut: held, options: options)
+            print("  -> shipped \(r.shipped) (\(r.gainPoints) points, 95% [\(r.gainCi95Low), \(r.gainCi95High)]); "
+                + r.candidates.map { "\($0.model): validation \($0.validationKeystrokeSavings)%, held-out \($0.heldOut.keystrokeSavings)%" }.joined(separator: ", "))
+            try expect(r.candidates.map { $0.model } == [.base, .wordCache, .sideNetwork, .sideNetworkWithWordCache]
+                && r.validationWords > 50, "candidates \(r.candidates)")
+            // The first (simplest) candidate with the best validation savings ships ...
+            let best = r.candidates.map { $0.validationKeystrokeSavings }.max()!
+            try expect(r.shipped == r.candidates.first { $0.validationKeystrokeSavings == best }!.model, "shipped \(r.shipped)")
+            try expect(r.shippedQuality == r.candidates.first { $0.model == r.shipped }!.heldOut, "shipped quality")
+            try expect(r.gainCi95Low <= r.gainPoints && r.gainPoints <= r.gainCi95High, "gain interval \(r)")
+            // ... and storage holds exactly its files, which a new client loads.
+            let side = r.shipped == .sideNetwork || r.shipped == .sideNetworkWithWordCache
+            let words = r.shipped == .wordCache || r.shipped == .sideNetworkWithWordCache
+            try expect(p.hasSavedWeights == side && p.hasSavedWords == words, "storage for \(r.shipped)")
+            var c = try config()
+            c.personalWeightsPath = p.weightsPath
+            c.personalWordsPath = p.wordsPath
+            let again = try await SpaMobile.connect(c)
+            try expect(again.isPersonalized == side && again.usesPersonalWords == words, "reloaded for \(r.shipped)")
+            let strip = try await again.suggest("Call me", count: 3)
+            try expect(strip.words.count == 3, "no suggestions")
+            try p.delete()
+            try expect(!p.hasSavedWeights && !p.hasSavedWords, "files left after delete")
+        }
+
+        await test("a word cache file: its words are suggested; a damaged one is a model error") {
+            let dir = env("SPA_TEST_DIR") + "/swift-words"
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            let good = dir + "/words.txt"
+            // The format of Personalizer's word cache: one word the user types all the time.
+            try "spa-word-cache 1\nweight 0.5 kappa 2 words 1 bigrams 0\n50 Queequeg\n".write(toFile: good, atomically: true, encoding: .utf8)
+            var c = try config()
+            c.personalWordsPath = good
+            let cached = try await SpaMobile.connect(c)
+            try expect(cached.usesPersonalWords && !spa.usesPersonalWords, "word cache not loaded")
+            let next = try await cached.suggest("I saw ", count: 3)
+            try expect(next.words.first == "Queequeg", "cache word not first: \(next.words)")
+            let completed = try await cached.suggest("I saw Que", count: 3)
+            try expect(completed.words.first == "Queequeg", "no completion: \(completed.words)")
+            let plain = try await spa.suggest("I saw ", count: 3)
+            try expect(!plain.words.contains("Queequeg"), "the base alone suggests it")
+            let bad = dir + "/bad.txt"
+            try "spa-word-cache 1\nweight 0.5 kappa 2 words 2 bigrams 0\n50 Queequeg\n".write(toFile: bad, atomically: true, encoding: .utf8)
+            c.personalWordsPath = bad
+            do {
+                _ = try await SpaMobile.connect(c)
+                throw TestFailure(description: "connected with a damaged word cache")
+            } catch SpaMobileError.Model {
+            }
+            c.personalWordsPath = dir + "/missing.txt"
+            let missing = try await SpaMobile.connect(c)
+            try expect(!missing.usesPersonalWords, "a missing file loaded")
         }
 
         await test("personalization: cancel and a throwing progress listener save nothing") {

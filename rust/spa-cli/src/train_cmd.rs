@@ -442,7 +442,14 @@ fn personalize_run(
     quiet: bool,
 ) -> Result<(SidePlugin, serde_json::Value)> {
     let texts = author_texts(author, split)?;
-    let assets_dev = DeviceAssets::load(model)?;
+    // The device's q8 head and tokenizer; the f32 head is dropped before the measured phase.
+    let (dev_head, dev_tok) = {
+        let a = DeviceAssets::load(model)?;
+        (
+            spa_model::DeviceHead::from_weights(&a.head, spa_model::QuantMode::Q8)?,
+            a.tokenizer,
+        )
+    };
     let (plugin, feats, held, cache_input) = {
         let base = BaseModel::load(model)?;
         let proj = projection(&base, width)?;
@@ -472,8 +479,8 @@ fn personalize_run(
     let pb = features::progress(cfg.steps as u64, "personalizing", quiet);
     let r = personalize::personalize_features(
         &mut plugin,
-        &assets_dev.head,
-        &assets_dev.tokenizer,
+        &dev_head,
+        &dev_tok,
         &feats,
         &held,
         Some(&cache_input),

@@ -7,7 +7,7 @@ use crate::error::{Result, SpaMobileError};
 use crate::personalize::Personalizer;
 use crate::{call, configure_threads, run_task, runtime, SpaConfig};
 use spa_model::{DeviceAssets, GateMode, PersonalVocab, SideConfig, SidePlugin};
-use spa_runtime::{Client, ClientConfig, DeviceModel, Mode, SpaSession, Suggester};
+use spa_runtime::{Client, ClientConfig, DeviceModel, Mode, SpaSession, Suggester, WordCache};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,14 +42,13 @@ pub async fn connect(config: SpaConfig) -> Result<Arc<SpaClient>> {
 #[derive(Debug, uniffi::Object)]
 pub struct SpaClient {
     pub(crate) client: Client,
-    device: Arc<DeviceModel>,
+    pub(crate) device: Arc<DeviceModel>,
     /// The suggestion strip (keeps the last context's ranking: typed letters re-rank without a
     /// request).
     suggester: Arc<Suggester>,
     pub(crate) manifest: ModelManifest,
     /// The side weights the device model was built from (start of personalization).
     pub(crate) plugin: Arc<SidePlugin>,
-    pub(crate) model_path: String,
     pub(crate) n_taps: usize,
     personalized: bool,
 }
@@ -96,17 +95,36 @@ impl SpaClient {
             device.side.config().taps.len()
         );
         let suggester = Arc::new(Suggester::new(&device));
+        let device = Arc::new(device);
+        if let Some(path) = config.personal_words_path.clone() {
+            let (s, d) = (suggester.clone(), device.clone());
+            tokio::task::spawn_blocking(move || load_words(&s, &d, Path::new(&path)))
+                .await
+                .map_err(|_| SpaMobileError::Internal {
+                    reason: "loading the word cache panicked".into(),
+                })??;
+        }
         Ok(Self {
             client,
             suggester,
-            device: Arc::new(device),
+            device,
             manifest,
             plugin: Arc::new(plugin),
-            model_path: config.model_path,
             n_taps,
             personalized,
         })
     }
+}
+
+/// Loads the user's word cache into the strip (a missing file: none, as for the weights).
+fn load_words(suggester: &Suggester, device: &DeviceModel, path: &Path) -> Result<()> {
+    if !path.is_file() {
+        return Ok(());
+    }
+    let cache = WordCache::load(path, suggester.vocab(), &device.tokenizer)?;
+    log::info!("word cache: {} distinct words", cache.len());
+    suggester.set_cache(Some(Arc::new(cache)));
+    Ok(())
 }
 
 fn load_device(
@@ -152,6 +170,12 @@ impl SpaClient {
     /// Whether the device runs personal weights (`personal_weights_path` was loaded).
     pub fn is_personalized(&self) -> bool {
         self.personalized
+    }
+
+    /// Whether the suggestion strip uses the user's word cache (`personal_words_path` was
+    /// loaded).
+    pub fn uses_personal_words(&self) -> bool {
+        self.suggester.cache().is_some()
     }
 
     /// Personalization with its weights kept in `storage_dir` (an app-private directory).

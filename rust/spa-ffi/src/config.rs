@@ -36,6 +36,10 @@ pub struct SpaConfig {
     /// untrained side network for the server's base.
     #[uniffi(default = None)]
     pub personal_weights_path: Option<String>,
+    /// The user's word cache for the suggestion strip (see `Personalizer`); `None` or a missing
+    /// file: the model's suggestions alone.
+    #[uniffi(default = None)]
+    pub personal_words_path: Option<String>,
     /// Quantization of the on-device weights.
     pub quantization: Quantization,
     /// Compute threads of the device half (0: one per core). Applied by the first `connect`
@@ -57,8 +61,13 @@ pub struct GenerateParams {
     #[uniffi(default = 128)]
     pub max_tokens: u32,
     /// Drafts per round (K): more tokens per round trip when the device agrees with the base.
+    /// With `adaptive_draft`, the largest K.
     #[uniffi(default = 8)]
     pub draft_k: u32,
+    /// Choose K per round from the recent override rate (between 2 and `draft_k`): long rounds
+    /// while the personal model agrees with the base, short ones while it overrides.
+    #[uniffi(default = false)]
+    pub adaptive_draft: bool,
     /// Softmax temperature (0: greedy).
     #[uniffi(default = 0.0)]
     pub temperature: f32,
@@ -75,6 +84,7 @@ impl Default for GenerateParams {
         Self {
             max_tokens: 128,
             draft_k: 8,
+            adaptive_draft: false,
             temperature: 0.0,
             top_p: 0.0,
             seed: 0,
@@ -87,7 +97,10 @@ impl GenerateParams {
         RuntimeParams {
             max_tokens: self.max_tokens as usize,
             draft: self.draft_k,
-            adaptive_draft: None,
+            adaptive_draft: self.adaptive_draft.then(|| spa_runtime::AdaptiveDraft {
+                min: 2.min(self.draft_k),
+                max: self.draft_k,
+            }),
             top_k: 0,
             stop_tokens: stop_tokens.to_vec(),
             sampling: WireSampling {

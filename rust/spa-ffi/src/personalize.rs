@@ -5,12 +5,12 @@
 use crate::client::SpaClient;
 use crate::error::{Result, SpaMobileError};
 use crate::{call, runtime};
-use spa_model::{DeviceAssets, SidePlugin};
-use spa_runtime::Client;
+use spa_model::SidePlugin;
+use spa_runtime::{Client, DeviceModel};
 use spa_train::features::{SeqFeatures, SeqSpec};
 use spa_train::personalize::{
     from_wire, personalize, remote_window_features, FeatureSource, NextWordMetrics,
-    PersonalizeConfig, UserTexts, WireTensor,
+    PersonalizeConfig, ShipDecision, UserTexts, WireTensor,
 };
 use spa_train::TrainError;
 use std::path::{Path, PathBuf};
@@ -19,6 +19,8 @@ use std::sync::Arc;
 
 /// File name of the personal weights inside the storage directory.
 pub const WEIGHTS_FILE: &str = "personal.safetensors";
+/// File name of the personal word cache inside the storage directory.
+pub const WORDS_FILE: &str = "personal-words.txt";
 
 /// Settings of a personalization run.
 #[derive(Debug, Clone, PartialEq, uniffi::Record)]
@@ -32,6 +34,68 @@ pub struct PersonalizeOptions {
     /// Seed (same texts and seed: same weights).
     #[uniffi(default = 0)]
     pub seed: u64,
+    /// Also learn the personal word cache (the user's words and word pairs, interpolated with
+    /// the model's suggestions) and consider it, alone and with the side network.
+    #[uniffi(default = true)]
+    pub word_cache: bool,
+    /// Keep the trained side network even when it does not beat the base on the user's own
+    /// validation text (for comparisons; a keyboard leaves this off, so that personalizing
+    /// never makes suggestions worse).
+    #[uniffi(default = false)]
+    pub force_side_network: bool,
+}
+
+/// What a personalization run keeps for the suggestion strip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum PersonalModel {
+    /// Nothing personal: the base model alone did best on the user's validation text.
+    Base,
+    /// The base with the user's word cache.
+    WordCache,
+    /// The personal side network and gate.
+    SideNetwork,
+    /// The personal side network with the word cache.
+    SideNetworkWithWordCache,
+}
+
+impl PersonalModel {
+    const ALL: [(PersonalModel, &'static str); 4] = [
+        (PersonalModel::Base, "base"),
+        (PersonalModel::WordCache, "cache"),
+        (PersonalModel::SideNetwork, "spa"),
+        (PersonalModel::SideNetworkWithWordCache, "spa_cache"),
+    ];
+
+    fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().find(|(_, n)| *n == name).map(|(m, _)| *m)
+    }
+
+    fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(m, _)| *m == self)
+            .map_or("base", |(_, n)| n)
+    }
+
+    fn uses_side_network(self) -> bool {
+        matches!(self, Self::SideNetwork | Self::SideNetworkWithWordCache)
+    }
+
+    fn uses_word_cache(self) -> bool {
+        matches!(self, Self::WordCache | Self::SideNetworkWithWordCache)
+    }
+}
+
+/// One candidate of the shipping decision.
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct CandidateQuality {
+    /// The candidate.
+    pub model: PersonalModel,
+    /// Keystroke savings (%) on the user's validation text (the end of the training texts,
+    /// never trained on), which decides what ships.
+    pub validation_keystroke_savings: f64,
+    /// Quality on the held-out texts.
+    pub held_out: NextWordQuality,
 }
 
 /// Progress of a run, reported after each training step.
@@ -88,8 +152,32 @@ pub struct PersonalizationReport {
     pub steps: u32,
     /// Training tokens used.
     pub train_tokens: u32,
-    /// Where the weights were saved (pass it as `SpaConfig.personal_weights_path`).
+    /// Where the weights are kept (pass it as `SpaConfig.personal_weights_path`); the file
+    /// exists only when `shipped` uses the side network.
     pub weights_path: String,
+    /// What was kept: the candidate with the best keystroke savings on the user's validation
+    /// text (the simpler one on ties). The storage directory now holds exactly its files.
+    pub shipped: PersonalModel,
+    /// The kept candidate on the held-out texts.
+    pub shipped_quality: NextWordQuality,
+    /// Its keystroke savings minus the base's on the held-out texts (points)...
+    pub gain_points: f64,
+    /// ... and that gain's paired 95% bootstrap interval over held-out words.
+    pub gain_ci95_low: f64,
+    /// Upper end of the interval.
+    pub gain_ci95_high: f64,
+    /// Words of the validation text the decision read.
+    pub validation_words: u32,
+    /// Every candidate considered.
+    pub candidates: Vec<CandidateQuality>,
+    /// Where the word cache is kept (pass it as `SpaConfig.personal_words_path`); the file
+    /// exists only when `shipped` uses the word cache.
+    pub words_path: String,
+    /// Wall time of the whole run (features, training, measurements), seconds.
+    pub seconds: f64,
+    /// Peak resident memory of the app's process so far, bytes (Linux and Android; `None`
+    /// elsewhere).
+    pub peak_rss_bytes: Option<u64>,
 }
 
 /// Receives a personalization run's progress (on a library thread). Throwing stops the run with
@@ -121,7 +209,8 @@ impl From<TrainError> for SpaMobileError {
 #[derive(Debug, uniffi::Object)]
 pub struct Personalizer {
     client: Client,
-    model_path: String,
+    /// The client's device model: its quantized head and tokenizer (no second copy is loaded).
+    device: Arc<DeviceModel>,
     start: Arc<SidePlugin>,
     n_taps: usize,
     width: usize,
@@ -134,7 +223,7 @@ impl SpaClient {
     pub(crate) fn new_personalizer(&self, dir: PathBuf) -> Personalizer {
         Personalizer {
             client: self.client.clone(),
-            model_path: self.model_path.clone(),
+            device: self.device.clone(),
             start: self.plugin.clone(),
             n_taps: self.n_taps,
             width: self.manifest.side_width as usize,
@@ -201,6 +290,30 @@ fn save_atomic(plugin: &SidePlugin, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What ships: the decision's choice, or with `force_side_network` the better (on validation)
+/// of the side network alone and with the cache.
+fn shipped_model(d: &ShipDecision, force_side_network: bool) -> Result<PersonalModel> {
+    let internal = |m: String| SpaMobileError::Internal { reason: m };
+    if !force_side_network {
+        return PersonalModel::from_name(&d.shipped)
+            .ok_or_else(|| internal(format!("unknown candidate {}", d.shipped)));
+    }
+    let v = |n: &str| d.validation_savings.get(n).copied();
+    match (v("spa"), v("spa_cache")) {
+        (Some(a), Some(b)) if b > a => Ok(PersonalModel::SideNetworkWithWordCache),
+        (Some(_), _) => Ok(PersonalModel::SideNetwork),
+        _ => Err(internal("the side network was not measured".into())),
+    }
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(SpaMobileError::storage("removing an old personal file", &e)),
+    }
+}
+
 struct CancelOnDrop(Arc<AtomicBool>);
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
@@ -227,13 +340,14 @@ impl Personalizer {
         self.cancel.store(false, Ordering::Relaxed);
         let _guard = CancelOnDrop(self.cancel.clone());
         let client = self.client.clone();
-        let model_path = self.model_path.clone();
+        let device = self.device.clone();
         let start = self.start.clone();
         let (n_taps, width) = (self.n_taps, self.width);
         let path = self.dir.join(WEIGHTS_FILE);
+        let words_path = self.dir.join(WORDS_FILE);
         let cancel = self.cancel.clone();
         let task = runtime().spawn_blocking(move || -> Result<PersonalizationReport> {
-            let assets = DeviceAssets::load(&model_path)?;
+            let t0 = std::time::Instant::now();
             let mut plugin = (*start).clone();
             let mut src = ServerFeatures {
                 client: &client,
@@ -244,16 +358,14 @@ impl Personalizer {
                 steps: options.steps.max(1) as usize,
                 max_chunks: options.max_chunks.max(4) as usize,
                 seed: options.seed,
-                // The SDK does not ship the word cache yet: building and scoring it would only
-                // cost the user time.
-                word_cache: false,
+                word_cache: options.word_cache,
                 ..Default::default()
             };
             let mut callback_error = None;
             let r = personalize(
                 &mut plugin,
-                &assets.head,
-                &assets.tokenizer,
+                &device.head,
+                &device.tokenizer,
                 &mut src,
                 &UserTexts {
                     train: texts,
@@ -286,13 +398,68 @@ impl Personalizer {
             if cancel.load(Ordering::Relaxed) {
                 return Err(SpaMobileError::Cancelled);
             }
-            save_atomic(&plugin, &path)?;
+            let decision = report
+                .decision
+                .as_ref()
+                .ok_or_else(|| SpaMobileError::Internal {
+                    reason: "the run made no shipping decision".into(),
+                })?;
+            let shipped = shipped_model(decision, options.force_side_network)?;
+            // The directory ends up holding exactly what ships.
+            if shipped.uses_side_network() {
+                save_atomic(&plugin, &path)?;
+            } else {
+                remove_if_present(&path)?;
+            }
+            match (&report.word_cache, shipped.uses_word_cache()) {
+                (Some(wc), true) => {
+                    std::fs::create_dir_all(words_path.parent().unwrap_or(Path::new(".")))
+                        .map_err(|e| {
+                            SpaMobileError::storage("creating the storage directory", &e)
+                        })?;
+                    wc.save(&words_path).map_err(|e| SpaMobileError::Storage {
+                        reason: e.to_string(),
+                    })?
+                }
+                _ => remove_if_present(&words_path)?,
+            }
+            let quality =
+                |m: PersonalModel| decision.held_out.get(m.name()).map(NextWordQuality::from);
+            let candidates = PersonalModel::ALL
+                .iter()
+                .filter_map(|&(m, name)| {
+                    Some(CandidateQuality {
+                        model: m,
+                        validation_keystroke_savings: *decision.validation_savings.get(name)?,
+                        held_out: quality(m)?,
+                    })
+                })
+                .collect();
+            let (gain_points, (gain_ci95_low, gain_ci95_high)) =
+                if shipped.name() == decision.shipped {
+                    (decision.gain_points, decision.ci95_minus_base)
+                } else {
+                    // Forced: the gain is measured, its interval is not.
+                    let g = decision.held_out[shipped.name()].keystroke_savings
+                        - report.before.keystroke_savings;
+                    (g, (f64::NAN, f64::NAN))
+                };
             Ok(PersonalizationReport {
                 before: (&report.before).into(),
                 after: (&report.after).into(),
                 steps: report.train.steps as u32,
                 train_tokens: report.train_tokens as u32,
                 weights_path: path.to_string_lossy().into_owned(),
+                shipped,
+                shipped_quality: quality(shipped).unwrap_or_else(|| (&report.before).into()),
+                gain_points,
+                gain_ci95_low,
+                gain_ci95_high,
+                validation_words: decision.validation_words as u32,
+                candidates,
+                words_path: words_path.to_string_lossy().into_owned(),
+                seconds: t0.elapsed().as_secs_f64(),
+                peak_rss_bytes: report.peak_rss_bytes,
             })
         });
         match task.await {
@@ -319,13 +486,20 @@ impl Personalizer {
         self.dir.join(WEIGHTS_FILE).is_file()
     }
 
-    /// Deletes the saved personal weights (no error when there are none). Clients connected
-    /// with them keep them until they are closed.
+    /// Where the word cache is kept (`<storage dir>/personal-words.txt`).
+    pub fn words_path(&self) -> String {
+        self.dir.join(WORDS_FILE).to_string_lossy().into_owned()
+    }
+
+    /// Whether a word cache is saved.
+    pub fn has_saved_words(&self) -> bool {
+        self.dir.join(WORDS_FILE).is_file()
+    }
+
+    /// Deletes the saved personal weights and word cache (no error when there are none).
+    /// Clients connected with them keep them until they are closed.
     pub fn delete_weights(&self) -> Result<()> {
-        match std::fs::remove_file(self.dir.join(WEIGHTS_FILE)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(SpaMobileError::storage("deleting the personal weights", &e)),
-        }
+        remove_if_present(&self.dir.join(WEIGHTS_FILE))?;
+        remove_if_present(&self.dir.join(WORDS_FILE))
     }
 }

@@ -10,10 +10,11 @@ use crate::linear::QuantMode;
 use crate::qmat::QRows;
 use std::collections::HashMap;
 
-/// Tied LM head weights held on the device (`[vocab, hidden]`, f32 / q8_0 / q4_0).
+/// Tied LM head weights held on the device (`[vocab, hidden]`, f32 / q8_0 / q4_0). Clones
+/// share the weights.
 #[derive(Debug, Clone)]
 pub struct DeviceHead {
-    rows: QRows,
+    rows: std::sync::Arc<QRows>,
 }
 
 impl DeviceHead {
@@ -24,11 +25,20 @@ impl DeviceHead {
 
     /// Builds the device head from f32 head weights `[vocab, hidden]`.
     pub fn from_weights(w: &candle_core::Tensor, mode: QuantMode) -> Result<Self> {
-        let (v, d) = w.dims2()?;
-        let data: Vec<f32> = w.flatten_all()?.to_vec1()?;
         Ok(Self {
-            rows: QRows::new(&data, v, d, mode)?,
+            rows: std::sync::Arc::new(QRows::from_tensor(w, mode)?),
         })
+    }
+
+    /// Hidden size (columns).
+    pub fn hidden(&self) -> usize {
+        self.rows.cols()
+    }
+
+    /// The rows of `ids` dequantized to f32, `[ids.len(), hidden]` row-major (e.g. the frozen
+    /// head rows of a training shortlist).
+    pub fn rows_f32(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.rows.gather_f32(ids)
     }
 
     /// Vocabulary size.

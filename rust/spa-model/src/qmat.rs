@@ -58,6 +58,57 @@ impl QRows {
         Ok(Self { store, rows, cols })
     }
 
+    /// Quantizes a `[rows, cols]` f32 tensor a block of rows at a time (no f32 copy of the
+    /// whole matrix besides the tensor itself).
+    pub fn from_tensor(w: &candle_core::Tensor, mode: QuantMode) -> Result<Self> {
+        let (rows, cols) = w.dims2()?;
+        if mode == QuantMode::F32 {
+            return Self::new(&w.flatten_all()?.to_vec1::<f32>()?, rows, cols, mode);
+        }
+        if !cols.is_multiple_of(BLOCK) {
+            return Err(SpaError::InvalidConfig(format!(
+                "{cols} columns is not a multiple of {BLOCK} (quantization block)"
+            )));
+        }
+        const CHUNK: usize = 2048;
+        let mut store = match mode {
+            QuantMode::Q8 => Store::Q8(Vec::with_capacity(rows * cols / BLOCK)),
+            _ => Store::Q4(Vec::with_capacity(rows * cols / BLOCK)),
+        };
+        for r0 in (0..rows).step_by(CHUNK) {
+            let n = CHUNK.min(rows - r0);
+            let chunk: Vec<f32> = w.narrow(0, r0, n)?.flatten_all()?.to_vec1()?;
+            match &mut store {
+                Store::Q8(v) => v.extend(quantize::<BlockQ8_0>(&chunk, n, cols)),
+                Store::Q4(v) => v.extend(quantize::<BlockQ4_0>(&chunk, n, cols)),
+                Store::F32(_) => unreachable!("f32 returned above"),
+            }
+        }
+        Ok(Self { store, rows, cols })
+    }
+
+    /// The selected rows, dequantized to f32 (`[ids.len(), cols]` row-major). Ids must be
+    /// `< rows`.
+    pub fn gather_f32(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.rows) {
+            return Err(SpaError::BadTokenId {
+                id: bad,
+                vocab: self.rows,
+            });
+        }
+        let (c, per_row) = (self.cols, self.cols / BLOCK);
+        let mut out = vec![0f32; ids.len() * c];
+        for (o, &i) in out.chunks_mut(c).zip(ids) {
+            let i = i as usize;
+            match &self.store {
+                Store::F32(w) => o.copy_from_slice(&w[i * c..(i + 1) * c]),
+                Store::Q8(w) => BlockQ8_0::to_float(&w[i * per_row..(i + 1) * per_row], o),
+                Store::Q4(w) => BlockQ4_0::to_float(&w[i * per_row..(i + 1) * per_row], o),
+            }
+        }
+        Ok(out)
+    }
+
     /// Rows.
     pub fn rows(&self) -> usize {
         self.rows
@@ -191,6 +242,35 @@ impl QRows {
                 BlockQ4_0::to_float(w, &mut o);
                 o
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_quantization_and_gathered_rows_match_the_whole_matrix() {
+        // 5,000 rows: more than one chunk of from_tensor, the last one partial.
+        let (rows, cols) = (5000, 64);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let t = candle_core::Tensor::from_vec(w.clone(), (rows, cols), &candle_core::Device::Cpu)
+            .unwrap();
+        for mode in [QuantMode::Q8, QuantMode::Q4, QuantMode::F32] {
+            let whole = QRows::new(&w, rows, cols, mode).unwrap();
+            let chunked = QRows::from_tensor(&t, mode).unwrap();
+            let deq = whole.to_f32();
+            assert_eq!(chunked.to_f32(), deq, "{mode:?}");
+            let ids = [4999u32, 0, 2048, 2047, 17];
+            let g = chunked.gather_f32(&ids).unwrap();
+            for (k, &i) in ids.iter().enumerate() {
+                let i = i as usize;
+                assert_eq!(&g[k * cols..(k + 1) * cols], &deq[i * cols..(i + 1) * cols]);
+            }
+            assert!(chunked.gather_f32(&[5000]).is_err());
         }
     }
 }

@@ -22,6 +22,9 @@ pub const CONTEXT_MAX: usize = 256;
 /// The context window moves in steps of this many tokens, so a long text keeps between
 /// `CONTEXT_MAX - CONTEXT_STEP + 1` and `CONTEXT_MAX` tokens of context.
 pub const CONTEXT_STEP: usize = 128;
+/// Base candidates per position whose logits the side path moves (the shortlist the side
+/// network trains on and the speculative rounds score: the base's top 32).
+pub const SIDE_SHORTLIST: usize = 32;
 /// Suggestions a strip shows (the keystroke rule's strip width).
 pub const STRIP: usize = 3;
 
@@ -127,10 +130,12 @@ impl WordVocab {
 
 /// The next-token distribution over the whole vocabulary at one position, by the device's
 /// rule: base logits `head · base_hidden`; with `side` (a side step run with a zero base
-/// hidden, so `side.hidden = up(s)`), side logits `head · base_hidden + head · up(s)`, mixed by
-/// the gate (`g · P_side + (1 - g) · P_base`, the distribution SPA training fits), or the side
-/// path alone for [`GateMode::AlwaysSide`]. Costs one or two full-head products (1.7 ms each
-/// at q8 for SmolLM2 on a laptop core).
+/// hidden, so `side.hidden = up(s)`), side logits `head · base_hidden + head · up(s)` on the
+/// base's top [`SIDE_SHORTLIST`] tokens (and the personal vocabulary), the base's logits on the
+/// rest (the side network is trained on that shortlist and never learned the other tokens),
+/// mixed by the gate (`g · P_side + (1 - g) · P_base`, the distribution SPA training fits), or
+/// the side path alone for [`GateMode::AlwaysSide`]. Costs one full-head product (1.7 ms at q8
+/// for SmolLM2 on a laptop core) and a 32-row one for the side.
 pub fn next_token_probs(
     device: &DeviceModel,
     base_hidden: &[f32],
@@ -141,8 +146,17 @@ pub fn next_token_probs(
         return Err(RuntimeError::Protocol("non-finite base logits".into()));
     }
     let side_logits = |s: &SideStep| -> Result<Vec<f32>> {
-        let delta = device.head.full(&s.hidden)?;
-        Ok(base.iter().zip(&delta).map(|(b, d)| b + d).collect())
+        // The side path moves the tokens it was trained on (the base's top-k, as in the
+        // speculative rounds) and leaves the rest of the vocabulary at the base's logits.
+        let cands = device
+            .personal
+            .candidates(&spa_model::top_k(&base, SIDE_SHORTLIST));
+        let delta = device.head.shortlist(&cands, &s.hidden)?;
+        let mut out = base.clone();
+        for (&c, d) in cands.iter().zip(delta) {
+            out[c as usize] += d;
+        }
+        Ok(out)
     };
     Ok(match (device.gate, side) {
         (GateMode::AlwaysBase, _) | (_, None) => spa_model::softmax(&base),
@@ -268,7 +282,7 @@ fn leading_word(piece: &str) -> Option<&str> {
     (end > 0).then(|| &piece[..end])
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct CacheEntry {
     word: Arc<str>,
     count: u32,
@@ -284,7 +298,10 @@ struct CacheEntry {
 /// the model's distribution with weight [`WordCache::weight`] (tuned on the end of the user's
 /// own text by [`WeightTuner`]). The classic keyboard personalization; it stays on the device
 /// and needs no server. Bigram estimate: `(c(prev, w) + κ P_uni(w)) / (c(prev) + κ)`.
-#[derive(Debug, Clone)]
+///
+/// [`WordCache::save`] / [`WordCache::load`] keep it in app storage as a small text file of the
+/// counts (the user's words: keep it app-private); the tokens are resolved again on load.
+#[derive(Debug, Clone, PartialEq)]
 pub struct WordCache {
     entries: Vec<CacheEntry>,
     index: HashMap<Arc<str>, usize>,
@@ -299,6 +316,16 @@ pub struct WordCache {
     pub kappa: f32,
 }
 
+/// First line of a saved [`WordCache`].
+pub const CACHE_FORMAT: &str = "spa-word-cache 1";
+
+/// The first token of ` word` (a word of several tokens starts with it).
+fn first_token_of(tok: &SpaTokenizer, word: &str) -> Option<u32> {
+    tok.encode_fragment(&format!(" {word}"))
+        .ok()
+        .and_then(|ids| ids.first().copied())
+}
+
 /// Default interpolation weight before tuning.
 pub const DEFAULT_CACHE_WEIGHT: f32 = 0.1;
 
@@ -307,11 +334,7 @@ impl WordCache {
     /// that is letters only is the next piece's bigram context). `vocab` and `tok` resolve the
     /// words to tokens.
     pub fn learn(texts: &[String], vocab: &WordVocab, tok: &SpaTokenizer) -> Self {
-        Self::learn_with(texts, vocab, &|w| {
-            tok.encode_fragment(&format!(" {w}"))
-                .ok()
-                .and_then(|ids| ids.first().copied())
-        })
+        Self::learn_with(texts, vocab, &|w| first_token_of(tok, w))
     }
 
     /// [`WordCache::learn`] with `first_token` giving the first token of a word of several
@@ -361,10 +384,21 @@ impl WordCache {
                 prev = (w.len() == piece.len()).then_some(wi);
             }
         }
-        // Resolve to tokens: one-token words point into the vocabulary; longer words keep their
-        // first token and their share of the user's words starting with it.
+        c.resolve(vocab, first_token);
+        log::debug!(
+            "word cache: {} words, {} distinct, {} bigrams",
+            c.total,
+            c.entries.len(),
+            c.bigrams.len()
+        );
+        c
+    }
+
+    /// Points one-token words into `vocab`; longer words keep their first token and their share
+    /// of the user's words starting with it.
+    fn resolve(&mut self, vocab: &WordVocab, first_token: &dyn Fn(&str) -> Option<u32>) {
         let mut by_first: HashMap<u32, u32> = HashMap::new();
-        for e in &mut c.entries {
+        for e in &mut self.entries {
             match vocab.index.get(&e.word) {
                 Some(&i) => {
                     e.single = Some(i);
@@ -378,18 +412,141 @@ impl WordCache {
                 }
             }
         }
-        for e in &mut c.entries {
+        for e in &mut self.entries {
             if let Some(f) = e.first {
                 e.first_share = e.count as f32 / by_first.get(&f).copied().unwrap_or(1) as f32;
             }
         }
-        log::debug!(
-            "word cache: {} words, {} distinct, {} bigrams",
-            c.total,
-            c.entries.len(),
-            c.bigrams.len()
+    }
+
+    /// The counts and weights as text: a header line, then one `count word` line per word and
+    /// one `prev word count` line (indices into the word lines) per bigram.
+    pub fn to_text(&self) -> String {
+        let mut out = format!(
+            "{CACHE_FORMAT}\nweight {} kappa {} words {} bigrams {}\n",
+            self.weight,
+            self.kappa,
+            self.entries.len(),
+            self.bigrams.len()
         );
-        c
+        for e in &self.entries {
+            out.push_str(&format!("{} {}\n", e.count, e.word));
+        }
+        let mut bigrams: Vec<_> = self.bigrams.iter().collect();
+        bigrams.sort_unstable();
+        for ((p, w), n) in bigrams {
+            out.push_str(&format!("{p} {w} {n}\n"));
+        }
+        out
+    }
+
+    /// Reads [`WordCache::to_text`]'s text, resolving the words with `vocab` and `first_token`
+    /// (see [`WordCache::learn_with`]). Every count, index and weight is checked: a damaged
+    /// text is a [`RuntimeError::Model`], never a wrong cache.
+    pub fn from_text(
+        text: &str,
+        vocab: &WordVocab,
+        first_token: &dyn Fn(&str) -> Option<u32>,
+    ) -> Result<Self> {
+        let bad = |m: &str| RuntimeError::Model(format!("word cache file: {m}"));
+        let mut lines = text.lines();
+        if lines.next() != Some(CACHE_FORMAT) {
+            return Err(bad("not a word cache (wrong header)"));
+        }
+        let head: Vec<&str> = lines
+            .next()
+            .ok_or_else(|| bad("truncated"))?
+            .split(' ')
+            .collect();
+        let (weight, kappa, n_words, n_bigrams) = match head[..] {
+            ["weight", w, "kappa", k, "words", n, "bigrams", b] => (
+                w.parse::<f32>().map_err(|_| bad("weight"))?,
+                k.parse::<f32>().map_err(|_| bad("kappa"))?,
+                n.parse::<usize>().map_err(|_| bad("word count"))?,
+                b.parse::<usize>().map_err(|_| bad("bigram count"))?,
+            ),
+            _ => return Err(bad("malformed header")),
+        };
+        if !((0.0..=1.0).contains(&weight) && kappa.is_finite() && kappa > 0.0) {
+            return Err(bad("weight or kappa out of range"));
+        }
+        let mut c = Self {
+            entries: Vec::with_capacity(n_words.min(1 << 20)),
+            index: HashMap::new(),
+            bigrams: HashMap::new(),
+            follow: HashMap::new(),
+            total: 0,
+            weight,
+            kappa,
+        };
+        for _ in 0..n_words {
+            let line = lines.next().ok_or_else(|| bad("truncated word list"))?;
+            let (n, w) = line
+                .split_once(' ')
+                .ok_or_else(|| bad("malformed word line"))?;
+            let count = n.parse::<u32>().map_err(|_| bad("word count"))?;
+            if count == 0 || leading_word(w) != Some(w) || c.index.contains_key(w) {
+                return Err(bad("malformed or repeated word"));
+            }
+            let word: Arc<str> = w.into();
+            c.index.insert(word.clone(), c.entries.len());
+            c.entries.push(CacheEntry {
+                word,
+                count,
+                single: None,
+                first: None,
+                first_share: 0.0,
+            });
+            c.total += count as u64;
+        }
+        for _ in 0..n_bigrams {
+            let line = lines.next().ok_or_else(|| bad("truncated bigram list"))?;
+            let f: Vec<&str> = line.split(' ').collect();
+            let [p, w, n] = f[..] else {
+                return Err(bad("malformed bigram line"));
+            };
+            let idx = |x: &str| {
+                x.parse::<usize>()
+                    .ok()
+                    .filter(|&i| i < c.entries.len())
+                    .ok_or_else(|| bad("bigram index out of range"))
+            };
+            let (p, w) = (idx(p)?, idx(w)?);
+            let n = n.parse::<u32>().map_err(|_| bad("bigram count"))?;
+            if n == 0 || c.bigrams.insert((p, w), n).is_some() {
+                return Err(bad("zero or repeated bigram"));
+            }
+            *c.follow.entry(p).or_default() += n;
+        }
+        if lines.next().is_some() {
+            return Err(bad("trailing data"));
+        }
+        c.resolve(vocab, first_token);
+        Ok(c)
+    }
+
+    /// Writes the cache to `path` atomically (a temporary file beside it, synced, renamed).
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        let io = |e: std::io::Error| RuntimeError::Config(format!("saving the word cache: {e}"));
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        let tmp = dir.join(format!(".words.tmp-{}", std::process::id()));
+        let written = std::fs::write(&tmp, self.to_text())
+            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|_| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(e));
+        }
+        Ok(())
+    }
+
+    /// Reads a cache [`WordCache::save`] wrote, resolving its words with `tok`.
+    pub fn load(path: &std::path::Path, vocab: &WordVocab, tok: &SpaTokenizer) -> Result<Self> {
+        let text = std::fs::read(path)
+            .map_err(|e| RuntimeError::Config(format!("reading the word cache: {e}")))?;
+        let text = std::str::from_utf8(&text)
+            .map_err(|_| RuntimeError::Model("word cache file: not UTF-8".into()))?;
+        Self::from_text(text, vocab, &|w| first_token_of(tok, w))
     }
 
     /// Distinct words.
@@ -519,6 +676,58 @@ mod tests {
         assert_eq!(r.keys_to_enter("America", STRIP), 2);
         // An unknown word is typed in full, plus its space.
         assert_eq!(r.keys_to_enter("zebra", STRIP), 6);
+    }
+
+    #[test]
+    fn word_cache_survives_a_round_trip_and_rejects_damage() {
+        let v = vocab();
+        let texts =
+            vec!["the United States. The United States and the Filibuster again".to_string()];
+        let first = |w: &str| (w == "Filibuster").then_some(8);
+        let mut c = WordCache::learn_with(&texts, &v, &first);
+        c.weight = 0.2;
+        let text = c.to_text();
+        let back = WordCache::from_text(&text, &v, &first).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(
+            back.prob(Some("the"), "United"),
+            c.prob(Some("the"), "United")
+        );
+        // Saved and loaded through a file (atomic write), with a real-file path.
+        let dir = std::env::temp_dir().join(format!("spa-words-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("words.txt");
+        c.save(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        std::fs::remove_dir_all(&dir).unwrap();
+        // Every kind of damage is an error.
+        let lines: Vec<&str> = text.lines().collect();
+        let damaged = [
+            text.replacen("spa-word-cache 1", "spa-word-cache 2", 1),
+            text.replacen("weight 0.2", "weight 7", 1),
+            text.replacen("weight 0.2", "weight NaN", 1),
+            lines[..lines.len() - 1].join("\n"),
+            format!("{text}0 1 1\n"),
+            text.replacen("\n2 United\n", "\n2 Uni ted\n", 1),
+            text.replacen("\n2 United\n", "\n0 United\n", 1),
+            text.replacen("\n2 United\n", "\n2 the\n", 1),
+            {
+                let mut l = lines.clone();
+                let last = l.len() - 1;
+                l[last] = "0 99 1";
+                l.join("\n")
+            },
+            String::new(),
+        ];
+        for (i, d) in damaged.iter().enumerate() {
+            assert!(
+                matches!(
+                    WordCache::from_text(d, &v, &first),
+                    Err(RuntimeError::Model(_))
+                ),
+                "damage {i} accepted"
+            );
+        }
     }
 
     #[test]

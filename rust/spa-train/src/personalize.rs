@@ -23,9 +23,8 @@
 
 use crate::error::{Result, TrainError};
 use crate::features::{SeqFeatures, SeqSpec};
-use crate::sidegrad::{SideGraph, SideInput};
+use crate::sidegrad::SideGraph;
 use crate::train::{self, Method, Progress, TrainConfig, TrainReport};
-use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use spa_model::{GateMode, SidePlugin, SpaTokenizer};
 use spa_runtime::{DeviceModel, WordCache, WordVocab};
@@ -124,6 +123,10 @@ pub struct PersonalizeReport {
     /// text), when the run had that text (a [`CacheInput`]).
     #[serde(default)]
     pub decision: Option<ShipDecision>,
+    /// The word cache learned on the whole training text, with its tuned weight (what an app
+    /// saves when the decision ships a cache).
+    #[serde(skip)]
+    pub word_cache: Option<WordCache>,
 }
 
 /// The candidates a personalization run chooses from, in the order that wins ties (the
@@ -660,8 +663,9 @@ fn run_strip(
                 })
                 .collect()
         };
-        // Windows in parallel, a few at a time (each word keeps a full distribution).
-        for group in doc.windows.chunks(rayon::current_num_threads().max(1) * 2) {
+        // Windows in parallel, one per thread at a time (each word keeps a full distribution
+        // until it is scored: ~200 KB).
+        for group in doc.windows.chunks(rayon::current_num_threads().max(1)) {
             let res: Vec<Result<Vec<_>>> = group.par_iter().map(per_window).collect();
             for r in res {
                 for (p, g, sample) in r? {
@@ -881,12 +885,13 @@ pub fn strip_device(
 /// Trains `plugin` in place on `texts.train` without its end (SPA: side + gate) and reports
 /// next-word quality of the suggestion strip before and after on `texts.held_out`, with and
 /// without the personal word cache (`cfg.word_cache`), and which of them ships
-/// ([`ShipDecision`], decided on the end of the training text). `head` is the frozen tied head
-/// `[vocab, hidden]` (the device's `DeviceAssets::head`). `progress` returning `false`
+/// ([`ShipDecision`], decided on the end of the training text). `head` is the device's
+/// quantized head (the frozen tied head; training dequantizes only each batch's shortlist
+/// rows, so no f32 copy of the head is held). `progress` returning `false`
 /// cancels; the plugin is only replaced when training finishes.
 pub fn personalize(
     plugin: &mut SidePlugin,
-    head: &Tensor,
+    head: &spa_model::DeviceHead,
     tok: &SpaTokenizer,
     source: &mut dyn FeatureSource,
     texts: &UserTexts,
@@ -927,7 +932,7 @@ pub fn personalize(
 #[allow(clippy::too_many_arguments)]
 pub fn personalize_features(
     plugin: &mut SidePlugin,
-    head: &Tensor,
+    head: &spa_model::DeviceHead,
     tok: &SpaTokenizer,
     feats: &[SeqFeatures],
     held: &[StripDoc],
@@ -943,11 +948,11 @@ pub fn personalize_features(
     // The last tenth of the training text validates (early stopping).
     let n_val = (feats.len() / 10).max(1);
     let (tr, va) = feats.split_at(feats.len() - n_val);
-    let dev_head = spa_model::DeviceHead::from_weights(head, spa_model::QuantMode::Q8)?;
+    let dev_head = head.clone();
     let vocab = WordVocab::shared(tok, &plugin.meta.base);
     // Training first (the app sees progress, and can cancel, from the start), then every
     // candidate is measured.
-    let graph = SideGraph::new(&plugin.weights, SideInput::BaseTaps, head.clone(), cfg.seed)?;
+    let graph = SideGraph::with_device_head(&plugin.weights, head, cfg.seed)?;
     let tcfg = TrainConfig {
         method: Method::Spa,
         lr: cfg.lr,
@@ -992,15 +997,18 @@ pub fn personalize_features(
     drop(base_dev);
     let spa_dev = strip_device(&trained, &dev_head, tok, GateMode::Learned)?;
     let after = score("spa", &spa_dev, None)?;
-    let cache_report = match built {
-        Some((wc, vc, tuning_words, base_cache)) => Some(CacheReport {
-            weight: wc.weight,
-            tuning_words,
-            distinct_words: wc.len(),
-            base_cache,
-            spa_cache: score("spa_cache", &spa_dev, Some((&wc, &vc)))?,
-        }),
-        None => None,
+    let (cache_report, word_cache) = match built {
+        Some((wc, vc, tuning_words, base_cache)) => (
+            Some(CacheReport {
+                weight: wc.weight,
+                tuning_words,
+                distinct_words: wc.len(),
+                base_cache,
+                spa_cache: score("spa_cache", &spa_dev, Some((&wc, &vc)))?,
+            }),
+            Some(wc),
+        ),
+        None => (None, None),
     };
     let decision = if cands.is_empty() {
         None
@@ -1016,6 +1024,7 @@ pub fn personalize_features(
         peak_rss_bytes: peak_rss_bytes(),
         cache: cache_report,
         decision,
+        word_cache,
     })
 }
 

@@ -123,7 +123,35 @@ pub struct SideGraph {
     /// Parameters by name.
     pub varmap: VarMap,
     vars: BTreeMap<String, Var>,
-    head: Tensor,
+    head: FrozenHead,
+}
+
+/// The frozen tied head rows the shortlist loss reads.
+#[derive(Clone)]
+enum FrozenHead {
+    /// f32 `[vocab, d]` (evaluation, full separation's embeddings).
+    Dense(Tensor),
+    /// The device's quantized head (personalization on the device: no f32 copy of the head);
+    /// each batch's shortlist rows are dequantized.
+    Device(spa_model::DeviceHead),
+}
+
+impl FrozenHead {
+    /// Rows of `ids` (`[N]` u32) as `[N, d]` f32.
+    fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            FrozenHead::Dense(h) => Ok(h.index_select(ids, 0)?),
+            FrozenHead::Device(h) => {
+                let ids: Vec<u32> = ids.to_vec1()?;
+                let rows = h.rows_f32(&ids)?;
+                Ok(Tensor::from_vec(
+                    rows,
+                    (ids.len(), h.hidden()),
+                    &Device::Cpu,
+                )?)
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for SideGraph {
@@ -143,6 +171,26 @@ fn rms(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 impl SideGraph {
     /// Wraps master weights (copied into fresh Vars). `head` = frozen tied head `[vocab, d]`.
     pub fn new(w: &SideWeights, input: SideInput, head: Tensor, seed: u64) -> Result<Self> {
+        Self::build(w, input, FrozenHead::Dense(head), seed)
+    }
+
+    /// [`SideGraph::new`] for ladder side-tuning over the device's quantized head: the shortlist
+    /// rows of each batch are dequantized, and no f32 copy of the head is held (on-device
+    /// personalization).
+    pub fn with_device_head(
+        w: &SideWeights,
+        head: &spa_model::DeviceHead,
+        seed: u64,
+    ) -> Result<Self> {
+        Self::build(
+            w,
+            SideInput::BaseTaps,
+            FrozenHead::Device(head.clone()),
+            seed,
+        )
+    }
+
+    fn build(w: &SideWeights, input: SideInput, head: FrozenHead, seed: u64) -> Result<Self> {
         w.check_shapes()?;
         let varmap = VarMap::new();
         let mut vars = BTreeMap::new();
@@ -187,9 +235,12 @@ impl SideGraph {
             .ok_or_else(|| TrainError::Config(format!("missing side tensor {n}")))
     }
 
-    /// The frozen head.
-    pub fn head(&self) -> &Tensor {
-        &self.head
+    /// The frozen f32 head (`None` over the device's quantized head).
+    pub fn head(&self) -> Option<&Tensor> {
+        match &self.head {
+            FrozenHead::Dense(h) => Some(h),
+            FrozenHead::Device(_) => None,
+        }
     }
 
     /// All trainable variables (for the optimizer).
@@ -375,10 +426,7 @@ impl SideGraph {
         let delta = st.matmul(&self.v("up")?.t()?)?;
         let (n, c) = batch.cand_logits.dims2()?;
         let d = delta.dim(1)?;
-        let e = self
-            .head
-            .index_select(&batch.cand_ids, 0)?
-            .reshape((n, c, d))?;
+        let e = self.head.rows(&batch.cand_ids)?.reshape((n, c, d))?;
         let side = (batch.cand_logits.clone() + e.matmul(&delta.unsqueeze(2)?)?.squeeze(2)?)?;
         Ok((side.to_vec2()?, p.to_vec1()?))
     }
@@ -395,10 +443,7 @@ impl SideGraph {
         let delta = st.matmul(&self.v("up")?.t()?)?; // [N, d]
         let (n, c) = batch.cand_logits.dims2()?;
         let d = delta.dim(1)?;
-        let e = self
-            .head
-            .index_select(&batch.cand_ids, 0)?
-            .reshape((n, c, d))?;
+        let e = self.head.rows(&batch.cand_ids)?.reshape((n, c, d))?;
         let side = (batch.cand_logits.clone() + e.matmul(&delta.unsqueeze(2)?)?.squeeze(2)?)?;
         let lps = candle_nn::ops::log_softmax(&side, D::Minus1)?;
         let lpb = candle_nn::ops::log_softmax(&batch.cand_logits, D::Minus1)?;

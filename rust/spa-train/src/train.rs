@@ -249,7 +249,12 @@ fn objective(
     cfg: &TrainConfig,
 ) -> Result<(Tensor, EvalStats)> {
     let c = &graph.config;
-    let emb = (graph.input == SideInput::Embeddings).then(|| graph.head().clone());
+    let emb = match graph.input {
+        SideInput::Embeddings => Some(graph.head().cloned().ok_or_else(|| {
+            TrainError::Config("full separation needs the f32 head for its embeddings".into())
+        })?),
+        SideInput::BaseTaps => None,
+    };
     let batch = make_batch(seqs, c.taps.len(), c.width, emb.as_ref())?;
     let h = graph.heads(&batch)?;
     let n = batch.n as f64;

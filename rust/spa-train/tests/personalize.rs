@@ -165,7 +165,7 @@ fn personalization_on_an_author_improves_held_out_metrics() {
     let mut calls = 0;
     let r = personalize::personalize(
         &mut plugin,
-        &base.head_weight_f32().unwrap(),
+        &spa_model::DeviceHead::from_base(&base, spa_model::QuantMode::Q8).unwrap(),
         base.tokenizer(),
         &mut src,
         &texts,

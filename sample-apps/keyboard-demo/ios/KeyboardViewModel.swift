@@ -77,17 +77,25 @@ public final class KeyboardViewModel {
         return c
     }
 
-    /// Connects; loads saved personal weights when there are some.
+    /// A client with what the last personalization kept (weights, word cache), or nil.
+    private func connectPersonal(_ p: Personalization) async throws -> SpaMobile? {
+        guard p.hasSavedWeights || p.hasSavedWords else { return nil }
+        var c = config
+        c.personalWeightsPath = p.weightsPath
+        c.personalWordsPath = p.wordsPath
+        return try await connector(c)
+    }
+
+    /// Connects; loads the saved personal weights and word cache when there are some.
     @discardableResult
     public func start() -> Task<Void, Never> {
         Task {
             do {
                 let b = try await connector(withWeights(nil))
                 base = b
-                let p = b.personalization(storageDir: storageDir)
-                if p.hasSavedWeights { personal = try await connector(withWeights(p.weightsPath)) }
+                personal = try await connectPersonal(b.personalization(storageDir: storageDir))
                 state.ready = true
-                state.personalized = personal?.isPersonalized ?? false
+                state.personalized = personal != nil
                 state.banner = nil
                 await refresh(state.text, delay: 0).value
             } catch {
@@ -139,9 +147,10 @@ public final class KeyboardViewModel {
         return t
     }
 
-    /// "Learn from my writing": trains personal weights on `texts` (on this device), reports
-    /// next-word quality before/after on `heldOut`, saves them in app storage and switches the
-    /// strip to them.
+    /// "Learn from my writing": trains personal weights and learns the word cache on `texts` (on
+    /// this device), keeps whichever of base, cache, side network or both saves the most keys on
+    /// the end of `texts`, reports next-word quality on `heldOut`, and switches the strip to what
+    /// was kept.
     @discardableResult
     public func learn(_ texts: [String], heldOut: [String], options: PersonalizeOptions = PersonalizeOptions()) -> Task<Void, Never> {
         learnTask?.cancel()
@@ -152,17 +161,19 @@ public final class KeyboardViewModel {
             }
             state.learning = .running(step: 0, maxSteps: Int(options.steps), loss: nil)
             do {
-                let report = try await b.personalization(storageDir: storageDir).train(texts, heldOut: heldOut, options: options) { p in
+                let learner = b.personalization(storageDir: storageDir)
+                let report = try await learner.train(texts, heldOut: heldOut, options: options) { p in
                     Task { @MainActor [weak self] in
                         if case .running = self?.state.learning {
                             self?.state.learning = .running(step: Int(p.step), maxSteps: Int(p.maxSteps), loss: p.loss)
                         }
                     }
                 }
-                let next = try await connector(withWeights(report.weightsPath))
+                // Storage now holds what shipped (nothing when the base did best).
+                let next = try await connectPersonal(learner)
                 personal = next
                 state.learning = .done(report)
-                state.personalized = next.isPersonalized
+                state.personalized = next != nil
                 await refresh(state.text, delay: 0).value
             } catch {
                 if Task.isCancelled || (error as? SpaMobileError) == .Cancelled {

@@ -44,7 +44,7 @@ struct LearnView: View {
                 if store.state.personalized { Button("Forget", role: .destructive) { store.vm.forget() } }
             }
             switch store.state.learning {
-            case .done(let r): Text(KeyboardViewModel.summary(r.before, r.after))
+            case .done(let r): Text("Kept: \(r.shipped) · " + KeyboardViewModel.summary(r.before, r.shippedQuality))
             case .failed(let m): Text(m).foregroundColor(.red)
             case .cancelled: Text("Cancelled; nothing was saved.")
             default: EmptyView()

@@ -48,6 +48,9 @@ class SpaMobile private constructor(private val client: SpaClient) : AutoCloseab
     /** Whether this connection runs personal weights. */
     val isPersonalized: Boolean get() = client.isPersonalized()
 
+    /** Whether the suggestion strip uses the user's word cache (`personalWordsPath` was loaded). */
+    val usesPersonalWords: Boolean get() = client.usesPersonalWords()
+
     /**
      * Up to [count] next-word suggestions for [textBeforeCursor] (a keyboard's suggestion strip;
      * a partly typed word is completed). Suspends for one request to the server.
@@ -126,12 +129,15 @@ class Chat internal constructor(val conversation: Conversation) : AutoCloseable 
 
 /**
  * Trains personal weights on the user's texts (on the device; the server only computes base
- * features of the token ids) and keeps them in app storage. Connect again with
- * `personalWeightsPath = weightsPath` to use them.
+ * features of the token ids), learns the user's word cache, and keeps in app storage whichever
+ * of base, word cache, side network and both saves the most keystrokes on the end of the
+ * user's own text ([PersonalizationReport.shipped]). Connect again with
+ * `personalWeightsPath = weightsPath` and `personalWordsPath = wordsPath` to use them (a
+ * missing file is simply not used).
  */
 class Personalization internal constructor(val personalizer: Personalizer) : AutoCloseable {
     /**
-     * Trains, reports next-word quality before/after on [heldOut], and saves the weights
+     * Trains, reports next-word quality of every candidate on [heldOut], and saves what ships
      * atomically. Cancelling the coroutine (or [cancel]) stops it and saves nothing.
      */
     suspend fun train(
@@ -152,7 +158,13 @@ class Personalization internal constructor(val personalizer: Personalizer) : Aut
     /** Whether weights are saved. */
     val hasSavedWeights: Boolean get() = personalizer.hasSavedWeights()
 
-    /** Deletes the saved weights. */
+    /** Where the word cache is saved. */
+    val wordsPath: String get() = personalizer.wordsPath()
+
+    /** Whether a word cache is saved. */
+    val hasSavedWords: Boolean get() = personalizer.hasSavedWords()
+
+    /** Deletes the saved weights and word cache. */
     fun delete() = personalizer.deleteWeights()
 
     override fun close() = personalizer.close()

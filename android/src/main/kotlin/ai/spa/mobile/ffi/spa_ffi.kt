@@ -764,15 +764,21 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_spa_ffi_checksum_method_spaclient_suggest(
     ): Int
+    external fun uniffi_spa_ffi_checksum_method_spaclient_uses_personal_words(
+    ): Int
     external fun uniffi_spa_ffi_checksum_method_personalizer_cancel(
     ): Int
     external fun uniffi_spa_ffi_checksum_method_personalizer_delete_weights(
     ): Int
     external fun uniffi_spa_ffi_checksum_method_personalizer_has_saved_weights(
     ): Int
+    external fun uniffi_spa_ffi_checksum_method_personalizer_has_saved_words(
+    ): Int
     external fun uniffi_spa_ffi_checksum_method_personalizer_train(
     ): Int
     external fun uniffi_spa_ffi_checksum_method_personalizer_weights_path(
+    ): Int
+    external fun uniffi_spa_ffi_checksum_method_personalizer_words_path(
     ): Int
     external fun uniffi_spa_ffi_checksum_method_generationlistener_on_token(
     ): Int
@@ -838,6 +844,8 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_spa_ffi_fn_method_spaclient_suggest(`ptr`: Long,`text`: RustBuffer.ByValue,`count`: Int,
     ): Long
+    external fun uniffi_spa_ffi_fn_method_spaclient_uses_personal_words(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Byte
     external fun uniffi_spa_ffi_fn_clone_personalizer(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_spa_ffi_fn_free_personalizer(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -848,9 +856,13 @@ internal object UniffiLib {
     ): Unit
     external fun uniffi_spa_ffi_fn_method_personalizer_has_saved_weights(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Byte
+    external fun uniffi_spa_ffi_fn_method_personalizer_has_saved_words(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Byte
     external fun uniffi_spa_ffi_fn_method_personalizer_train(`ptr`: Long,`texts`: RustBuffer.ByValue,`heldOut`: RustBuffer.ByValue,`options`: RustBuffer.ByValue,`listener`: Long,
     ): Long
     external fun uniffi_spa_ffi_fn_method_personalizer_weights_path(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_spa_ffi_fn_method_personalizer_words_path(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_spa_ffi_fn_init_callback_vtable_generationlistener(`vtable`: UniffiVTableCallbackInterfaceGenerationListener,
     ): Unit
@@ -1018,19 +1030,28 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_spa_ffi_checksum_method_spaclient_suggest() and 0xFFFF) != 10562) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_spa_ffi_checksum_method_spaclient_uses_personal_words() and 0xFFFF) != 5002) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_spa_ffi_checksum_method_personalizer_cancel() and 0xFFFF) != 47164) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_spa_ffi_checksum_method_personalizer_delete_weights() and 0xFFFF) != 20516) {
+    if ((lib.uniffi_spa_ffi_checksum_method_personalizer_delete_weights() and 0xFFFF) != 25502) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_spa_ffi_checksum_method_personalizer_has_saved_weights() and 0xFFFF) != 41804) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_spa_ffi_checksum_method_personalizer_has_saved_words() and 0xFFFF) != 26511) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_spa_ffi_checksum_method_personalizer_train() and 0xFFFF) != 7665) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_spa_ffi_checksum_method_personalizer_weights_path() and 0xFFFF) != 24540) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_spa_ffi_checksum_method_personalizer_words_path() and 0xFFFF) != 14835) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_spa_ffi_checksum_method_generationlistener_on_token() and 0xFFFF) != 693) {
@@ -2211,8 +2232,8 @@ public interface PersonalizerInterface {
     fun `cancel`()
     
     /**
-     * Deletes the saved personal weights (no error when there are none). Clients connected
-     * with them keep them until they are closed.
+     * Deletes the saved personal weights and word cache (no error when there are none).
+     * Clients connected with them keep them until they are closed.
      */
     fun `deleteWeights`()
     
@@ -2220,6 +2241,11 @@ public interface PersonalizerInterface {
      * Whether personal weights are saved.
      */
     fun `hasSavedWeights`(): kotlin.Boolean
+    
+    /**
+     * Whether a word cache is saved.
+     */
+    fun `hasSavedWords`(): kotlin.Boolean
     
     /**
      * Trains the personal side network on `texts` (the user's writing, at least ~300 tokens)
@@ -2235,6 +2261,11 @@ public interface PersonalizerInterface {
      * Where the personal weights are kept (`<storage dir>/personal.safetensors`).
      */
     fun `weightsPath`(): kotlin.String
+    
+    /**
+     * Where the word cache is kept (`<storage dir>/personal-words.txt`).
+     */
+    fun `wordsPath`(): kotlin.String
     
     companion object
 }
@@ -2360,8 +2391,8 @@ open class Personalizer: Disposable, AutoCloseable, PersonalizerInterface
 
     
     /**
-     * Deletes the saved personal weights (no error when there are none). Clients connected
-     * with them keep them until they are closed.
+     * Deletes the saved personal weights and word cache (no error when there are none).
+     * Clients connected with them keep them until they are closed.
      */
     @Throws(SpaMobileException::class)override fun `deleteWeights`()
         = 
@@ -2383,6 +2414,22 @@ open class Personalizer: Disposable, AutoCloseable, PersonalizerInterface
     callWithHandle {
     uniffiRustCall() { _status ->
     UniffiLib.uniffi_spa_ffi_fn_method_personalizer_has_saved_weights(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Whether a word cache is saved.
+     */override fun `hasSavedWords`(): kotlin.Boolean {
+            return FfiConverterBoolean.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_spa_ffi_fn_method_personalizer_has_saved_words(
         it,
         _status)
 }
@@ -2432,6 +2479,22 @@ open class Personalizer: Disposable, AutoCloseable, PersonalizerInterface
     callWithHandle {
     uniffiRustCall() { _status ->
     UniffiLib.uniffi_spa_ffi_fn_method_personalizer_weights_path(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Where the word cache is kept (`<storage dir>/personal-words.txt`).
+     */override fun `wordsPath`(): kotlin.String {
+            return FfiConverterString.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_spa_ffi_fn_method_personalizer_words_path(
         it,
         _status)
 }
@@ -2612,6 +2675,12 @@ public interface SpaClientInterface {
      * not suggested.
      */
     suspend fun `suggest`(`text`: kotlin.String, `count`: kotlin.UInt): Suggestions
+    
+    /**
+     * Whether the suggestion strip uses the user's word cache (`personal_words_path` was
+     * loaded).
+     */
+    fun `usesPersonalWords`(): kotlin.Boolean
     
     companion object
 }
@@ -2821,6 +2890,23 @@ open class SpaClient: Disposable, AutoCloseable, SpaClientInterface
     }
 
     
+    /**
+     * Whether the suggestion strip uses the user's word cache (`personal_words_path` was
+     * loaded).
+     */override fun `usesPersonalWords`(): kotlin.Boolean {
+            return FfiConverterBoolean.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_spa_ffi_fn_method_spaclient_uses_personal_words(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
 
     
 
@@ -2855,6 +2941,62 @@ public object FfiConverterTypeSpaClient: FfiConverter<SpaClient, Long> {
 
     override fun write(value: SpaClient, buf: ByteBuffer) {
         buf.putLong(lower(value))
+    }
+}
+
+
+
+/**
+ * One candidate of the shipping decision.
+ */
+data class CandidateQuality (
+    /**
+     * The candidate.
+     */
+    var `model`: PersonalModel
+    , 
+    /**
+     * Keystroke savings (%) on the user's validation text (the end of the training texts,
+     * never trained on), which decides what ships.
+     */
+    var `validationKeystrokeSavings`: kotlin.Double
+    , 
+    /**
+     * Quality on the held-out texts.
+     */
+    var `heldOut`: NextWordQuality
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeCandidateQuality: FfiConverterRustBuffer<CandidateQuality> {
+    override fun read(buf: ByteBuffer): CandidateQuality {
+        return CandidateQuality(
+            FfiConverterTypePersonalModel.read(buf),
+            FfiConverterDouble.read(buf),
+            FfiConverterTypeNextWordQuality.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: CandidateQuality) = (
+            FfiConverterTypePersonalModel.allocationSize(value.`model`) +
+            FfiConverterDouble.allocationSize(value.`validationKeystrokeSavings`) +
+            FfiConverterTypeNextWordQuality.allocationSize(value.`heldOut`)
+    )
+
+    override fun write(value: CandidateQuality, buf: ByteBuffer) {
+            FfiConverterTypePersonalModel.write(value.`model`, buf)
+            FfiConverterDouble.write(value.`validationKeystrokeSavings`, buf)
+            FfiConverterTypeNextWordQuality.write(value.`heldOut`, buf)
     }
 }
 
@@ -2918,8 +3060,15 @@ data class GenerateParams (
     , 
     /**
      * Drafts per round (K): more tokens per round trip when the device agrees with the base.
+     * With `adaptive_draft`, the largest K.
      */
     var `draftK`: kotlin.UInt = 8u 
+    , 
+    /**
+     * Choose K per round from the recent override rate (between 2 and `draft_k`): long rounds
+     * while the personal model agrees with the base, short ones while it overrides.
+     */
+    var `adaptiveDraft`: kotlin.Boolean = false 
     , 
     /**
      * Softmax temperature (0: greedy).
@@ -2953,6 +3102,7 @@ public object FfiConverterTypeGenerateParams: FfiConverterRustBuffer<GeneratePar
         return GenerateParams(
             FfiConverterUInt.read(buf),
             FfiConverterUInt.read(buf),
+            FfiConverterBoolean.read(buf),
             FfiConverterFloat.read(buf),
             FfiConverterFloat.read(buf),
             FfiConverterULong.read(buf),
@@ -2962,6 +3112,7 @@ public object FfiConverterTypeGenerateParams: FfiConverterRustBuffer<GeneratePar
     override fun allocationSize(value: GenerateParams) = (
             FfiConverterUInt.allocationSize(value.`maxTokens`) +
             FfiConverterUInt.allocationSize(value.`draftK`) +
+            FfiConverterBoolean.allocationSize(value.`adaptiveDraft`) +
             FfiConverterFloat.allocationSize(value.`temperature`) +
             FfiConverterFloat.allocationSize(value.`topP`) +
             FfiConverterULong.allocationSize(value.`seed`)
@@ -2970,6 +3121,7 @@ public object FfiConverterTypeGenerateParams: FfiConverterRustBuffer<GeneratePar
     override fun write(value: GenerateParams, buf: ByteBuffer) {
             FfiConverterUInt.write(value.`maxTokens`, buf)
             FfiConverterUInt.write(value.`draftK`, buf)
+            FfiConverterBoolean.write(value.`adaptiveDraft`, buf)
             FfiConverterFloat.write(value.`temperature`, buf)
             FfiConverterFloat.write(value.`topP`, buf)
             FfiConverterULong.write(value.`seed`, buf)
@@ -3304,9 +3456,63 @@ data class PersonalizationReport (
     var `trainTokens`: kotlin.UInt
     , 
     /**
-     * Where the weights were saved (pass it as `SpaConfig.personal_weights_path`).
+     * Where the weights are kept (pass it as `SpaConfig.personal_weights_path`); the file
+     * exists only when `shipped` uses the side network.
      */
     var `weightsPath`: kotlin.String
+    , 
+    /**
+     * What was kept: the candidate with the best keystroke savings on the user's validation
+     * text (the simpler one on ties). The storage directory now holds exactly its files.
+     */
+    var `shipped`: PersonalModel
+    , 
+    /**
+     * The kept candidate on the held-out texts.
+     */
+    var `shippedQuality`: NextWordQuality
+    , 
+    /**
+     * Its keystroke savings minus the base's on the held-out texts (points)...
+     */
+    var `gainPoints`: kotlin.Double
+    , 
+    /**
+     * ... and that gain's paired 95% bootstrap interval over held-out words.
+     */
+    var `gainCi95Low`: kotlin.Double
+    , 
+    /**
+     * Upper end of the interval.
+     */
+    var `gainCi95High`: kotlin.Double
+    , 
+    /**
+     * Words of the validation text the decision read.
+     */
+    var `validationWords`: kotlin.UInt
+    , 
+    /**
+     * Every candidate considered.
+     */
+    var `candidates`: List<CandidateQuality>
+    , 
+    /**
+     * Where the word cache is kept (pass it as `SpaConfig.personal_words_path`); the file
+     * exists only when `shipped` uses the word cache.
+     */
+    var `wordsPath`: kotlin.String
+    , 
+    /**
+     * Wall time of the whole run (features, training, measurements), seconds.
+     */
+    var `seconds`: kotlin.Double
+    , 
+    /**
+     * Peak resident memory of the app's process so far, bytes (Linux and Android; `None`
+     * elsewhere).
+     */
+    var `peakRssBytes`: kotlin.ULong?
     
 ){
     
@@ -3328,6 +3534,16 @@ public object FfiConverterTypePersonalizationReport: FfiConverterRustBuffer<Pers
             FfiConverterUInt.read(buf),
             FfiConverterUInt.read(buf),
             FfiConverterString.read(buf),
+            FfiConverterTypePersonalModel.read(buf),
+            FfiConverterTypeNextWordQuality.read(buf),
+            FfiConverterDouble.read(buf),
+            FfiConverterDouble.read(buf),
+            FfiConverterDouble.read(buf),
+            FfiConverterUInt.read(buf),
+            FfiConverterSequenceTypeCandidateQuality.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterDouble.read(buf),
+            FfiConverterOptionalULong.read(buf),
         )
     }
 
@@ -3336,7 +3552,17 @@ public object FfiConverterTypePersonalizationReport: FfiConverterRustBuffer<Pers
             FfiConverterTypeNextWordQuality.allocationSize(value.`after`) +
             FfiConverterUInt.allocationSize(value.`steps`) +
             FfiConverterUInt.allocationSize(value.`trainTokens`) +
-            FfiConverterString.allocationSize(value.`weightsPath`)
+            FfiConverterString.allocationSize(value.`weightsPath`) +
+            FfiConverterTypePersonalModel.allocationSize(value.`shipped`) +
+            FfiConverterTypeNextWordQuality.allocationSize(value.`shippedQuality`) +
+            FfiConverterDouble.allocationSize(value.`gainPoints`) +
+            FfiConverterDouble.allocationSize(value.`gainCi95Low`) +
+            FfiConverterDouble.allocationSize(value.`gainCi95High`) +
+            FfiConverterUInt.allocationSize(value.`validationWords`) +
+            FfiConverterSequenceTypeCandidateQuality.allocationSize(value.`candidates`) +
+            FfiConverterString.allocationSize(value.`wordsPath`) +
+            FfiConverterDouble.allocationSize(value.`seconds`) +
+            FfiConverterOptionalULong.allocationSize(value.`peakRssBytes`)
     )
 
     override fun write(value: PersonalizationReport, buf: ByteBuffer) {
@@ -3345,6 +3571,16 @@ public object FfiConverterTypePersonalizationReport: FfiConverterRustBuffer<Pers
             FfiConverterUInt.write(value.`steps`, buf)
             FfiConverterUInt.write(value.`trainTokens`, buf)
             FfiConverterString.write(value.`weightsPath`, buf)
+            FfiConverterTypePersonalModel.write(value.`shipped`, buf)
+            FfiConverterTypeNextWordQuality.write(value.`shippedQuality`, buf)
+            FfiConverterDouble.write(value.`gainPoints`, buf)
+            FfiConverterDouble.write(value.`gainCi95Low`, buf)
+            FfiConverterDouble.write(value.`gainCi95High`, buf)
+            FfiConverterUInt.write(value.`validationWords`, buf)
+            FfiConverterSequenceTypeCandidateQuality.write(value.`candidates`, buf)
+            FfiConverterString.write(value.`wordsPath`, buf)
+            FfiConverterDouble.write(value.`seconds`, buf)
+            FfiConverterOptionalULong.write(value.`peakRssBytes`, buf)
     }
 }
 
@@ -3368,6 +3604,19 @@ data class PersonalizeOptions (
      * Seed (same texts and seed: same weights).
      */
     var `seed`: kotlin.ULong = 0uL 
+    , 
+    /**
+     * Also learn the personal word cache (the user's words and word pairs, interpolated with
+     * the model's suggestions) and consider it, alone and with the side network.
+     */
+    var `wordCache`: kotlin.Boolean = true 
+    , 
+    /**
+     * Keep the trained side network even when it does not beat the base on the user's own
+     * validation text (for comparisons; a keyboard leaves this off, so that personalizing
+     * never makes suggestions worse).
+     */
+    var `forceSideNetwork`: kotlin.Boolean = false 
     
 ){
     
@@ -3387,19 +3636,25 @@ public object FfiConverterTypePersonalizeOptions: FfiConverterRustBuffer<Persona
             FfiConverterUInt.read(buf),
             FfiConverterUInt.read(buf),
             FfiConverterULong.read(buf),
+            FfiConverterBoolean.read(buf),
+            FfiConverterBoolean.read(buf),
         )
     }
 
     override fun allocationSize(value: PersonalizeOptions) = (
             FfiConverterUInt.allocationSize(value.`steps`) +
             FfiConverterUInt.allocationSize(value.`maxChunks`) +
-            FfiConverterULong.allocationSize(value.`seed`)
+            FfiConverterULong.allocationSize(value.`seed`) +
+            FfiConverterBoolean.allocationSize(value.`wordCache`) +
+            FfiConverterBoolean.allocationSize(value.`forceSideNetwork`)
     )
 
     override fun write(value: PersonalizeOptions, buf: ByteBuffer) {
             FfiConverterUInt.write(value.`steps`, buf)
             FfiConverterUInt.write(value.`maxChunks`, buf)
             FfiConverterULong.write(value.`seed`, buf)
+            FfiConverterBoolean.write(value.`wordCache`, buf)
+            FfiConverterBoolean.write(value.`forceSideNetwork`, buf)
     }
 }
 
@@ -3483,6 +3738,12 @@ data class SpaConfig (
     var `personalWeightsPath`: kotlin.String? = null 
     , 
     /**
+     * The user's word cache for the suggestion strip (see `Personalizer`); `None` or a missing
+     * file: the model's suggestions alone.
+     */
+    var `personalWordsPath`: kotlin.String? = null 
+    , 
+    /**
      * Quantization of the on-device weights.
      */
     var `quantization`: Quantization
@@ -3523,6 +3784,7 @@ public object FfiConverterTypeSpaConfig: FfiConverterRustBuffer<SpaConfig> {
             FfiConverterOptionalString.read(buf),
             FfiConverterString.read(buf),
             FfiConverterOptionalString.read(buf),
+            FfiConverterOptionalString.read(buf),
             FfiConverterTypeQuantization.read(buf),
             FfiConverterUInt.read(buf),
             FfiConverterULong.read(buf),
@@ -3536,6 +3798,7 @@ public object FfiConverterTypeSpaConfig: FfiConverterRustBuffer<SpaConfig> {
             FfiConverterOptionalString.allocationSize(value.`caCertPem`) +
             FfiConverterString.allocationSize(value.`modelPath`) +
             FfiConverterOptionalString.allocationSize(value.`personalWeightsPath`) +
+            FfiConverterOptionalString.allocationSize(value.`personalWordsPath`) +
             FfiConverterTypeQuantization.allocationSize(value.`quantization`) +
             FfiConverterUInt.allocationSize(value.`threads`) +
             FfiConverterULong.allocationSize(value.`timeoutMs`) +
@@ -3548,6 +3811,7 @@ public object FfiConverterTypeSpaConfig: FfiConverterRustBuffer<SpaConfig> {
             FfiConverterOptionalString.write(value.`caCertPem`, buf)
             FfiConverterString.write(value.`modelPath`, buf)
             FfiConverterOptionalString.write(value.`personalWeightsPath`, buf)
+            FfiConverterOptionalString.write(value.`personalWordsPath`, buf)
             FfiConverterTypeQuantization.write(value.`quantization`, buf)
             FfiConverterUInt.write(value.`threads`, buf)
             FfiConverterULong.write(value.`timeoutMs`, buf)
@@ -3672,6 +3936,57 @@ public object FfiConverterTypeTrainProgress: FfiConverterRustBuffer<TrainProgres
             FfiConverterOptionalDouble.write(value.`valLoss`, buf)
     }
 }
+
+
+
+/**
+ * What a personalization run keeps for the suggestion strip.
+ */
+
+enum class PersonalModel {
+    
+    /**
+     * Nothing personal: the base model alone did best on the user's validation text.
+     */
+    BASE,
+    /**
+     * The base with the user's word cache.
+     */
+    WORD_CACHE,
+    /**
+     * The personal side network and gate.
+     */
+    SIDE_NETWORK,
+    /**
+     * The personal side network with the word cache.
+     */
+    SIDE_NETWORK_WITH_WORD_CACHE;
+
+    
+
+
+    companion object
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypePersonalModel: FfiConverterRustBuffer<PersonalModel> {
+    override fun read(buf: ByteBuffer) = try {
+        PersonalModel.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: PersonalModel) = 4UL
+
+    override fun write(value: PersonalModel, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
 
 
 
@@ -4258,6 +4573,38 @@ public object FfiConverterTypePersonalizeListener: FfiConverterCallbackInterface
 /**
  * @suppress
  */
+public object FfiConverterOptionalULong: FfiConverterRustBuffer<kotlin.ULong?> {
+    override fun read(buf: ByteBuffer): kotlin.ULong? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterULong.read(buf)
+    }
+
+    override fun allocationSize(value: kotlin.ULong?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterULong.allocationSize(value)
+        }
+    }
+
+    override fun write(value: kotlin.ULong?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterULong.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
 public object FfiConverterOptionalDouble: FfiConverterRustBuffer<kotlin.Double?> {
     override fun read(buf: ByteBuffer): kotlin.Double? {
         if (buf.get().toInt() == 0) {
@@ -4340,6 +4687,34 @@ public object FfiConverterSequenceString: FfiConverterRustBuffer<List<kotlin.Str
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterString.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeCandidateQuality: FfiConverterRustBuffer<List<CandidateQuality>> {
+    override fun read(buf: ByteBuffer): List<CandidateQuality> {
+        val len = buf.getInt()
+        return List<CandidateQuality>(len) {
+            FfiConverterTypeCandidateQuality.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<CandidateQuality>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeCandidateQuality.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<CandidateQuality>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeCandidateQuality.write(it, buf)
         }
     }
 }

@@ -4,6 +4,7 @@
 // instance.
 package ai.spa.sample.keyboard
 
+import ai.spa.mobile.Personalization
 import ai.spa.mobile.SpaMobile
 import ai.spa.mobile.ffi.NextWordQuality
 import ai.spa.mobile.ffi.PersonalizationReport
@@ -78,17 +79,23 @@ class KeyboardViewModel(
     private var suggestJob: Job? = null
     private var learnJob: Job? = null
 
-    /** Connects; loads saved personal weights when there are some. */
+    /** A client with what the last personalization kept (weights, word cache), or null. */
+    private suspend fun connectPersonal(p: Personalization): SpaMobile? =
+        if (p.hasSavedWeights || p.hasSavedWords) {
+            connector(config.copy(personalWeightsPath = p.weightsPath, personalWordsPath = p.wordsPath))
+        } else {
+            null
+        }
+
+    /** Connects; loads the saved personal weights and word cache when there are some. */
     fun start(): Job = scope.launch {
         try {
             clients.withLock {
                 val b = connector(config.copy(personalWeightsPath = null))
                 base = b
-                b.personalization(storageDir).use { p ->
-                    if (p.hasSavedWeights) personal = connector(config.copy(personalWeightsPath = p.weightsPath))
-                }
+                b.personalization(storageDir).use { p -> personal = connectPersonal(p) }
             }
-            _state.update { it.copy(ready = true, personalized = personal?.isPersonalized == true, banner = null) }
+            _state.update { it.copy(ready = true, personalized = personal != null, banner = null) }
             refresh(_state.value.text, 0)
         } catch (e: SpaMobileException) {
             _state.update { it.copy(ready = false, banner = describe(e)) }
@@ -133,9 +140,10 @@ class KeyboardViewModel(
     }
 
     /**
-     * "Learn from my writing": trains personal weights on [texts] (on this device), reports
-     * next-word quality before/after on [heldOut], saves the weights in app storage and switches
-     * the strip to them. Progress is in [KeyboardUiState.learning].
+     * "Learn from my writing": trains personal weights and learns the word cache on [texts] (on
+     * this device), keeps whichever of base, cache, side network or both saves the most keys on
+     * the end of [texts], reports next-word quality on [heldOut], and switches the strip to what
+     * was kept. Progress is in [KeyboardUiState.learning].
      */
     fun learn(texts: List<String>, heldOut: List<String>, options: PersonalizeOptions = PersonalizeOptions()): Job {
         learnJob?.cancel()
@@ -146,17 +154,18 @@ class KeyboardViewModel(
             }
             _state.update { it.copy(learning = Learning.Running(0, options.steps.toInt(), null)) }
             try {
-                val report = b.personalization(storageDir).use { p ->
-                    p.train(texts, heldOut, options) { pr ->
+                val (report, next) = b.personalization(storageDir).use { p ->
+                    val r = p.train(texts, heldOut, options) { pr ->
                         _state.update { it.copy(learning = Learning.Running(pr.step.toInt(), pr.maxSteps.toInt(), pr.loss)) }
                     }
+                    // Storage now holds what shipped (nothing when the base did best).
+                    r to connectPersonal(p)
                 }
-                val next = connector(config.copy(personalWeightsPath = report.weightsPath))
                 clients.withLock {
                     personal?.close()
                     personal = next
                 }
-                _state.update { it.copy(learning = Learning.Done(report), personalized = next.isPersonalized) }
+                _state.update { it.copy(learning = Learning.Done(report), personalized = next != null) }
                 refresh(_state.value.text, 0)
             } catch (e: CancellationException) {
                 _state.update { it.copy(learning = Learning.Cancelled) }
@@ -176,7 +185,7 @@ class KeyboardViewModel(
         learnJob?.cancel()
     }
 
-    /** Deletes the personal weights; the strip goes back to the base. */
+    /** Deletes the personal weights and word cache; the strip goes back to the base. */
     fun forget(): Job = scope.launch {
         clients.withLock {
             personal?.close()

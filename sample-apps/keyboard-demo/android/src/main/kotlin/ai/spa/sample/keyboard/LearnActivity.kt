@@ -82,7 +82,7 @@ private fun LearnScreen(vm: KeyboardViewModel, read: (Uri) -> String) {
             }
         }
         when (val l = st.learning) {
-            is Learning.Done -> Text(KeyboardViewModel.summary(l.report.before, l.report.after))
+            is Learning.Done -> Text("Kept: ${l.report.shipped} · " + KeyboardViewModel.summary(l.report.before, l.report.shippedQuality))
             is Learning.Failed -> Text(l.message, color = MaterialTheme.colorScheme.error)
             Learning.Cancelled -> Text("Cancelled; nothing was saved.")
             else -> {}

@@ -2337,11 +2337,11 @@ public func FfiConverterTypePersonalizationReport_lower(_ value: Personalization
  */
 public struct PersonalizeOptions: Equatable, Hashable {
     /**
-     * Training steps (more: better fit, longer run).
+     * Training steps (more: better fit, longer run; >= 1).
      */
     public var steps: UInt32
     /**
-     * Most training sequences of 64 tokens used (bounds time and memory).
+     * Most training sequences of 64 tokens used (bounds time and memory; >= 4).
      */
     public var maxChunks: UInt32
     /**
@@ -2364,10 +2364,10 @@ public struct PersonalizeOptions: Equatable, Hashable {
     // declare one manually.
     public init(
         /**
-         * Training steps (more: better fit, longer run).
+         * Training steps (more: better fit, longer run; >= 1).
          */steps: UInt32 = UInt32(200), 
         /**
-         * Most training sequences of 64 tokens used (bounds time and memory).
+         * Most training sequences of 64 tokens used (bounds time and memory; >= 4).
          */maxChunks: UInt32 = UInt32(400), 
         /**
          * Seed (same texts and seed: same weights).

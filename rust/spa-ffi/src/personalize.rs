@@ -25,10 +25,10 @@ pub const WORDS_FILE: &str = "personal-words.txt";
 /// Settings of a personalization run.
 #[derive(Debug, Clone, PartialEq, uniffi::Record)]
 pub struct PersonalizeOptions {
-    /// Training steps (more: better fit, longer run).
+    /// Training steps (more: better fit, longer run; >= 1).
     #[uniffi(default = 200)]
     pub steps: u32,
-    /// Most training sequences of 64 tokens used (bounds time and memory).
+    /// Most training sequences of 64 tokens used (bounds time and memory; >= 4).
     #[uniffi(default = 400)]
     pub max_chunks: u32,
     /// Seed (same texts and seed: same weights).
@@ -336,6 +336,11 @@ impl Personalizer {
         options: PersonalizeOptions,
         listener: Box<dyn PersonalizeListener>,
     ) -> Result<PersonalizationReport> {
+        if options.steps == 0 || options.max_chunks < 4 {
+            return Err(SpaMobileError::InvalidConfig {
+                reason: "personalization needs steps >= 1 and max_chunks >= 4".into(),
+            });
+        }
         let _one = self.running.lock().await;
         self.cancel.store(false, Ordering::Relaxed);
         let _guard = CancelOnDrop(self.cancel.clone());
@@ -355,8 +360,8 @@ impl Personalizer {
                 width,
             };
             let cfg = PersonalizeConfig {
-                steps: options.steps.max(1) as usize,
-                max_chunks: options.max_chunks.max(4) as usize,
+                steps: options.steps as usize,
+                max_chunks: options.max_chunks as usize,
                 seed: options.seed,
                 word_cache: options.word_cache,
                 ..Default::default()

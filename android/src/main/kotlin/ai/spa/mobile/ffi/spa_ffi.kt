@@ -3591,12 +3591,12 @@ public object FfiConverterTypePersonalizationReport: FfiConverterRustBuffer<Pers
  */
 data class PersonalizeOptions (
     /**
-     * Training steps (more: better fit, longer run).
+     * Training steps (more: better fit, longer run; >= 1).
      */
     var `steps`: kotlin.UInt = 200u 
     , 
     /**
-     * Most training sequences of 64 tokens used (bounds time and memory).
+     * Most training sequences of 64 tokens used (bounds time and memory; >= 4).
      */
     var `maxChunks`: kotlin.UInt = 400u 
     , 

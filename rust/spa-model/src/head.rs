@@ -30,6 +30,18 @@ impl DeviceHead {
         })
     }
 
+    /// Wraps quantized rows (e.g. read from a device pack).
+    pub fn from_rows(rows: QRows) -> Self {
+        Self {
+            rows: std::sync::Arc::new(rows),
+        }
+    }
+
+    /// The rows (their quantized blocks: [`QRows::block_bytes`]).
+    pub fn rows(&self) -> &QRows {
+        &self.rows
+    }
+
     /// Hidden size (columns).
     pub fn hidden(&self) -> usize {
         self.rows.cols()

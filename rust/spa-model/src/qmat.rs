@@ -109,6 +109,67 @@ impl QRows {
         Ok(out)
     }
 
+    /// Bytes of one quantized row (ggml blocks: q8_0 34 bytes, q4_0 18 bytes per 32 values).
+    pub fn row_bytes(cols: usize, mode: QuantMode) -> Option<usize> {
+        match mode {
+            QuantMode::Q8 => Some(cols / BLOCK * std::mem::size_of::<BlockQ8_0>()),
+            QuantMode::Q4 => Some(cols / BLOCK * std::mem::size_of::<BlockQ4_0>()),
+            QuantMode::F32 => None,
+        }
+    }
+
+    /// The quantized blocks as bytes (ggml's q8_0 / q4_0 layout: an f16 scale, then the
+    /// 32 values of the block), `None` for f32.
+    pub fn block_bytes(&self) -> Option<&[u8]> {
+        fn bytes<T>(v: &[T]) -> &[u8] {
+            // SAFETY: the block types are `repr(C)` plain data without padding (an f16 and a
+            // byte array; their sizes are asserted by candle), so every byte is initialized.
+            unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+        }
+        match &self.store {
+            Store::F32(_) => None,
+            Store::Q8(v) => Some(bytes(v)),
+            Store::Q4(v) => Some(bytes(v)),
+        }
+    }
+
+    /// Reads a `[rows, cols]` matrix of q8_0 / q4_0 blocks ([`QRows::block_bytes`]'s layout)
+    /// straight from `r` into its final buffer (no intermediate copy).
+    pub fn read_blocks(
+        r: &mut impl std::io::Read,
+        rows: usize,
+        cols: usize,
+        mode: QuantMode,
+    ) -> Result<Self> {
+        fn fill<T: GgmlType>(r: &mut impl std::io::Read, n: usize) -> std::io::Result<Vec<T>> {
+            let mut v = vec![T::zeros(); n];
+            // SAFETY: as in `block_bytes`; and every bit pattern is a valid block (an f16 and
+            // integers), so filling the bytes from the reader cannot make an invalid value.
+            let b = unsafe {
+                std::slice::from_raw_parts_mut(
+                    v.as_mut_ptr().cast::<u8>(),
+                    std::mem::size_of_val(&v[..]),
+                )
+            };
+            r.read_exact(b)?;
+            Ok(v)
+        }
+        if mode == QuantMode::F32 || !cols.is_multiple_of(BLOCK) {
+            return Err(SpaError::InvalidConfig(format!(
+                "quantized blocks need q8/q4 and a multiple of {BLOCK} columns"
+            )));
+        }
+        let n = rows
+            .checked_mul(cols / BLOCK)
+            .ok_or_else(|| SpaError::InvalidConfig("matrix size overflows".into()))?;
+        let io = |e: std::io::Error| SpaError::InvalidConfig(format!("reading blocks: {e}"));
+        let store = match mode {
+            QuantMode::Q8 => Store::Q8(fill(r, n).map_err(io)?),
+            _ => Store::Q4(fill(r, n).map_err(io)?),
+        };
+        Ok(Self { store, rows, cols })
+    }
+
     /// Rows.
     pub fn rows(&self) -> usize {
         self.rows
@@ -271,6 +332,12 @@ mod tests {
                 assert_eq!(&g[k * cols..(k + 1) * cols], &deq[i * cols..(i + 1) * cols]);
             }
             assert!(chunked.gather_f32(&[5000]).is_err());
+            if let Some(b) = chunked.block_bytes() {
+                assert_eq!(b.len(), rows * QRows::row_bytes(cols, mode).unwrap());
+                let back = QRows::read_blocks(&mut &b[..], rows, cols, mode).unwrap();
+                assert_eq!(back.to_f32(), deq);
+                assert!(QRows::read_blocks(&mut &b[..b.len() - 1], rows, cols, mode).is_err());
+            }
         }
     }
 }

@@ -71,6 +71,11 @@ pub struct ServeArgs {
     /// Seconds a request may take to send its body (408 beyond).
     #[arg(long, default_value_t = 30)]
     pub body_timeout_s: u64,
+    /// Device pack published at GET /v1/device-pack (the SDK downloads it instead of holding
+    /// the base GGUF): its head quantization, q8 or q4, or "none". Built once from the GGUF and
+    /// cached in $SPA_HOME/projections.
+    #[arg(long, default_value = "q8")]
+    pub device_pack: String,
 }
 
 /// The TLS certificate to serve with: `--tls-cert/--tls-key`, or a dev certificate written to
@@ -165,12 +170,67 @@ fn keys_from(args: &ServeArgs) -> Result<Keys> {
     Ok(keys)
 }
 
+/// The device pack of the base at `model` for the projection `fingerprint`: read from
+/// `$SPA_HOME/projections` when it was built before (for the same base, projection and
+/// quantization), else built from the GGUF and written there atomically.
+pub fn device_pack(
+    model: Option<&Path>,
+    identity: &str,
+    fingerprint: &str,
+    quant: QuantMode,
+) -> Result<Vec<u8>> {
+    let q = match quant {
+        QuantMode::Q4 => "q4",
+        QuantMode::Q8 => "q8",
+        QuantMode::F32 => bail!("a device pack's head is q8 or q4"),
+    };
+    let safe = |s: &str| -> String {
+        s.chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect()
+    };
+    let dir = assets::spa_home().join("projections");
+    let path = dir.join(format!(
+        "device-pack-{}-{}-{q}.spapack",
+        &identity[..identity.len().min(16)],
+        safe(fingerprint)
+    ));
+    if let Ok(bytes) = std::fs::read(&path) {
+        // Checked like a download: a damaged cache is rebuilt, never served.
+        match spa_model::DevicePack::load(&path) {
+            Ok(p) if p.identity == identity && p.projection == fingerprint => return Ok(bytes),
+            _ => log::warn!("device pack cache {} unusable; rebuilding", path.display()),
+        }
+    }
+    let gguf = spa_model::GgufFile::read(assets::model_path(model)?)?;
+    let bytes = spa_model::build_device_pack(&gguf, fingerprint, quant)?;
+    std::fs::create_dir_all(&dir)?;
+    let tmp = dir.join(format!(".device-pack-{}.tmp", std::process::id()));
+    std::fs::write(&tmp, &bytes)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(bytes)
+}
+
 pub async fn serve(args: ServeArgs) -> Result<()> {
     let keys = keys_from(&args)?;
     let tls = tls_choice(&args)?;
     let (base, proj) = load_server_parts(args.model.as_deref(), args.width, &args.projection)?;
     let cfg = server_config(&args, keys);
-    let state = Arc::new(AppState::new(base, proj, cfg));
+    let pack = match args.device_pack.as_str() {
+        "none" => None,
+        q => Some(device_pack(
+            args.model.as_deref(),
+            base.identity(),
+            proj.fingerprint(),
+            QuantMode::parse(q)?,
+        )?),
+    };
+    let mut state = AppState::new(base, proj, cfg);
+    if let Some(pack) = pack {
+        eprintln!("spa serve: device pack {} bytes", pack.len());
+        state = state.with_device_pack(pack);
+    }
+    let state = Arc::new(state);
     let srv = spa_server::start(state, args.addr, tls.as_ref())
         .await
         .map_err(anyhow::Error::msg)?;

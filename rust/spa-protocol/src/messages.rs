@@ -86,6 +86,12 @@ pub struct Manifest {
     pub max_frame_bytes: u32,
     #[prost(uint32, tag = "15")]
     pub top_k: u32,
+    /// sha256 (hex) of the device pack served at `GET /v1/device-pack` ("" when none is).
+    #[prost(string, tag = "16")]
+    pub device_pack_sha256: String,
+    /// Its size in bytes.
+    #[prost(uint64, tag = "17")]
+    pub device_pack_bytes: u64,
 }
 
 /// Session modes.

@@ -61,8 +61,8 @@ pub struct Traffic {
 /// A connection to one base server.
 #[derive(Debug, Clone)]
 pub struct Client {
-    http: reqwest::Client,
-    cfg: ClientConfig,
+    pub(crate) http: reqwest::Client,
+    pub(crate) cfg: ClientConfig,
     limits: Limits,
     /// Traffic counters.
     pub traffic: Arc<Traffic>,

@@ -77,6 +77,33 @@ impl DeviceModel {
         })
     }
 
+    /// Assembles the device model from a device pack (its head is used as packed: `quant`
+    /// applies to the side network) and the personal plugin. Fails with
+    /// [`RuntimeError::Incompatible`] when the plugin was made for another base or projection.
+    pub fn from_pack(
+        pack: &spa_model::DevicePack,
+        plugin: &SidePlugin,
+        quant: QuantMode,
+        gate: GateMode,
+        personal: PersonalVocab,
+    ) -> Result<Self> {
+        if plugin.meta.base != pack.identity {
+            return Err(RuntimeError::Incompatible(
+                "personal weights were made for another base model".into(),
+            ));
+        }
+        let max_positions = pack.config.context.min(32_768);
+        Ok(Self {
+            side: SideNetwork::new(&plugin.weights, quant, max_positions)?,
+            head: pack.head.clone(),
+            personal,
+            gate,
+            tokenizer: pack.tokenizer.clone(),
+            base_identity: pack.identity.clone(),
+            projection: plugin.meta.projection.clone(),
+        })
+    }
+
     /// Checks that a server's manifest matches the weights held here.
     pub fn check_manifest(&self, m: &Manifest) -> Result<()> {
         let c = self.side.config();

@@ -27,6 +27,7 @@
 
 pub mod client;
 pub mod device;
+pub mod download;
 pub mod error;
 pub mod layer_split;
 #[cfg(feature = "netsim")]

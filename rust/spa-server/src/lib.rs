@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod batch;
+pub mod device_pack;
 pub mod engine;
 pub mod features;
 pub mod metrics;
@@ -103,6 +104,8 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     /// Cross-session batching engine.
     pub batcher: batch::Batcher,
+    /// The device pack served at `GET /v1/device-pack`, if any.
+    pub device_pack: Option<device_pack::ServedPack>,
     manifest: Manifest,
 }
 
@@ -150,6 +153,8 @@ impl AppState {
             max_positions_per_round: config.limits.max_positions_per_round as u32,
             max_frame_bytes: config.limits.max_frame_bytes as u32,
             top_k: config.top_k as u32,
+            device_pack_sha256: String::new(),
+            device_pack_bytes: 0,
         };
         Self {
             batcher: batch::Batcher::start(base.clone(), 32),
@@ -158,8 +163,19 @@ impl AppState {
             sessions: Mutex::new(Sessions::with_idle_ttl(config.session_idle_ttl)),
             config,
             metrics: metrics::Metrics::default(),
+            device_pack: None,
             manifest,
         }
+    }
+
+    /// Publishes `pack` (a device pack's bytes, [`spa_model::build_device_pack`]) at
+    /// `GET /v1/device-pack`, its sha256 and size in the manifest.
+    pub fn with_device_pack(mut self, pack: Vec<u8>) -> Self {
+        let p = device_pack::ServedPack::new(pack);
+        self.manifest.device_pack_sha256 = p.sha256.clone();
+        self.manifest.device_pack_bytes = p.bytes.len() as u64;
+        self.device_pack = Some(p);
+        self
     }
 
     /// The model manifest served at `/v1/model`.
@@ -180,7 +196,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: ErrorCode, msg: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: ErrorCode, msg: impl Into<String>) -> Self {
         Self {
             status,
             frame: ErrorFrame::new(code, msg),
@@ -216,7 +232,7 @@ fn proto(kind: FrameKind, msg: &impl prost::Message, st: &AppState) -> Response 
     ([(header::CONTENT_TYPE, "application/x-protobuf")], body).into_response()
 }
 
-fn auth(st: &AppState, headers: &HeaderMap) -> Result<usize, ApiError> {
+pub(crate) fn auth(st: &AppState, headers: &HeaderMap) -> Result<usize, ApiError> {
     let h = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
@@ -532,6 +548,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sessions/{id}/step", post(step_h))
         .route("/v1/sessions/{id}/layer", post(layer_h))
         .route("/v1/features", post(features::features_h))
+        .route("/v1/device-pack", get(device_pack::device_pack_h))
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), body_guard))
         .with_state(state)
@@ -630,6 +647,7 @@ fn route_of(path: &str) -> &'static str {
         ["", "metrics"] => "/metrics",
         ["", "v1", "model"] => "/v1/model",
         ["", "v1", "features"] => "/v1/features",
+        ["", "v1", "device-pack"] => "/v1/device-pack",
         ["", "v1", "sessions"] => "/v1/sessions",
         ["", "v1", "sessions", _] => "/v1/sessions/{id}",
         ["", "v1", "sessions", _, "step"] => "/v1/sessions/{id}/step",

@@ -147,7 +147,7 @@ async fn device_pack_downloads_resumes_verifies_and_is_reused() {
         ..NetConfig::default()
     };
     let proxy = Proxy::start(srv.addr, cfg).await.unwrap();
-    let mut cc = ClientConfig::new(&format!("https://{}", proxy.addr), KEY);
+    let mut cc = ClientConfig::new(format!("https://{}", proxy.addr), KEY);
     cc.extra_root_pem = Some(w.cert.cert_pem.clone());
     cc.backoff = Duration::from_millis(10);
     let pc = spa_runtime::Client::new(cc).unwrap();

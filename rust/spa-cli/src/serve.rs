@@ -257,7 +257,8 @@ pub struct ChatArgs {
     /// Extra trusted CA / self-signed server certificate (PEM), e.g. the dev certificate.
     #[arg(long)]
     pub ca_cert: Option<PathBuf>,
-    /// GGUF of the base (the device reads only the tokenizer and LM head rows from it).
+    /// GGUF of the base (the device reads only the tokenizer and LM head rows from it);
+    /// default: the server's device pack, downloaded once into $SPA_HOME/device-packs.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Personal side weights (safetensors); default: an untrained side network.
@@ -296,6 +297,26 @@ pub async fn device_for(
         Some(p) => SidePlugin::load(p)?,
         None => untrained_plugin(&manifest)?,
     };
+    if model.is_none() && !manifest.device_pack_sha256.is_empty() {
+        // What the phone does: no base file, the server's device pack (downloaded once).
+        let dir = assets::spa_home().join("device-packs");
+        let total = manifest.device_pack_bytes;
+        let pb = spa_train::features::progress(total, "device pack", false);
+        let path = client
+            .device_pack(&manifest, &dir, &mut |done, _| pb.set_position(done))
+            .await?;
+        pb.finish_and_clear();
+        let pack = spa_model::DevicePack::load(&path)?;
+        let dev = DeviceModel::from_pack(
+            &pack,
+            &plugin,
+            quant,
+            GateMode::Learned,
+            PersonalVocab::default(),
+        )?;
+        dev.check_manifest(&manifest)?;
+        return Ok(dev);
+    }
     device_with(&manifest, model, &plugin, quant, GateMode::Learned)
 }
 

@@ -6,7 +6,7 @@ use crate::config::{
 use crate::error::{Result, SpaMobileError};
 use crate::personalize::Personalizer;
 use crate::{call, configure_threads, run_task, runtime, SpaConfig};
-use spa_model::{DeviceAssets, GateMode, PersonalVocab, SideConfig, SidePlugin};
+use spa_model::{DeviceAssets, DevicePack, GateMode, PersonalVocab, SideConfig, SidePlugin};
 use spa_runtime::{Client, ClientConfig, DeviceModel, Mode, SpaSession, Suggester, WordCache};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,12 +29,37 @@ pub trait GenerationListener: Send + Sync {
     fn on_error(&self, error: SpaMobileError) -> Result<()>;
 }
 
+/// Receives the progress of the device pack's download during `connect_with_progress` (on a
+/// library thread). Throwing stops the connect with `SpaMobileError::Callback`; the bytes
+/// already downloaded are kept and the next connect resumes from them.
+#[uniffi::export(callback_interface)]
+pub trait ConnectListener: Send + Sync {
+    /// `done` of `total` bytes of the device pack are on the device (called once with
+    /// `done == total` when the pack was already there).
+    fn on_download(&self, done: u64, total: u64) -> Result<()>;
+}
+
 /// Connects to the server: fetches its manifest, loads the device half (tokenizer and LM head
-/// from the base GGUF, personal side weights or an untrained side network for this server) and
+/// from the device pack, downloaded once into `device_pack_dir`, or from the base GGUF at
+/// `model_path`; personal side weights or an untrained side network for this server) and
 /// checks that both sides match.
 #[uniffi::export]
 pub async fn connect(config: SpaConfig) -> Result<Arc<SpaClient>> {
-    run_task(async move { SpaClient::connect(config).await.map(Arc::new) }).await
+    run_task(async move { SpaClient::connect(config, None).await.map(Arc::new) }).await
+}
+
+/// [`connect`], reporting the device pack's download to `listener`.
+#[uniffi::export]
+pub async fn connect_with_progress(
+    config: SpaConfig,
+    listener: Box<dyn ConnectListener>,
+) -> Result<Arc<SpaClient>> {
+    run_task(async move {
+        SpaClient::connect(config, Some(listener))
+            .await
+            .map(Arc::new)
+    })
+    .await
 }
 
 /// A connection to one base server plus the device model. Cheap to share between
@@ -54,7 +79,10 @@ pub struct SpaClient {
 }
 
 impl SpaClient {
-    async fn connect(config: SpaConfig) -> Result<Self> {
+    async fn connect(
+        config: SpaConfig,
+        listener: Option<Box<dyn ConnectListener>>,
+    ) -> Result<Self> {
         configure_threads(config.threads);
         if config.max_attempts == 0 {
             return Err(SpaMobileError::InvalidConfig {
@@ -78,12 +106,45 @@ impl SpaClient {
             context: m.context,
             max_draft: m.max_draft,
         };
+        let source = match (&config.model_path, &config.device_pack_dir) {
+            (Some(p), _) => BaseSource::Gguf(p.clone()),
+            (None, Some(dir)) => {
+                let mut failed = None;
+                let mut reported: Option<u64> = None;
+                let r = client
+                    .device_pack(&m, Path::new(dir), &mut |done, total| {
+                        // At most ~200 calls: every 0.5% of the pack, and the last byte.
+                        let step = (total / 200).max(1);
+                        let due = reported.is_none_or(|r| done >= r + step || done == total);
+                        if due && reported != Some(done) && failed.is_none() {
+                            reported = Some(done);
+                            if let Some(l) = &listener {
+                                if let Err(e) = call(|| l.on_download(done, total)) {
+                                    failed = Some(e);
+                                }
+                            }
+                        }
+                    })
+                    .await;
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                BaseSource::Pack(r?, m.device_pack_sha256.clone())
+            }
+            (None, None) => {
+                return Err(SpaMobileError::InvalidConfig {
+                    reason: "set model_path (a bundled base GGUF) or device_pack_dir (where the \
+                             server's device pack is kept)"
+                        .into(),
+                })
+            }
+        };
         let cfg = config.clone();
         let mm = manifest.clone();
         let taps = m.taps.clone();
         let n_taps = taps.len();
         let (device, plugin, personalized) =
-            tokio::task::spawn_blocking(move || load_device(&cfg, &mm, &taps))
+            tokio::task::spawn_blocking(move || load_device(&cfg, &source, &mm, &taps))
                 .await
                 .map_err(|_| SpaMobileError::Internal {
                     reason: "loading the device model panicked".into(),
@@ -127,12 +188,20 @@ fn load_words(suggester: &Suggester, device: &DeviceModel, path: &Path) -> Resul
     Ok(())
 }
 
+/// Where the device's tokenizer and head come from.
+enum BaseSource {
+    /// A base GGUF on the device.
+    Gguf(String),
+    /// A downloaded device pack (its path and the manifest's sha256 of it).
+    Pack(std::path::PathBuf, String),
+}
+
 fn load_device(
     cfg: &SpaConfig,
+    source: &BaseSource,
     m: &ModelManifest,
     taps: &[u32],
 ) -> Result<(DeviceModel, SidePlugin, bool)> {
-    let assets = DeviceAssets::load(&cfg.model_path)?;
     let (plugin, personalized) = match cfg.personal_weights_path.as_deref().map(Path::new) {
         Some(p) if p.is_file() => (SidePlugin::load(p)?, true),
         _ => {
@@ -150,13 +219,30 @@ fn load_device(
             (p, false)
         }
     };
-    let device = DeviceModel::new(
-        &assets,
-        &plugin,
-        cfg.quantization.into(),
-        GateMode::Learned,
-        PersonalVocab::default(),
-    )?;
+    let device = match source {
+        BaseSource::Gguf(path) => DeviceModel::new(
+            &DeviceAssets::load(path)?,
+            &plugin,
+            cfg.quantization.into(),
+            GateMode::Learned,
+            PersonalVocab::default(),
+        )?,
+        BaseSource::Pack(path, sha256) => {
+            // Verified by its hash when it was fetched or found; a file damaged since is
+            // deleted so that the next connect downloads it again.
+            let pack = DevicePack::load(path).inspect_err(|_| {
+                log::warn!("device pack {sha256} unreadable; deleting it");
+                let _ = std::fs::remove_file(path);
+            })?;
+            DeviceModel::from_pack(
+                &pack,
+                &plugin,
+                cfg.quantization.into(),
+                GateMode::Learned,
+                PersonalVocab::default(),
+            )?
+        }
+    };
     Ok((device, plugin, personalized))
 }
 

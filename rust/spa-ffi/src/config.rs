@@ -30,8 +30,17 @@ pub struct SpaConfig {
     /// Extra trusted root certificate (PEM), e.g. a development server's self-signed one.
     #[uniffi(default = None)]
     pub ca_cert_pem: Option<String>,
-    /// Path of the base model's GGUF on the device: only its tokenizer and LM head rows are read.
-    pub model_path: String,
+    /// Path of the base model's GGUF bundled with the app (offline use): only its tokenizer
+    /// and LM head rows are read. `None` (the default): `connect` downloads the server's device
+    /// pack (tokenizer + quantized LM head, ~32 MB for SmolLM2) into `device_pack_dir` once
+    /// and reuses it.
+    #[uniffi(default = None)]
+    pub model_path: Option<String>,
+    /// App-storage directory for the device pack when `model_path` is `None` (e.g. Android
+    /// `context.filesDir.path + "/spa"`, iOS Application Support). The pack is verified by its
+    /// sha256 on every connect; a damaged file is downloaded again.
+    #[uniffi(default = None)]
+    pub device_pack_dir: Option<String>,
     /// Personal side weights (safetensors, see `Personalizer`); `None` or a missing file: the
     /// untrained side network for the server's base.
     #[uniffi(default = None)]

@@ -26,7 +26,10 @@ mod config;
 mod error;
 mod personalize;
 
-pub use client::{connect, Conversation, Generation, GenerationListener, SpaClient};
+pub use client::{
+    connect, connect_with_progress, ConnectListener, Conversation, Generation, GenerationListener,
+    SpaClient,
+};
 pub use config::{
     ChatMessage, GenerateParams, GenerationStats, ModelManifest, Quantization, Reply, Role,
     SpaConfig, Suggestions,

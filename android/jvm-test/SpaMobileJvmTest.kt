@@ -3,6 +3,7 @@
 // SPA_TEST_MODEL (GGUF) and SPA_TEST_DIR (scratch app storage). Prints one PASS/FAIL line per test
 // and a final "kotlin: N passed, M failed"; exits 1 on any failure.
 import ai.spa.mobile.SpaMobile
+import ai.spa.mobile.ffi.ConnectListener
 import ai.spa.mobile.ffi.GenerateParams
 import ai.spa.mobile.ffi.GenerationListener
 import ai.spa.mobile.ffi.GenerationStats
@@ -12,6 +13,7 @@ import ai.spa.mobile.ffi.TrainProgress
 import ai.spa.mobile.ffi.Role
 import ai.spa.mobile.ffi.SpaConfig
 import ai.spa.mobile.ffi.SpaMobileException
+import ai.spa.mobile.ffi.connectWithProgress
 import java.io.File
 import java.util.concurrent.CountDownLatch
 import java.util.concurrent.TimeUnit
@@ -110,6 +112,48 @@ fun main(): Unit = runBlocking {
             val m = spa.manifest
             expect(m.vocab > 0u && m.sideWidth > 0u && m.layers > 0u) { "bad manifest $m" }
             expect(m.baseIdentity.length == 64) { "base identity is not a sha256: ${m.baseIdentity}" }
+        }
+
+        test("device pack: no model file; downloaded with progress, reused, re-fetched when damaged, resumed") {
+            val dir = File(env("SPA_TEST_DIR"), "kotlin-pack").apply { deleteRecursively(); mkdirs() }
+            val slim = config().copy(modelPath = null, devicePackDir = dir.path)
+            suspend fun connectSeeing(): List<Pair<ULong, ULong>> {
+                val seen = java.util.Collections.synchronizedList(mutableListOf<Pair<ULong, ULong>>())
+                connectWithProgress(slim, object : ConnectListener {
+                    override fun onDownload(done: ULong, total: ULong) { seen.add(done to total) }
+                }).use { c ->
+                    // The device half works from the pack alone.
+                    val s = c.suggest("The capital of France is ", 3u)
+                    expect(s.words.firstOrNull() == "Paris") { "strip from the pack: ${s.words}" }
+                }
+                return seen.toList()
+            }
+            val first = connectSeeing()
+            val total = first.last().second
+            println("  -> first connect: ${first.size} progress calls, ${total.toLong() / 1_000_000} MB pack")
+            expect(first.size > 2 && first.first().first == 0uL && first.last().first == total) { "progress $first" }
+            expect(first.zipWithNext().all { (a, b) -> b.first > a.first }) { "progress not increasing" }
+            val pack = dir.listFiles()!!.single { it.name.endsWith(".spapack") }
+            expect(pack.length().toULong() == total && dir.listFiles()!!.size == 1) { "storage: ${dir.list()!!.toList()}" }
+            val bytes = pack.readBytes()
+            expect(connectSeeing() == listOf(total to total)) { "second connect downloaded again" }
+            // A damaged pack is detected (sha256) and downloaded again.
+            pack.writeBytes(bytes.copyOf().also { it[1000] = (it[1000].toInt() xor 0x20).toByte() })
+            val again = connectSeeing()
+            expect(again.first().first == 0uL && pack.readBytes().contentEquals(bytes)) { "damaged pack: $again" }
+            // An interrupted download (its part file) resumes where it stopped.
+            pack.delete()
+            val third = bytes.size / 3
+            File(dir, pack.name.removeSuffix(".spapack") + ".part").writeBytes(bytes.copyOfRange(0, third))
+            val resumed = connectSeeing()
+            expect(resumed.first().first == third.toULong() && pack.readBytes().contentEquals(bytes)) { "resume: ${resumed.take(2)}" }
+            expect(dir.listFiles()!!.none { it.name.endsWith(".part") }) { "part left behind" }
+            // Neither a model file nor a pack directory: a clear configuration error.
+            try {
+                SpaMobile.connect(config().copy(modelPath = null)).close()
+                throw AssertionError("connected without a model or a pack directory")
+            } catch (e: SpaMobileException.InvalidConfig) {
+            }
         }
 
         test("stream tokens as a Flow over TLS") {

@@ -243,6 +243,13 @@ typedef void (*UniffiForeignFutureCompleteVoid)(uint64_t, UniffiForeignFutureRes
     );
 
 #endif
+#ifndef UNIFFI_FFIDEF_CALLBACK_INTERFACE_CONNECT_LISTENER_METHOD0
+#define UNIFFI_FFIDEF_CALLBACK_INTERFACE_CONNECT_LISTENER_METHOD0
+typedef void (*UniffiCallbackInterfaceConnectListenerMethod0)(uint64_t, uint64_t, uint64_t, void* _Nonnull, 
+        RustCallStatus *_Nonnull uniffiCallStatus
+    );
+
+#endif
 #ifndef UNIFFI_FFIDEF_CALLBACK_INTERFACE_GENERATION_LISTENER_METHOD0
 #define UNIFFI_FFIDEF_CALLBACK_INTERFACE_GENERATION_LISTENER_METHOD0
 typedef void (*UniffiCallbackInterfaceGenerationListenerMethod0)(uint64_t, RustBuffer, void* _Nonnull, 
@@ -269,6 +276,15 @@ typedef void (*UniffiCallbackInterfaceGenerationListenerMethod2)(uint64_t, RustB
 typedef void (*UniffiCallbackInterfacePersonalizeListenerMethod0)(uint64_t, RustBuffer, void* _Nonnull, 
         RustCallStatus *_Nonnull uniffiCallStatus
     );
+
+#endif
+#ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_CONNECT_LISTENER
+#define UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_CONNECT_LISTENER
+typedef struct UniffiVTableCallbackInterfaceConnectListener {
+    UniffiCallbackInterfaceFree _Nonnull uniffiFree;
+    UniffiCallbackInterfaceClone _Nonnull uniffiClone;
+    UniffiCallbackInterfaceConnectListenerMethod0 _Nonnull onDownload;
+} UniffiVTableCallbackInterfaceConnectListener;
 
 #endif
 #ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_GENERATION_LISTENER
@@ -426,6 +442,11 @@ RustBuffer uniffi_spa_ffi_fn_method_personalizer_weights_path(uint64_t ptr, Rust
 RustBuffer uniffi_spa_ffi_fn_method_personalizer_words_path(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_INIT_CALLBACK_VTABLE_CONNECTLISTENER
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_INIT_CALLBACK_VTABLE_CONNECTLISTENER
+void uniffi_spa_ffi_fn_init_callback_vtable_connectlistener(const UniffiVTableCallbackInterfaceConnectListener* _Nonnull vtable
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_INIT_CALLBACK_VTABLE_GENERATIONLISTENER
 #define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_INIT_CALLBACK_VTABLE_GENERATIONLISTENER
 void uniffi_spa_ffi_fn_init_callback_vtable_generationlistener(const UniffiVTableCallbackInterfaceGenerationListener* _Nonnull vtable
@@ -445,6 +466,11 @@ RustBuffer uniffi_spa_ffi_fn_func_library_version(RustCallStatus *_Nonnull out_s
 #ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_FUNC_CONNECT
 #define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_FUNC_CONNECT
 uint64_t uniffi_spa_ffi_fn_func_connect(RustBuffer config
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_FUNC_CONNECT_WITH_PROGRESS
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_FN_FUNC_CONNECT_WITH_PROGRESS
+uint64_t uniffi_spa_ffi_fn_func_connect_with_progress(RustBuffer config, uint64_t listener
 );
 #endif
 #ifndef UNIFFI_FFIDEF_FFI_SPA_FFI_RUSTBUFFER_ALLOC
@@ -719,6 +745,12 @@ uint16_t uniffi_spa_ffi_checksum_func_connect(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_FUNC_CONNECT_WITH_PROGRESS
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_FUNC_CONNECT_WITH_PROGRESS
+uint16_t uniffi_spa_ffi_checksum_func_connect_with_progress(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_CONVERSATION_GENERATE
 #define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_CONVERSATION_GENERATE
 uint16_t uniffi_spa_ffi_checksum_method_conversation_generate(void
@@ -830,6 +862,12 @@ uint16_t uniffi_spa_ffi_checksum_method_personalizer_weights_path(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_WORDS_PATH
 #define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_PERSONALIZER_WORDS_PATH
 uint16_t uniffi_spa_ffi_checksum_method_personalizer_words_path(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_CONNECTLISTENER_ON_DOWNLOAD
+#define UNIFFI_FFIDEF_UNIFFI_SPA_FFI_CHECKSUM_METHOD_CONNECTLISTENER_ON_DOWNLOAD
+uint16_t uniffi_spa_ffi_checksum_method_connectlistener_on_download(void
     
 );
 #endif

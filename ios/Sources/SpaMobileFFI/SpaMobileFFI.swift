@@ -2523,9 +2523,18 @@ public struct SpaConfig: Equatable, Hashable {
      */
     public var caCertPem: String?
     /**
-     * Path of the base model's GGUF on the device: only its tokenizer and LM head rows are read.
+     * Path of the base model's GGUF bundled with the app (offline use): only its tokenizer
+     * and LM head rows are read. `None` (the default): `connect` downloads the server's device
+     * pack (tokenizer + quantized LM head, ~32 MB for SmolLM2) into `device_pack_dir` once
+     * and reuses it.
      */
-    public var modelPath: String
+    public var modelPath: String?
+    /**
+     * App-storage directory for the device pack when `model_path` is `None` (e.g. Android
+     * `context.filesDir.path + "/spa"`, iOS Application Support). The pack is verified by its
+     * sha256 on every connect; a damaged file is downloaded again.
+     */
+    public var devicePackDir: String?
     /**
      * Personal side weights (safetensors, see `Personalizer`); `None` or a missing file: the
      * untrained side network for the server's base.
@@ -2567,8 +2576,16 @@ public struct SpaConfig: Equatable, Hashable {
          * Extra trusted root certificate (PEM), e.g. a development server's self-signed one.
          */caCertPem: String? = nil, 
         /**
-         * Path of the base model's GGUF on the device: only its tokenizer and LM head rows are read.
-         */modelPath: String, 
+         * Path of the base model's GGUF bundled with the app (offline use): only its tokenizer
+         * and LM head rows are read. `None` (the default): `connect` downloads the server's device
+         * pack (tokenizer + quantized LM head, ~32 MB for SmolLM2) into `device_pack_dir` once
+         * and reuses it.
+         */modelPath: String? = nil, 
+        /**
+         * App-storage directory for the device pack when `model_path` is `None` (e.g. Android
+         * `context.filesDir.path + "/spa"`, iOS Application Support). The pack is verified by its
+         * sha256 on every connect; a damaged file is downloaded again.
+         */devicePackDir: String? = nil, 
         /**
          * Personal side weights (safetensors, see `Personalizer`); `None` or a missing file: the
          * untrained side network for the server's base.
@@ -2594,6 +2611,7 @@ public struct SpaConfig: Equatable, Hashable {
         self.apiKey = apiKey
         self.caCertPem = caCertPem
         self.modelPath = modelPath
+        self.devicePackDir = devicePackDir
         self.personalWeightsPath = personalWeightsPath
         self.personalWordsPath = personalWordsPath
         self.quantization = quantization
@@ -2621,7 +2639,8 @@ public struct FfiConverterTypeSpaConfig: FfiConverterRustBuffer {
                 serverUrl: FfiConverterString.read(from: &buf), 
                 apiKey: FfiConverterString.read(from: &buf), 
                 caCertPem: FfiConverterOptionString.read(from: &buf), 
-                modelPath: FfiConverterString.read(from: &buf), 
+                modelPath: FfiConverterOptionString.read(from: &buf), 
+                devicePackDir: FfiConverterOptionString.read(from: &buf), 
                 personalWeightsPath: FfiConverterOptionString.read(from: &buf), 
                 personalWordsPath: FfiConverterOptionString.read(from: &buf), 
                 quantization: FfiConverterTypeQuantization.read(from: &buf), 
@@ -2635,7 +2654,8 @@ public struct FfiConverterTypeSpaConfig: FfiConverterRustBuffer {
         FfiConverterString.write(value.serverUrl, into: &buf)
         FfiConverterString.write(value.apiKey, into: &buf)
         FfiConverterOptionString.write(value.caCertPem, into: &buf)
-        FfiConverterString.write(value.modelPath, into: &buf)
+        FfiConverterOptionString.write(value.modelPath, into: &buf)
+        FfiConverterOptionString.write(value.devicePackDir, into: &buf)
         FfiConverterOptionString.write(value.personalWeightsPath, into: &buf)
         FfiConverterOptionString.write(value.personalWordsPath, into: &buf)
         FfiConverterTypeQuantization.write(value.quantization, into: &buf)
@@ -3294,6 +3314,153 @@ public func FfiConverterTypeSpaMobileError_lower(_ value: SpaMobileError) -> Rus
 
 
 /**
+ * Receives the progress of the device pack's download during `connect_with_progress` (on a
+ * library thread). Throwing stops the connect with `SpaMobileError::Callback`; the bytes
+ * already downloaded are kept and the next connect resumes from them.
+ */
+public protocol ConnectListener: AnyObject, Sendable {
+    
+    /**
+     * `done` of `total` bytes of the device pack are on the device (called once with
+     * `done == total` when the pack was already there).
+     */
+    func onDownload(done: UInt64, total: UInt64) throws 
+    
+}
+
+
+// Put the implementation in a struct so we don't pollute the top-level namespace
+fileprivate struct UniffiCallbackInterfaceConnectListener {
+
+    // Create the VTable using a series of closures.
+    // Swift automatically converts these into C callback functions.
+    //
+    // Store the vtable directly.
+    static let vtable: UniffiVTableCallbackInterfaceConnectListener = UniffiVTableCallbackInterfaceConnectListener(
+        uniffiFree: { (uniffiHandle: UInt64) -> () in
+            do {
+                try FfiConverterCallbackInterfaceConnectListener.handleMap.remove(handle: uniffiHandle)
+            } catch {
+                print("Uniffi callback interface ConnectListener: handle missing in uniffiFree")
+            }
+        },
+        uniffiClone: { (uniffiHandle: UInt64) -> UInt64 in
+            do {
+                return try FfiConverterCallbackInterfaceConnectListener.handleMap.clone(handle: uniffiHandle)
+            } catch {
+                fatalError("Uniffi callback interface ConnectListener: handle missing in uniffiClone")
+            }
+        },
+        onDownload: { (
+            uniffiHandle: UInt64,
+            done: UInt64,
+            total: UInt64,
+            uniffiOutReturn: UnsafeMutableRawPointer,
+            uniffiCallStatus: UnsafeMutablePointer<RustCallStatus>
+        ) in
+            let makeCall = {
+                () throws -> () in
+                guard let uniffiObj = try? FfiConverterCallbackInterfaceConnectListener.handleMap.get(handle: uniffiHandle) else {
+                    throw UniffiInternalError.unexpectedStaleHandle
+                }
+                return try uniffiObj.onDownload(
+                     done: try FfiConverterUInt64.lift(done),
+                     total: try FfiConverterUInt64.lift(total)
+                )
+            }
+
+            
+            let writeReturn = { () }
+            uniffiTraitInterfaceCallWithError(
+                callStatus: uniffiCallStatus,
+                makeCall: makeCall,
+                writeReturn: writeReturn,
+                lowerError: FfiConverterTypeSpaMobileError_lower
+            )
+        }
+    )
+
+    // Rust stores this pointer for future callback invocations, so it must live
+    // for the process lifetime (not just for the init function call).
+    //
+    // `nonisolated(unsafe)` is needed under Swift 6 strict concurrency.
+    // This is safe because the pointee is initialized once during static init
+    // and never mutated by either side of the FFI.  Its fields are C function pointers.
+    nonisolated(unsafe) static let vtablePtr: UnsafePointer<UniffiVTableCallbackInterfaceConnectListener> = {
+        let ptr = UnsafeMutablePointer<UniffiVTableCallbackInterfaceConnectListener>.allocate(capacity: 1)
+        ptr.initialize(to: vtable)
+        return UnsafePointer(ptr)
+    }()
+}
+
+private func uniffiCallbackInitConnectListener() {
+    uniffi_spa_ffi_fn_init_callback_vtable_connectlistener(UniffiCallbackInterfaceConnectListener.vtablePtr)
+}
+
+// FfiConverter protocol for callback interfaces
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterCallbackInterfaceConnectListener {
+    fileprivate static let handleMap = UniffiHandleMap<ConnectListener>()
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+extension FfiConverterCallbackInterfaceConnectListener : FfiConverter {
+    typealias SwiftType = ConnectListener
+    typealias FfiType = UInt64
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public static func lift(_ handle: UInt64) throws -> SwiftType {
+        try handleMap.get(handle: handle)
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        let handle: UInt64 = try readInt(&buf)
+        return try lift(handle)
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public static func lower(_ v: SwiftType) -> UInt64 {
+        return handleMap.insert(obj: v)
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public static func write(_ v: SwiftType, into buf: inout [UInt8]) {
+        writeInt(&buf, lower(v))
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterCallbackInterfaceConnectListener_lift(_ handle: UInt64) throws -> ConnectListener {
+    return try FfiConverterCallbackInterfaceConnectListener.lift(handle)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterCallbackInterfaceConnectListener_lower(_ v: ConnectListener) -> UInt64 {
+    return FfiConverterCallbackInterfaceConnectListener.lower(v)
+}
+
+
+
+
+/**
  * Receives a generation's output. Methods are called on a library thread, in order:
  * `on_token` for each piece of text, then exactly one of `on_done` or `on_error`.
  *
@@ -3846,7 +4013,8 @@ public func libraryVersion() -> String  {
 }
 /**
  * Connects to the server: fetches its manifest, loads the device half (tokenizer and LM head
- * from the base GGUF, personal side weights or an untrained side network for this server) and
+ * from the device pack, downloaded once into `device_pack_dir`, or from the base GGUF at
+ * `model_path`; personal side weights or an untrained side network for this server) and
  * checks that both sides match.
  */
 public func connect(config: SpaConfig)async throws  -> SpaClient  {
@@ -3854,6 +4022,23 @@ public func connect(config: SpaConfig)async throws  -> SpaClient  {
         try  await uniffiRustCallAsync(
             rustFutureFunc: {
                 uniffi_spa_ffi_fn_func_connect(FfiConverterTypeSpaConfig_lower(config)
+                )
+            },
+            pollFunc: ffi_spa_ffi_rust_future_poll_u64,
+            completeFunc: ffi_spa_ffi_rust_future_complete_u64,
+            freeFunc: ffi_spa_ffi_rust_future_free_u64,
+            liftFunc: FfiConverterTypeSpaClient_lift,
+            errorHandler: FfiConverterTypeSpaMobileError_lift
+        )
+}
+/**
+ * [`connect`], reporting the device pack's download to `listener`.
+ */
+public func connectWithProgress(config: SpaConfig, listener: ConnectListener)async throws  -> SpaClient  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_spa_ffi_fn_func_connect_with_progress(FfiConverterTypeSpaConfig_lower(config),FfiConverterCallbackInterfaceConnectListener_lower(listener)
                 )
             },
             pollFunc: ffi_spa_ffi_rust_future_poll_u64,
@@ -3882,7 +4067,10 @@ private let initializationResult: InitializationResult = {
     if (uniffi_spa_ffi_checksum_func_library_version() != 54857) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_spa_ffi_checksum_func_connect() != 30207) {
+    if (uniffi_spa_ffi_checksum_func_connect() != 2287) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_spa_ffi_checksum_func_connect_with_progress() != 50250) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_spa_ffi_checksum_method_conversation_generate() != 52777) {
@@ -3942,6 +4130,9 @@ private let initializationResult: InitializationResult = {
     if (uniffi_spa_ffi_checksum_method_personalizer_words_path() != 14835) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_spa_ffi_checksum_method_connectlistener_on_download() != 40716) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_spa_ffi_checksum_method_generationlistener_on_token() != 693) {
         return InitializationResult.apiChecksumMismatch
     }
@@ -3955,6 +4146,7 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
 
+    uniffiCallbackInitConnectListener()
     uniffiCallbackInitGenerationListener()
     uniffiCallbackInitPersonalizeListener()
     return InitializationResult.ok

@@ -104,6 +104,43 @@ struct SpaMobileLinuxTests {
             }
         }
 
+        await test("device pack: no model file; downloaded with progress, reused, re-fetched when damaged, resumed") {
+            let dir = env("SPA_TEST_DIR") + "/swift-pack"
+            try? FileManager.default.removeItem(atPath: dir)
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            var slim = try config()
+            slim.modelPath = nil
+            slim.devicePackDir = dir
+            let cfg = slim
+            func connectSeeing() async throws -> [[UInt64]] {
+                let seen = Seen()
+                let c = try await connectWithProgress(config: cfg, listener: seen)
+                let s = try await c.suggest(text: "The capital of France is ", count: 3)
+                try expect(s.words.first == "Paris", "strip from the pack: \(s.words)")
+                return seen.all
+            }
+            let first = try await connectSeeing()
+            let total = first.last![1]
+            try expect(first.count > 2 && first.first![0] == 0 && first.last![0] == total, "progress \(first.count)")
+            let files = try FileManager.default.contentsOfDirectory(atPath: dir)
+            try expect(files.count == 1 && files[0].hasSuffix(".spapack"), "storage \(files)")
+            let pack = dir + "/" + files[0]
+            let bytes = try Data(contentsOf: URL(fileURLWithPath: pack))
+            try expect(UInt64(bytes.count) == total, "pack size")
+            let second = try await connectSeeing()
+            try expect(second == [[total, total]], "second connect downloaded again")
+            var damaged = bytes
+            damaged[1000] ^= 0x20
+            try damaged.write(to: URL(fileURLWithPath: pack))
+            let again = try await connectSeeing()
+            try expect(again.first![0] == 0 && (try Data(contentsOf: URL(fileURLWithPath: pack))) == bytes, "damaged pack")
+            try FileManager.default.removeItem(atPath: pack)
+            let third = bytes.count / 3
+            try bytes.prefix(third).write(to: URL(fileURLWithPath: String(pack.dropLast(".spapack".count)) + ".part"))
+            let resumed = try await connectSeeing()
+            try expect(resumed.first![0] == UInt64(third) && (try Data(contentsOf: URL(fileURLWithPath: pack))) == bytes, "resume")
+        }
+
         await test("stream tokens as an AsyncThrowingStream over TLS") {
             let chat = spa.chat()
             var pieces: [String] = []
@@ -341,6 +378,13 @@ final class SeenText: @unchecked Sendable {
     private var s = ""
     func append(_ t: String) { lock.lock(); s += t; lock.unlock() }
     var text: String { lock.lock(); defer { lock.unlock() }; return s }
+}
+
+final class Seen: ConnectListener, @unchecked Sendable {
+    private let lock = NSLock()
+    private var v: [[UInt64]] = []
+    func onDownload(done: UInt64, total: UInt64) throws { lock.lock(); v.append([done, total]); lock.unlock() }
+    var all: [[UInt64]] { lock.lock(); defer { lock.unlock() }; return v }
 }
 
 final class Steps: @unchecked Sendable {

@@ -910,19 +910,30 @@ pub fn personalize(
             specs.len()
         )));
     }
+    if texts.held_out.iter().all(|t| t.trim().is_empty()) {
+        return Err(TrainError::Data("no held-out text".into()));
+    }
     let feats = source.features(&specs, cfg.top_k)?;
-    let held = strip_docs(source, tok, &texts.held_out, true)?;
-    let cache = CacheInput::fetch(source, tok, &texts.train, cfg.cache_tuning_words)?;
-    personalize_features(
+    // The held-out and validation texts' features are fetched after training, so that the
+    // app sees progress (and can cancel) as soon as the training features are in.
+    personalize_inner(
         plugin,
         head,
         tok,
         &feats,
-        &held,
-        Some(&cache),
+        Measure::Fetch(source, texts),
         cfg,
         progress,
     )
+}
+
+/// Where the measurement phase gets its texts' features.
+enum Measure<'a> {
+    /// Already fetched: the held-out text's, and the cache input (`None`: no cache and no
+    /// decision).
+    Given(&'a [StripDoc], Option<&'a CacheInput>),
+    /// Fetched from this source once training is done.
+    Fetch(&'a mut dyn FeatureSource, &'a UserTexts),
 }
 
 /// [`personalize`] on features already fetched (`feats` from the training text without its
@@ -940,9 +951,32 @@ pub fn personalize_features(
     cfg: &PersonalizeConfig,
     progress: &mut dyn FnMut(&Progress) -> bool,
 ) -> Result<PersonalizeReport> {
-    if feats.len() < 4 || held.iter().all(|d| d.windows.is_empty()) {
+    if held.iter().all(|d| d.windows.is_empty()) {
+        return Err(TrainError::Data("no held-out text".into()));
+    }
+    personalize_inner(
+        plugin,
+        head,
+        tok,
+        feats,
+        Measure::Given(held, cache),
+        cfg,
+        progress,
+    )
+}
+
+fn personalize_inner(
+    plugin: &mut SidePlugin,
+    head: &spa_model::DeviceHead,
+    tok: &SpaTokenizer,
+    feats: &[SeqFeatures],
+    measure: Measure<'_>,
+    cfg: &PersonalizeConfig,
+    progress: &mut dyn FnMut(&Progress) -> bool,
+) -> Result<PersonalizeReport> {
+    if feats.len() < 4 {
         return Err(TrainError::Data(
-            "need at least 4 training sequences and some held-out text".into(),
+            "need at least 4 training sequences".into(),
         ));
     }
     // The last tenth of the training text validates (early stopping).
@@ -969,6 +1003,18 @@ pub fn personalize_features(
     let mut trained = plugin.clone();
     trained.weights = w;
     drop(graph);
+    let (held_owned, cache_owned);
+    let (held, cache) = match measure {
+        Measure::Given(h, c) => (h, c),
+        Measure::Fetch(source, texts) => {
+            held_owned = strip_docs(source, tok, &texts.held_out, true)?;
+            cache_owned = CacheInput::fetch(source, tok, &texts.train, cfg.cache_tuning_words)?;
+            (&held_owned[..], Some(&cache_owned))
+        }
+    };
+    if held.iter().all(|d| d.windows.is_empty()) {
+        return Err(TrainError::Data("no held-out text".into()));
+    }
     let base_dev = strip_device(plugin, &dev_head, tok, GateMode::AlwaysBase)?;
     // Each candidate's (validation metrics, held-out metrics, held-out keys per word).
     let mut cands: BTreeMap<String, Candidate> = BTreeMap::new();

@@ -657,6 +657,9 @@ internal open class UniffiForeignFutureResultVoid(
 internal interface UniffiForeignFutureCompleteVoid : com.sun.jna.Callback {
     fun callback(`callbackData`: Long,`result`: UniffiForeignFutureResultVoid.UniffiByValue,)
 }
+internal interface UniffiCallbackInterfaceConnectListenerMethod0 : com.sun.jna.Callback {
+    fun callback(`uniffiHandle`: Long,`done`: Long,`total`: Long,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,)
+}
 internal interface UniffiCallbackInterfaceGenerationListenerMethod0 : com.sun.jna.Callback {
     fun callback(`uniffiHandle`: Long,`text`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,)
 }
@@ -668,6 +671,25 @@ internal interface UniffiCallbackInterfaceGenerationListenerMethod2 : com.sun.jn
 }
 internal interface UniffiCallbackInterfacePersonalizeListenerMethod0 : com.sun.jna.Callback {
     fun callback(`uniffiHandle`: Long,`progress`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,)
+}
+@Structure.FieldOrder("uniffiFree", "uniffiClone", "onDownload")
+internal open class UniffiVTableCallbackInterfaceConnectListener(
+    @JvmField internal var `uniffiFree`: UniffiCallbackInterfaceFree? = null,
+    @JvmField internal var `uniffiClone`: UniffiCallbackInterfaceClone? = null,
+    @JvmField internal var `onDownload`: UniffiCallbackInterfaceConnectListenerMethod0? = null,
+) : Structure() {
+    class UniffiByValue(
+        `uniffiFree`: UniffiCallbackInterfaceFree? = null,
+        `uniffiClone`: UniffiCallbackInterfaceClone? = null,
+        `onDownload`: UniffiCallbackInterfaceConnectListenerMethod0? = null,
+    ): UniffiVTableCallbackInterfaceConnectListener(`uniffiFree`,`uniffiClone`,`onDownload`,), Structure.ByValue
+
+   internal fun uniffiSetValue(other: UniffiVTableCallbackInterfaceConnectListener) {
+        `uniffiFree` = other.`uniffiFree`
+        `uniffiClone` = other.`uniffiClone`
+        `onDownload` = other.`onDownload`
+    }
+
 }
 @Structure.FieldOrder("uniffiFree", "uniffiClone", "onToken", "onDone", "onError")
 internal open class UniffiVTableCallbackInterfaceGenerationListener(
@@ -742,6 +764,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_spa_ffi_checksum_func_connect(
     ): Int
+    external fun uniffi_spa_ffi_checksum_func_connect_with_progress(
+    ): Int
     external fun uniffi_spa_ffi_checksum_method_conversation_generate(
     ): Int
     external fun uniffi_spa_ffi_checksum_method_conversation_history(
@@ -780,6 +804,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_spa_ffi_checksum_method_personalizer_words_path(
     ): Int
+    external fun uniffi_spa_ffi_checksum_method_connectlistener_on_download(
+    ): Int
     external fun uniffi_spa_ffi_checksum_method_generationlistener_on_token(
     ): Int
     external fun uniffi_spa_ffi_checksum_method_generationlistener_on_done(
@@ -804,6 +830,7 @@ internal object UniffiLib {
 
     init {
         Native.register(UniffiLib::class.java, findLibraryName(componentName = "spa_ffi"))
+        uniffiCallbackInterfaceConnectListener.register(this)
         uniffiCallbackInterfaceGenerationListener.register(this)
         uniffiCallbackInterfacePersonalizeListener.register(this)
         
@@ -864,6 +891,8 @@ internal object UniffiLib {
     ): RustBuffer.ByValue
     external fun uniffi_spa_ffi_fn_method_personalizer_words_path(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
+    external fun uniffi_spa_ffi_fn_init_callback_vtable_connectlistener(`vtable`: UniffiVTableCallbackInterfaceConnectListener,
+    ): Unit
     external fun uniffi_spa_ffi_fn_init_callback_vtable_generationlistener(`vtable`: UniffiVTableCallbackInterfaceGenerationListener,
     ): Unit
     external fun uniffi_spa_ffi_fn_init_callback_vtable_personalizelistener(`vtable`: UniffiVTableCallbackInterfacePersonalizeListener,
@@ -871,6 +900,8 @@ internal object UniffiLib {
     external fun uniffi_spa_ffi_fn_func_library_version(uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_spa_ffi_fn_func_connect(`config`: RustBuffer.ByValue,
+    ): Long
+    external fun uniffi_spa_ffi_fn_func_connect_with_progress(`config`: RustBuffer.ByValue,`listener`: Long,
     ): Long
     external fun ffi_spa_ffi_rustbuffer_alloc(`size`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
@@ -994,7 +1025,10 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_spa_ffi_checksum_func_library_version() and 0xFFFF) != 54857) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_spa_ffi_checksum_func_connect() and 0xFFFF) != 30207) {
+    if ((lib.uniffi_spa_ffi_checksum_func_connect() and 0xFFFF) != 2287) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_spa_ffi_checksum_func_connect_with_progress() and 0xFFFF) != 50250) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_spa_ffi_checksum_method_conversation_generate() and 0xFFFF) != 52777) {
@@ -1052,6 +1086,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_spa_ffi_checksum_method_personalizer_words_path() and 0xFFFF) != 14835) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_spa_ffi_checksum_method_connectlistener_on_download() and 0xFFFF) != 40716) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_spa_ffi_checksum_method_generationlistener_on_token() and 0xFFFF) != 693) {
@@ -3727,9 +3764,19 @@ data class SpaConfig (
     var `caCertPem`: kotlin.String? = null 
     , 
     /**
-     * Path of the base model's GGUF on the device: only its tokenizer and LM head rows are read.
+     * Path of the base model's GGUF bundled with the app (offline use): only its tokenizer
+     * and LM head rows are read. `None` (the default): `connect` downloads the server's device
+     * pack (tokenizer + quantized LM head, ~32 MB for SmolLM2) into `device_pack_dir` once
+     * and reuses it.
      */
-    var `modelPath`: kotlin.String
+    var `modelPath`: kotlin.String? = null 
+    , 
+    /**
+     * App-storage directory for the device pack when `model_path` is `None` (e.g. Android
+     * `context.filesDir.path + "/spa"`, iOS Application Support). The pack is verified by its
+     * sha256 on every connect; a damaged file is downloaded again.
+     */
+    var `devicePackDir`: kotlin.String? = null 
     , 
     /**
      * Personal side weights (safetensors, see `Personalizer`); `None` or a missing file: the
@@ -3782,7 +3829,8 @@ public object FfiConverterTypeSpaConfig: FfiConverterRustBuffer<SpaConfig> {
             FfiConverterString.read(buf),
             FfiConverterString.read(buf),
             FfiConverterOptionalString.read(buf),
-            FfiConverterString.read(buf),
+            FfiConverterOptionalString.read(buf),
+            FfiConverterOptionalString.read(buf),
             FfiConverterOptionalString.read(buf),
             FfiConverterOptionalString.read(buf),
             FfiConverterTypeQuantization.read(buf),
@@ -3796,7 +3844,8 @@ public object FfiConverterTypeSpaConfig: FfiConverterRustBuffer<SpaConfig> {
             FfiConverterString.allocationSize(value.`serverUrl`) +
             FfiConverterString.allocationSize(value.`apiKey`) +
             FfiConverterOptionalString.allocationSize(value.`caCertPem`) +
-            FfiConverterString.allocationSize(value.`modelPath`) +
+            FfiConverterOptionalString.allocationSize(value.`modelPath`) +
+            FfiConverterOptionalString.allocationSize(value.`devicePackDir`) +
             FfiConverterOptionalString.allocationSize(value.`personalWeightsPath`) +
             FfiConverterOptionalString.allocationSize(value.`personalWordsPath`) +
             FfiConverterTypeQuantization.allocationSize(value.`quantization`) +
@@ -3809,7 +3858,8 @@ public object FfiConverterTypeSpaConfig: FfiConverterRustBuffer<SpaConfig> {
             FfiConverterString.write(value.`serverUrl`, buf)
             FfiConverterString.write(value.`apiKey`, buf)
             FfiConverterOptionalString.write(value.`caCertPem`, buf)
-            FfiConverterString.write(value.`modelPath`, buf)
+            FfiConverterOptionalString.write(value.`modelPath`, buf)
+            FfiConverterOptionalString.write(value.`devicePackDir`, buf)
             FfiConverterOptionalString.write(value.`personalWeightsPath`, buf)
             FfiConverterOptionalString.write(value.`personalWordsPath`, buf)
             FfiConverterTypeQuantization.write(value.`quantization`, buf)
@@ -4378,6 +4428,81 @@ public object FfiConverterTypeSpaMobileError : FfiConverterRustBuffer<SpaMobileE
 
 
 /**
+ * Receives the progress of the device pack's download during `connect_with_progress` (on a
+ * library thread). Throwing stops the connect with `SpaMobileError::Callback`; the bytes
+ * already downloaded are kept and the next connect resumes from them.
+ */
+public interface ConnectListener {
+    
+    /**
+     * `done` of `total` bytes of the device pack are on the device (called once with
+     * `done == total` when the pack was already there).
+     */
+    fun `onDownload`(`done`: kotlin.ULong, `total`: kotlin.ULong)
+    
+    companion object
+}
+
+
+
+// Put the implementation in an object so we don't pollute the top-level namespace
+internal object uniffiCallbackInterfaceConnectListener {
+    internal object `onDownload`: UniffiCallbackInterfaceConnectListenerMethod0 {
+        override fun callback(`uniffiHandle`: Long,`done`: Long,`total`: Long,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,) {
+            val uniffiObj = FfiConverterTypeConnectListener.handleMap.get(uniffiHandle)
+            val makeCall = { ->
+                uniffiObj.`onDownload`(
+                    FfiConverterULong.lift(`done`),
+                    FfiConverterULong.lift(`total`),
+                )
+            }
+            val writeReturn = { _: Unit -> Unit }
+            uniffiTraitInterfaceCallWithError(
+                uniffiCallStatus,
+                makeCall,
+                writeReturn,
+                { e: SpaMobileException -> FfiConverterTypeSpaMobileError.lower(e) }
+            )
+        }
+    }
+
+    internal object uniffiFree: UniffiCallbackInterfaceFree {
+        override fun callback(handle: Long) {
+            FfiConverterTypeConnectListener.handleMap.remove(handle)
+        }
+    }
+
+    internal object uniffiClone: UniffiCallbackInterfaceClone {
+        override fun callback(handle: Long): Long {
+            return FfiConverterTypeConnectListener.handleMap.clone(handle)
+        }
+    }
+
+    internal var vtable = UniffiVTableCallbackInterfaceConnectListener.UniffiByValue(
+        uniffiFree,
+        uniffiClone,
+        `onDownload`,
+    )
+
+    // Registers the foreign callback with the Rust side.
+    // This method is generated for each callback interface.
+    internal fun register(lib: UniffiLib) {
+        lib.uniffi_spa_ffi_fn_init_callback_vtable_connectlistener(vtable)
+    }
+}
+
+/**
+ * The ffiConverter which transforms the Callbacks in to handles to pass to Rust.
+ *
+ * @suppress
+ */
+public object FfiConverterTypeConnectListener: FfiConverterCallbackInterface<ConnectListener>()
+
+
+
+
+
+/**
  * Receives a generation's output. Methods are called on a library thread, in order:
  * `on_token` for each piece of text, then exactly one of `on_done` or `on_error`.
  *
@@ -4769,7 +4894,8 @@ public object FfiConverterSequenceTypeChatMessage: FfiConverterRustBuffer<List<C
 
         /**
          * Connects to the server: fetches its manifest, loads the device half (tokenizer and LM head
-         * from the base GGUF, personal side weights or an untrained side network for this server) and
+         * from the device pack, downloaded once into `device_pack_dir`, or from the base GGUF at
+         * `model_path`; personal side weights or an untrained side network for this server) and
          * checks that both sides match.
          */
     @Throws(SpaMobileException::class)
@@ -4778,6 +4904,26 @@ public object FfiConverterSequenceTypeChatMessage: FfiConverterRustBuffer<List<C
         return uniffiRustCallAsync(
         UniffiLib.uniffi_spa_ffi_fn_func_connect(
         FfiConverterTypeSpaConfig.lower(`config`),),
+        { future, callback, continuation -> UniffiLib.ffi_spa_ffi_rust_future_poll_u64(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_spa_ffi_rust_future_complete_u64(future, continuation) },
+        { future -> UniffiLib.ffi_spa_ffi_rust_future_free_u64(future) },
+        // lift function
+        { FfiConverterTypeSpaClient.lift(it) },
+        // Error FFI converter
+        SpaMobileException.ErrorHandler,
+    )
+    }
+
+        /**
+         * [`connect`], reporting the device pack's download to `listener`.
+         */
+    @Throws(SpaMobileException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+     suspend fun `connectWithProgress`(`config`: SpaConfig, `listener`: ConnectListener) : SpaClient {
+        return uniffiRustCallAsync(
+        UniffiLib.uniffi_spa_ffi_fn_func_connect_with_progress(
+        FfiConverterTypeSpaConfig.lower(`config`),
+        FfiConverterTypeConnectListener.lower(`listener`),),
         { future, callback, continuation -> UniffiLib.ffi_spa_ffi_rust_future_poll_u64(future, callback, continuation) },
         { future, continuation -> UniffiLib.ffi_spa_ffi_rust_future_complete_u64(future, continuation) },
         { future -> UniffiLib.ffi_spa_ffi_rust_future_free_u64(future) },

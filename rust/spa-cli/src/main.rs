@@ -2,6 +2,7 @@
 
 mod assets;
 mod bench;
+mod bench_device;
 mod bench_fair;
 mod bench_net;
 mod bench_train;
@@ -102,6 +103,8 @@ enum BenchCmd {
     Fairness(bench_fair::FairnessArgs),
     /// Training cost: base prefill vs offline feature pass, training step time.
     Train(bench_train::TrainBenchArgs),
+    /// The slim device: pack size, connect time, chat/suggest peak RSS (child processes).
+    Device(bench_device::DeviceBenchArgs),
 }
 
 fn main() {
@@ -136,6 +139,7 @@ fn run(cli: Cli) -> Result<()> {
             BenchCmd::Serve(a) => runtime()?.block_on(bench_net::serve(a)),
             BenchCmd::Fairness(a) => runtime()?.block_on(bench_fair::fairness(a)),
             BenchCmd::Train(a) => bench_train::train_bench(a),
+            BenchCmd::Device(a) => runtime()?.block_on(bench_device::device(a)),
         },
     }
 }

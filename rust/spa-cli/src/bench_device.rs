@@ -1,0 +1,231 @@
+//! `spa bench device`: what the slim device costs, measured against a real HTTPS server on
+//! loopback (started in this process; random projection, so the start is fast). Every device
+//! figure comes from a child process (this binary, `--child MODE`) that holds nothing but the
+//! device half, so its peak resident memory is the device's:
+//!
+//! - `pack_bytes`: the device pack's size;
+//! - `connect_ms_cold`: manifest + downloading the pack + loading it, into an empty directory;
+//! - `connect_ms_cached`: the same with the pack already there (its sha256 is checked);
+//! - `chat_peak_rss_bytes`: connect (cached) and one 64-token greedy answer;
+//! - `suggest_peak_rss_bytes`: connect (cached) and 20 suggestion strips along a sentence;
+//! - `side_step_us_q8`: one position of the q8 side network (width 64, 30 taps), mean of 256.
+//!
+//! Loopback only (no emulated RTT or bandwidth): connect times are CPU, disk and TLS cost.
+
+use crate::serve::{device_pack, untrained_plugin};
+use anyhow::{bail, Context, Result};
+use spa_model::{DevicePack, GateMode, PersonalVocab, QuantMode};
+use spa_runtime::{Client, ClientConfig, DeviceModel, Mode, RuntimeParams, SpaSession, Suggester};
+use spa_server::{tls, AppState, Keys, ServerConfig};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct DeviceBenchArgs {
+    /// Quantization of the pack's head: q8 or q4.
+    #[arg(long, default_value = "q8")]
+    pack: String,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Internal: run one device measurement (connect | chat | suggest) and print it as JSON.
+    #[arg(long, hide = true)]
+    child: Option<String>,
+    #[arg(long, hide = true)]
+    url: Option<String>,
+    #[arg(long, hide = true)]
+    ca: Option<PathBuf>,
+    #[arg(long, hide = true)]
+    dir: Option<PathBuf>,
+}
+
+const KEY: &str = "bench-device-key";
+
+/// Peak resident memory of this process (Linux `VmHWM`), bytes.
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+async fn connect(url: &str, ca: &Path, dir: &Path) -> Result<(Client, Arc<DeviceModel>)> {
+    let mut cfg = ClientConfig::new(url, KEY);
+    cfg.extra_root_pem = Some(std::fs::read_to_string(ca)?);
+    let client = Client::new(cfg)?;
+    let m = client.manifest().await?;
+    let path = client.device_pack(&m, dir, &mut |_, _| {}).await?;
+    let pack = DevicePack::load(&path)?;
+    let plugin = untrained_plugin(&m)?;
+    let dev = DeviceModel::from_pack(
+        &pack,
+        &plugin,
+        QuantMode::Q8,
+        GateMode::Learned,
+        PersonalVocab::default(),
+    )?;
+    dev.check_manifest(&m)?;
+    Ok((client, Arc::new(dev)))
+}
+
+async fn child(mode: &str, url: &str, ca: &Path, dir: &Path) -> Result<serde_json::Value> {
+    let t0 = Instant::now();
+    let (client, dev) = connect(url, ca, dir).await?;
+    let connect_ms = t0.elapsed().as_secs_f64() * 1e3;
+    match mode {
+        "connect" => {}
+        "chat" => {
+            let params = RuntimeParams {
+                max_tokens: 64,
+                draft: 8,
+                stop_tokens: Vec::new(), // the full 64 tokens
+                ..Default::default()
+            };
+            let prompt = dev.tokenizer.encode(
+                &dev.tokenizer
+                    .chat_prompt("Write a short story about a lighthouse keeper."),
+            )?;
+            let mut s = SpaSession::new(client.clone(), dev.clone(), Mode::Spa);
+            let (toks, _) = s.generate(&prompt, &params, None, |_| true).await?;
+            if toks.len() != 64 {
+                bail!("chat answered {} tokens, not 64", toks.len());
+            }
+            s.reset().await;
+        }
+        "suggest" => {
+            let text =
+                "The old lighthouse keeper climbed the stairs every evening to light the lamp";
+            let strip = Suggester::new(&dev);
+            let mut n = 0;
+            for (i, _) in text.char_indices().filter(|(_, c)| *c == ' ') {
+                for cut in [i + 1, i + 2] {
+                    if n < 20 && cut <= text.len() {
+                        strip.suggest(&client, &dev, &text[..cut], 3).await?;
+                        n += 1;
+                    }
+                }
+            }
+            if n != 20 {
+                bail!("{n} suggestion strips, not 20");
+            }
+        }
+        other => bail!("unknown child mode {other}"),
+    }
+    Ok(serde_json::json!({"connect_ms": connect_ms, "peak_rss_bytes": peak_rss()}))
+}
+
+fn run_child(mode: &str, url: &str, ca: &Path, dir: &Path) -> Result<serde_json::Value> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(["bench", "device", "--child", mode, "--url", url])
+        .arg("--ca")
+        .arg(ca)
+        .arg("--dir")
+        .arg(dir)
+        .output()
+        .context("starting the device child process")?;
+    if !out.status.success() {
+        bail!(
+            "device child {mode} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    Ok(serde_json::from_str(line.trim())?)
+}
+
+/// `spa bench device`.
+pub async fn device(a: DeviceBenchArgs) -> Result<()> {
+    if let Some(mode) = &a.child {
+        let (url, ca, dir) = match (&a.url, &a.ca, &a.dir) {
+            (Some(u), Some(c), Some(d)) => (u, c, d),
+            _ => bail!("--child needs --url, --ca and --dir"),
+        };
+        println!("{}", child(mode, url, ca, dir).await?);
+        return Ok(());
+    }
+    let quant = QuantMode::parse(&a.pack)?;
+    let (base, proj) = crate::serve::load_server_parts(None, 64, "random:7")?;
+    let pack = device_pack(None, base.identity(), proj.fingerprint(), quant)?;
+    let pack_bytes = pack.len();
+    // Side step cost on this machine, from the same device model the children build.
+    let side_step_us = {
+        let plugin = spa_model::SidePlugin::init(&base, &proj, 1, 0.0)?;
+        let side = spa_model::SideNetwork::new(&plugin.weights, QuantMode::Q8, 1024)?;
+        let c = side.config().clone();
+        let taps: Vec<Vec<f32>> = (0..c.taps.len())
+            .map(|t| {
+                (0..c.width)
+                    .map(|i| ((t * 31 + i * 7) % 13) as f32 / 13.0 - 0.5)
+                    .collect()
+            })
+            .collect();
+        let zeros = vec![0f32; c.base_hidden];
+        let mut cache = side.new_cache();
+        side.step(&taps, &zeros, &mut cache)?; // warm-up
+        let n = 256;
+        let t = Instant::now();
+        for _ in 0..n {
+            side.step(&taps, &zeros, &mut cache)?;
+        }
+        t.elapsed().as_secs_f64() * 1e6 / n as f64
+    };
+    let tmp = std::env::temp_dir().join(format!("spa-bench-device-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let cert = tls::dev_cert().map_err(anyhow::Error::msg)?;
+    let ca = tmp.join("ca.pem");
+    std::fs::write(&ca, &cert.cert_pem)?;
+    let cfg = ServerConfig {
+        keys: Keys::new(&[KEY]),
+        ..ServerConfig::default()
+    };
+    let state = Arc::new(AppState::new(base, proj, cfg).with_device_pack(pack));
+    let srv = spa_server::start(state, "127.0.0.1:0".parse()?, Some(&cert))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let url = srv.url();
+    let dir = tmp.join("pack");
+    // Children run one at a time and block; keep the server's runtime free.
+    let (u, c, d) = (url.clone(), ca.clone(), dir.clone());
+    let results = tokio::task::spawn_blocking(move || -> Result<Vec<serde_json::Value>> {
+        ["connect", "connect", "chat", "suggest"]
+            .iter()
+            .map(|m| run_child(m, &u, &c, &d))
+            .collect()
+    })
+    .await??;
+    srv.shutdown().await;
+    let _ = std::fs::remove_dir_all(&tmp);
+    let f = |i: usize, k: &str| results[i][k].as_f64().unwrap_or(f64::NAN);
+    let v = serde_json::json!({
+        "pack_quant": a.pack,
+        "pack_bytes": pack_bytes,
+        "connect_ms_cold": f(0, "connect_ms"),
+        "connect_ms_cached": f(1, "connect_ms"),
+        "chat_peak_rss_bytes": f(2, "peak_rss_bytes") as u64,
+        "suggest_peak_rss_bytes": f(3, "peak_rss_bytes") as u64,
+        "side_step_us_q8": side_step_us,
+        "network": "loopback HTTPS, no emulated RTT or bandwidth",
+    });
+    if a.json {
+        println!("{v}");
+    } else {
+        println!(
+            "device pack ({}): {:.1} MB\nconnect: {:.0} ms cold (download), {:.0} ms cached\n\
+             peak RSS: chat (64 tokens) {:.1} MB, suggest (20 strips) {:.1} MB\nside step (q8): {:.0} us",
+            a.pack,
+            pack_bytes as f64 / 1e6,
+            f(0, "connect_ms"),
+            f(1, "connect_ms"),
+            f(2, "peak_rss_bytes") / 1e6,
+            f(3, "peak_rss_bytes") / 1e6,
+            side_step_us
+        );
+    }
+    Ok(())
+}

@@ -4,7 +4,7 @@ use crate::assets;
 use anyhow::{bail, Context, Result};
 use spa_model::{
     BaseKernel, BaseModel, DeviceAssets, DownProjection, GateMode, PersonalVocab, QuantMode,
-    SideConfig, SidePlugin,
+    SidePlugin,
 };
 use spa_runtime::{
     Client, ClientConfig, DeviceModel, GenerationStats, Mode, RuntimeParams, SpaSession,
@@ -322,20 +322,7 @@ pub async fn device_for(
 
 /// An untrained side network shaped by a server's manifest.
 pub fn untrained_plugin(manifest: &spa_protocol::Manifest) -> Result<SidePlugin> {
-    let mut cfg = SideConfig::new(
-        manifest.hidden as usize,
-        manifest.layers as usize,
-        manifest.side_width as usize,
-    );
-    cfg.taps = manifest.taps.iter().map(|&t| t as usize).collect();
-    Ok(SidePlugin::init_for(
-        &manifest.base_identity,
-        manifest.layers as usize,
-        cfg,
-        &manifest.projection_fingerprint,
-        1,
-        0.0,
-    )?)
+    Ok(spa_runtime::untrained_plugin(manifest)?)
 }
 
 /// The device model for `plugin` with gate rule `gate`, checked against the server's manifest.

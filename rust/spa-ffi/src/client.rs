@@ -6,7 +6,7 @@ use crate::config::{
 use crate::error::{Result, SpaMobileError};
 use crate::personalize::Personalizer;
 use crate::{call, configure_threads, run_task, runtime, SpaConfig};
-use spa_model::{DeviceAssets, DevicePack, GateMode, PersonalVocab, SideConfig, SidePlugin};
+use spa_model::{DeviceAssets, DevicePack, GateMode, PersonalVocab, SidePlugin};
 use spa_runtime::{Client, ClientConfig, DeviceModel, Mode, SpaSession, Suggester, WordCache};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -140,11 +140,10 @@ impl SpaClient {
             }
         };
         let cfg = config.clone();
-        let mm = manifest.clone();
-        let taps = m.taps.clone();
-        let n_taps = taps.len();
+        let pm = m.clone();
+        let n_taps = m.taps.len();
         let (device, plugin, personalized) =
-            tokio::task::spawn_blocking(move || load_device(&cfg, &source, &mm, &taps))
+            tokio::task::spawn_blocking(move || load_device(&cfg, &source, &pm))
                 .await
                 .map_err(|_| SpaMobileError::Internal {
                     reason: "loading the device model panicked".into(),
@@ -199,25 +198,11 @@ enum BaseSource {
 fn load_device(
     cfg: &SpaConfig,
     source: &BaseSource,
-    m: &ModelManifest,
-    taps: &[u32],
+    m: &spa_runtime::Manifest,
 ) -> Result<(DeviceModel, SidePlugin, bool)> {
     let (plugin, personalized) = match cfg.personal_weights_path.as_deref().map(Path::new) {
         Some(p) if p.is_file() => (SidePlugin::load(p)?, true),
-        _ => {
-            let mut sc =
-                SideConfig::new(m.hidden as usize, m.layers as usize, m.side_width as usize);
-            sc.taps = taps.iter().map(|&t| t as usize).collect();
-            let p = SidePlugin::init_for(
-                &m.base_identity,
-                m.layers as usize,
-                sc,
-                &m.projection_fingerprint,
-                1,
-                0.0,
-            )?;
-            (p, false)
-        }
+        _ => (spa_runtime::untrained_plugin(m)?, false),
     };
     let device = match source {
         BaseSource::Gguf(path) => DeviceModel::new(
@@ -414,11 +399,12 @@ async fn generate(
     }
     let mut session = session.lock().await;
     let tok = &device.tokenizer;
-    let ids = if session.history().is_empty() {
-        tok.encode(&tok.chat_prompt(prompt))?
+    let first = session.history().is_empty();
+    let turn = tok.chat_turn(prompt, first);
+    let ids = if first {
+        tok.encode(&turn)?
     } else {
-        // Close the model's previous turn (its end marker is a stop token, never kept).
-        tok.encode_fragment(&format!("{}\n{}", end_marker(tok), tok.chat_prompt(prompt)))?
+        tok.encode_fragment(&turn)?
     };
     let mut stream = tok.stream();
     let mut callback_error = None;
@@ -460,15 +446,6 @@ async fn generate(
         text,
         stats: (&stats).into(),
     })
-}
-
-/// The end-of-turn marker of the model's chat template ("<|im_end|>" for ChatML).
-fn end_marker(tok: &spa_model::SpaTokenizer) -> String {
-    let p = tok.chat_prompt("\u{1}");
-    match p.split_once('\u{1}') {
-        Some((_, rest)) => rest.split('\n').next().unwrap_or("").to_string(),
-        None => String::new(),
-    }
 }
 
 #[derive(Default)]

@@ -91,6 +91,25 @@ impl From<RuntimeError> for SpaMobileError {
     }
 }
 
+impl From<spa_train::TrainError> for SpaMobileError {
+    fn from(e: spa_train::TrainError) -> Self {
+        match e {
+            spa_train::TrainError::Model(e) => e.into(),
+            spa_train::TrainError::Runtime(e) => e.into(),
+            spa_train::TrainError::Cancelled => SpaMobileError::Cancelled,
+            spa_train::TrainError::Data(m) | spa_train::TrainError::Config(m) => {
+                SpaMobileError::InvalidConfig { reason: m }
+            }
+            spa_train::TrainError::Tensor(m) => SpaMobileError::Model { reason: m },
+            e @ (spa_train::TrainError::Cache { .. } | spa_train::TrainError::Io { .. }) => {
+                SpaMobileError::Storage {
+                    reason: e.to_string(),
+                }
+            }
+        }
+    }
+}
+
 impl From<spa_model::SpaError> for SpaMobileError {
     fn from(e: spa_model::SpaError) -> Self {
         RuntimeError::from(e).into()

@@ -7,12 +7,9 @@ use crate::error::{Result, SpaMobileError};
 use crate::{call, runtime};
 use spa_model::SidePlugin;
 use spa_runtime::{Client, DeviceModel};
-use spa_train::features::{SeqFeatures, SeqSpec};
 use spa_train::personalize::{
-    from_wire, personalize, remote_window_features, FeatureSource, NextWordMetrics,
-    PersonalizeConfig, ShipDecision, UserTexts, WireTensor,
+    personalize, NextWordMetrics, PersonalizeConfig, RemoteFeatures, ShipDecision, UserTexts,
 };
-use spa_train::TrainError;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -188,23 +185,6 @@ pub trait PersonalizeListener: Send + Sync {
     fn on_progress(&self, progress: TrainProgress) -> Result<()>;
 }
 
-impl From<TrainError> for SpaMobileError {
-    fn from(e: TrainError) -> Self {
-        match e {
-            TrainError::Model(e) => e.into(),
-            TrainError::Runtime(e) => e.into(),
-            TrainError::Cancelled => SpaMobileError::Cancelled,
-            TrainError::Data(m) | TrainError::Config(m) => {
-                SpaMobileError::InvalidConfig { reason: m }
-            }
-            TrainError::Tensor(m) => SpaMobileError::Model { reason: m },
-            e @ (TrainError::Cache { .. } | TrainError::Io { .. }) => SpaMobileError::Storage {
-                reason: e.to_string(),
-            },
-        }
-    }
-}
-
 /// Trains personal weights and manages them in an app-storage directory. One run at a time.
 #[derive(Debug, uniffi::Object)]
 pub struct Personalizer {
@@ -231,43 +211,6 @@ impl SpaClient {
             cancel: Arc::new(AtomicBool::new(false)),
             running: tokio::sync::Mutex::new(()),
         }
-    }
-}
-
-/// Base features from the server (`POST /v1/features`), keeping its errors typed.
-struct ServerFeatures<'a> {
-    client: &'a Client,
-    n_taps: usize,
-    width: usize,
-}
-
-impl FeatureSource for ServerFeatures<'_> {
-    fn features(&mut self, specs: &[SeqSpec], top_k: usize) -> spa_train::Result<Vec<SeqFeatures>> {
-        specs
-            .iter()
-            .map(|s| {
-                let resp = runtime()
-                    .handle()
-                    .block_on(self.client.features(&s.tokens, top_k as u32))
-                    .map_err(TrainError::Runtime)?;
-                from_wire(&s.tokens, &resp, self.n_taps, self.width, top_k)
-            })
-            .collect()
-    }
-
-    fn window(
-        &mut self,
-        tokens: &[u32],
-        hidden_positions: &[u32],
-        with_taps: bool,
-    ) -> spa_train::Result<(Option<WireTensor>, WireTensor)> {
-        remote_window_features(
-            self.client,
-            runtime().handle(),
-            tokens,
-            hidden_positions,
-            with_taps,
-        )
     }
 }
 
@@ -354,8 +297,9 @@ impl Personalizer {
         let task = runtime().spawn_blocking(move || -> Result<PersonalizationReport> {
             let t0 = std::time::Instant::now();
             let mut plugin = (*start).clone();
-            let mut src = ServerFeatures {
+            let mut src = RemoteFeatures {
                 client: &client,
+                handle: runtime().handle().clone(),
                 n_taps,
                 width,
             };

@@ -281,6 +281,20 @@ impl SpaTokenizer {
         }
     }
 
+    /// The next user turn of a conversation whose model turn just ended: the model's end of
+    /// turn marker (a stop token, never kept in the history's ids), then a new user turn
+    /// ([`SpaTokenizer::chat_prompt`]). The first turn is `chat_prompt` alone.
+    pub fn chat_turn(&self, user: &str, first: bool) -> String {
+        if first {
+            return self.chat_prompt(user);
+        }
+        let marker = match &self.chat_markers {
+            Some((_, end)) => end.as_str(),
+            None => "",
+        };
+        format!("{marker}\n{}", self.chat_prompt(user))
+    }
+
     /// A streaming decoder that yields text only once it forms complete UTF-8.
     pub fn stream(&self) -> TokenStream<'_> {
         TokenStream {

@@ -61,6 +61,15 @@ fn pack_holds_the_tokenizer_and_head_of_its_base_and_rejects_damage() {
         );
     }
     assert_eq!(p.tokenizer.eos_ids(), assets.tokenizer.eos_ids());
+    // The chat template came along: a later turn closes the model's turn first.
+    assert_eq!(
+        p.tokenizer.chat_turn("Hi", false),
+        "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(
+        p.tokenizer.chat_turn("Hi", true),
+        p.tokenizer.chat_prompt("Hi")
+    );
     let from_gguf = DeviceHead::from_weights(&assets.head, QuantMode::Q8).unwrap();
     assert_eq!(p.head.rows().block_bytes(), from_gguf.rows().block_bytes());
     // A flipped byte anywhere fails the sha256 check.

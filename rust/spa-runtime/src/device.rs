@@ -49,6 +49,22 @@ pub struct Decision {
     pub p_side: f32,
 }
 
+/// An untrained side network shaped by a server's manifest (its base, tapped layers, width
+/// and projection): what a device runs before any personalization.
+pub fn untrained_plugin(m: &Manifest) -> Result<SidePlugin> {
+    let mut cfg =
+        spa_model::SideConfig::new(m.hidden as usize, m.layers as usize, m.side_width as usize);
+    cfg.taps = m.taps.iter().map(|&t| t as usize).collect();
+    Ok(SidePlugin::init_for(
+        &m.base_identity,
+        m.layers as usize,
+        cfg,
+        &m.projection_fingerprint,
+        1,
+        0.0,
+    )?)
+}
+
 impl DeviceModel {
     /// Assembles the device model from the base's device assets (tokenizer + head) and the
     /// personal plugin, quantized with `quant`. Fails with [`RuntimeError::Incompatible`] when

@@ -38,9 +38,9 @@ pub mod suggest;
 pub mod words;
 
 pub use client::{Client, ClientConfig};
-pub use device::{Decision, DeviceModel, WireSampling};
+pub use device::{untrained_plugin, Decision, DeviceModel, WireSampling};
 pub use error::{Result, RuntimeError};
 pub use session::{AdaptiveDraft, GenerationStats, RuntimeParams, SpaSession};
-pub use spa_protocol::Mode;
+pub use spa_protocol::{Manifest, Mode};
 pub use suggest::{suggest, Suggester, Suggestions};
 pub use words::{RankedWords, WordCache, WordVocab};

@@ -1142,7 +1142,7 @@ impl FeatureSource for RemoteFeatures<'_> {
                 let resp = self
                     .handle
                     .block_on(self.client.features(&s.tokens, top_k as u32))
-                    .map_err(|e| TrainError::Data(format!("base server: {e}")))?;
+                    .map_err(TrainError::Runtime)?;
                 from_wire(&s.tokens, &resp, self.n_taps, self.width, top_k)
             })
             .collect()

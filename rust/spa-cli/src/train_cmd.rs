@@ -137,6 +137,9 @@ pub struct PersonalizeArgs {
     /// Where --all-authors writes its JSON.
     #[arg(long, default_value = "results/personalization.json")]
     out_json: PathBuf,
+    /// Train the side network only at word starts (the positions the strip is scored at).
+    #[arg(long)]
+    word_start_loss: bool,
 }
 
 /// The last `n` words of `texts` (0: all), cut at whitespace, documents kept apart.
@@ -642,6 +645,7 @@ pub fn personalize_cmd(a: PersonalizeArgs) -> Result<()> {
     let cfg = PersonalizeConfig {
         steps: a.steps,
         max_chunks: a.max_chunks,
+        word_start_loss: a.word_start_loss,
         ..Default::default()
     };
     if a.all_authors {

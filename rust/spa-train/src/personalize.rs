@@ -53,6 +53,10 @@ pub struct PersonalizeConfig {
     pub word_cache: bool,
     /// Most words of the end of the training text the cache's weight is tuned on.
     pub cache_tuning_words: usize,
+    /// Train the side network only where the next token starts a word (the positions the
+    /// suggestion strip is scored at) instead of at every position.
+    #[serde(default)]
+    pub word_start_loss: bool,
 }
 
 impl Default for PersonalizeConfig {
@@ -68,6 +72,7 @@ impl Default for PersonalizeConfig {
             max_chunks: 400,
             word_cache: true,
             cache_tuning_words: CACHE_TUNING_WORDS,
+            word_start_loss: false,
         }
     }
 }
@@ -927,6 +932,18 @@ pub fn personalize(
     )
 }
 
+/// Which tokens start a word (a space, then a letter): the targets the strip is scored on.
+pub fn word_start_tokens(tok: &SpaTokenizer) -> Vec<bool> {
+    (0..tok.vocab_size() as u32)
+        .map(|id| {
+            tok.decode(&[id]).is_ok_and(|t| {
+                let mut c = t.chars();
+                c.next() == Some(' ') && c.next().is_some_and(char::is_alphabetic)
+            })
+        })
+        .collect()
+}
+
 /// Where the measurement phase gets its texts' features.
 enum Measure<'a> {
     /// Already fetched: the held-out text's, and the cache input (`None`: no cache and no
@@ -996,6 +1013,9 @@ fn personalize_inner(
         patience: 3,
         seed: cfg.seed,
         usage_cost: cfg.usage_cost,
+        loss_targets: cfg
+            .word_start_loss
+            .then(|| std::sync::Arc::new(word_start_tokens(tok))),
         ..Default::default()
     };
     let report = train::train(&graph, tr, va, &tcfg, None, progress)?;

@@ -55,6 +55,18 @@ pub fn make_batch(
     width: usize,
     emb: Option<&Tensor>,
 ) -> Result<Batch> {
+    make_batch_masked(seqs, n_taps, width, emb, None)
+}
+
+/// [`make_batch`] keeping only the loss positions whose target token `t` has `keep[t]` (e.g.
+/// the tokens that start a word, where a suggestion strip is scored).
+pub fn make_batch_masked(
+    seqs: &[&SeqFeatures],
+    n_taps: usize,
+    width: usize,
+    emb: Option<&Tensor>,
+    keep: Option<&[bool]>,
+) -> Result<Batch> {
     let dev = Device::Cpu;
     let b = seqs.len();
     let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
@@ -73,11 +85,15 @@ pub fn make_batch(
         toks[i * t..i * t + s.len()].copy_from_slice(&s.tokens);
         let lp0 = s.loss_start - 1;
         for j in 0..s.n_loss() {
+            let target = s.tokens[lp0 + j + 1] as usize;
+            if keep.is_some_and(|k| !k.get(target).copied().unwrap_or(false)) {
+                continue;
+            }
             loss_pos.push((i * t + lp0 + j) as u32);
+            cand_ids.extend_from_slice(&s.cand_ids[j * c..(j + 1) * c]);
+            cand_logits.extend_from_slice(&s.cand_logits[j * c..(j + 1) * c]);
+            target_idx.push(s.target_idx[j]);
         }
-        cand_ids.extend_from_slice(&s.cand_ids);
-        cand_logits.extend_from_slice(&s.cand_logits);
-        target_idx.extend_from_slice(&s.target_idx);
     }
     let n = loss_pos.len();
     if n == 0 || cand_logits.len() != n * c {

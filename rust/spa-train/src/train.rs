@@ -16,7 +16,7 @@
 
 use crate::error::{Result, TrainError};
 use crate::features::SeqFeatures;
-use crate::sidegrad::{make_batch, SideGraph, SideInput};
+use crate::sidegrad::{make_batch_masked, SideGraph, SideInput};
 use candle_core::{Device, Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -88,6 +88,10 @@ pub struct TrainConfig {
     /// the untrained "prefer base" decision, which Adam's ~lr-per-step moves would need
     /// thousands of steps for.
     pub gate_lr_mult: f64,
+    /// Train only on the positions whose target token is marked here (indexed by token id;
+    /// `None`: every position). Not part of the run's identity in files.
+    #[serde(skip)]
+    pub loss_targets: Option<std::sync::Arc<Vec<bool>>>,
 }
 
 impl Default for TrainConfig {
@@ -105,6 +109,7 @@ impl Default for TrainConfig {
             cate_margin: 0.1,
             weight_decay: 0.01,
             gate_lr_mult: 30.0,
+            loss_targets: None,
         }
     }
 }
@@ -255,7 +260,13 @@ fn objective(
         })?),
         SideInput::BaseTaps => None,
     };
-    let batch = make_batch(seqs, c.taps.len(), c.width, emb.as_ref())?;
+    let batch = make_batch_masked(
+        seqs,
+        c.taps.len(),
+        c.width,
+        emb.as_ref(),
+        cfg.loss_targets.as_deref().map(|v| v.as_slice()),
+    )?;
     let h = graph.heads(&batch)?;
     let n = batch.n as f64;
     let not_same = (1.0 - h.same_argmax.to_dtype(candle_core::DType::F32)?)?;

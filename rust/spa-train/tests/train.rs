@@ -111,6 +111,43 @@ fn graph_matches_the_device_side_network() {
     .unwrap();
     let seqs: Vec<&SeqFeatures> = tr.iter().take(2).collect();
     let batch = make_batch(&seqs, TAPS.len(), WIDTH, None).unwrap();
+    // A mask keeps exactly the positions whose target it marks, with their candidate rows.
+    let vocab = base().config().vocab;
+    let mut keep = vec![false; vocab];
+    let odd: Vec<u32> = seqs[0]
+        .tokens
+        .iter()
+        .copied()
+        .filter(|t| t % 2 == 1)
+        .collect();
+    for &t in &odd {
+        keep[t as usize] = true;
+    }
+    let masked =
+        spa_train::sidegrad::make_batch_masked(&seqs, TAPS.len(), WIDTH, None, Some(&keep))
+            .unwrap();
+    let expect: usize = seqs
+        .iter()
+        .map(|s| {
+            s.tokens[s.loss_start..]
+                .iter()
+                .filter(|&&t| keep[t as usize])
+                .count()
+        })
+        .sum();
+    assert!(expect > 0 && expect < batch.n, "{expect} of {}", batch.n);
+    assert_eq!(masked.n, expect);
+    let (all_ids, kept_ids) = (
+        batch.cand_ids.to_vec1::<u32>().unwrap(),
+        masked.cand_ids.to_vec1::<u32>().unwrap(),
+    );
+    let c = all_ids.len() / batch.n;
+    let all_pos = batch.loss_pos.to_vec1::<u32>().unwrap();
+    let kept_pos = masked.loss_pos.to_vec1::<u32>().unwrap();
+    for (k, p) in kept_pos.iter().enumerate() {
+        let j = all_pos.iter().position(|q| q == p).unwrap();
+        assert_eq!(kept_ids[k * c..(k + 1) * c], all_ids[j * c..(j + 1) * c]);
+    }
     let states: Vec<Vec<Vec<f32>>> = g.states(&batch).unwrap().to_vec3().unwrap();
     let net = SideNetwork::new(&w, QuantMode::F32, 4096).unwrap();
     let mut max_err = 0f32;

@@ -8,7 +8,9 @@
 //! - `connect_ms_cached`: the same with the pack already there (its sha256 is checked);
 //! - `chat_peak_rss_bytes`: connect (cached) and one 64-token greedy answer;
 //! - `suggest_peak_rss_bytes`: connect (cached) and 20 suggestion strips along a sentence;
-//! - `side_step_us_q8`: one position of the q8 side network (width 64, 30 taps), mean of 256.
+//! - `side_step_us_q8`: one position of the q8 side network (width 64, 30 taps), mean of 256;
+//! - `q8_argmax_agreement` / `q4_argmax_agreement`: how often the quantized head's argmax is
+//!   the f32 head's, over the base's final hidden states of 512 tokens of Moby-Dick.
 //!
 //! Loopback only (no emulated RTT or bandwidth): connect times are CPU, disk and TLS cost.
 
@@ -175,6 +177,36 @@ pub async fn device(a: DeviceBenchArgs) -> Result<()> {
         }
         t.elapsed().as_secs_f64() * 1e6 / n as f64
     };
+    // Does the quantized head pick the same next token as the f32 head? Real final hidden
+    // states of the base over the start of Moby-Dick (512 positions).
+    let agreement = {
+        let text = std::fs::read_to_string(
+            crate::assets::spa_home().join("data/personal/moby-dick/chapter_1.txt"),
+        )
+        .unwrap_or_else(|_| "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my purse, and nothing particular to interest me on shore, I thought I would sail about a little and see the watery part of the world. ".repeat(8));
+        let mut ids = base.tokenizer().encode(&text)?;
+        ids.truncate(512);
+        let out = base.forward(&ids, &mut base.new_cache())?;
+        let hidden: Vec<Vec<f32>> = out.hidden.to_vec2()?;
+        let f32_head = spa_model::DeviceHead::from_base(&base, QuantMode::F32)?;
+        let mut agree = serde_json::Map::new();
+        for (name, q) in [("q8", QuantMode::Q8), ("q4", QuantMode::Q4)] {
+            let h = spa_model::DeviceHead::from_base(&base, q)?;
+            let same = hidden
+                .iter()
+                .filter(|x| {
+                    spa_model::argmax(&h.full(x).unwrap_or_default())
+                        == spa_model::argmax(&f32_head.full(x).unwrap_or_default())
+                })
+                .count();
+            agree.insert(
+                format!("{name}_argmax_agreement"),
+                serde_json::json!(same as f64 / hidden.len().max(1) as f64),
+            );
+        }
+        agree.insert("argmax_positions".into(), serde_json::json!(hidden.len()));
+        agree
+    };
     let tmp = std::env::temp_dir().join(format!("spa-bench-device-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let cert = tls::dev_cert().map_err(anyhow::Error::msg)?;
@@ -202,7 +234,7 @@ pub async fn device(a: DeviceBenchArgs) -> Result<()> {
     srv.shutdown().await;
     let _ = std::fs::remove_dir_all(&tmp);
     let f = |i: usize, k: &str| results[i][k].as_f64().unwrap_or(f64::NAN);
-    let v = serde_json::json!({
+    let mut v = serde_json::json!({
         "pack_quant": a.pack,
         "pack_bytes": pack_bytes,
         "connect_ms_cold": f(0, "connect_ms"),
@@ -212,19 +244,26 @@ pub async fn device(a: DeviceBenchArgs) -> Result<()> {
         "side_step_us_q8": side_step_us,
         "network": "loopback HTTPS, no emulated RTT or bandwidth",
     });
+    for (k, x) in agreement {
+        v[k] = x;
+    }
     if a.json {
         println!("{v}");
     } else {
         println!(
             "device pack ({}): {:.1} MB\nconnect: {:.0} ms cold (download), {:.0} ms cached\n\
-             peak RSS: chat (64 tokens) {:.1} MB, suggest (20 strips) {:.1} MB\nside step (q8): {:.0} us",
+             peak RSS: chat (64 tokens) {:.1} MB, suggest (20 strips) {:.1} MB\nside step (q8): {:.0} us\n\
+             head argmax agreement with f32 over {} positions: q8 {:.2}%, q4 {:.2}%",
             a.pack,
             pack_bytes as f64 / 1e6,
             f(0, "connect_ms"),
             f(1, "connect_ms"),
             f(2, "peak_rss_bytes") / 1e6,
             f(3, "peak_rss_bytes") / 1e6,
-            side_step_us
+            side_step_us,
+            v["argmax_positions"],
+            100.0 * v["q8_argmax_agreement"].as_f64().unwrap_or(f64::NAN),
+            100.0 * v["q4_argmax_agreement"].as_f64().unwrap_or(f64::NAN),
         );
     }
     Ok(())

@@ -130,12 +130,13 @@ impl WordVocab {
 
 /// The next-token distribution over the whole vocabulary at one position, by the device's
 /// rule: base logits `head · base_hidden`; with `side` (a side step run with a zero base
-/// hidden, so `side.hidden = up(s)`), side logits `head · base_hidden + head · up(s)` on the
-/// base's top [`SIDE_SHORTLIST`] tokens (and the personal vocabulary), the base's logits on the
-/// rest (the side network is trained on that shortlist and never learned the other tokens),
-/// mixed by the gate (`g · P_side + (1 - g) · P_base`, the distribution SPA training fits), or
-/// the side path alone for [`GateMode::AlwaysSide`]. Costs one full-head product (1.7 ms at q8
-/// for SmolLM2 on a laptop core) and a 32-row one for the side.
+/// hidden, so `side.hidden = up(s)`), the side path redistributes the base's probability mass
+/// of its top [`SIDE_SHORTLIST`] tokens (and the personal vocabulary) by the side logits
+/// `head · base_hidden + head · up(s)` over that shortlist, the distribution the side network
+/// is trained on; the rest of the vocabulary keeps the base's probabilities. The two are mixed
+/// by the gate (`g · P_side + (1 - g) · P_base`), or the side path is used alone for
+/// [`GateMode::AlwaysSide`]. Costs one full-head product (1.7 ms at q8 for SmolLM2 on a
+/// laptop core) and a 32-row one for the side.
 pub fn next_token_probs(
     device: &DeviceModel,
     base_hidden: &[f32],
@@ -145,23 +146,41 @@ pub fn next_token_probs(
     if base.iter().any(|x| !x.is_finite()) {
         return Err(RuntimeError::Protocol("non-finite base logits".into()));
     }
-    let side_logits = |s: &SideStep| -> Result<Vec<f32>> {
-        // The side path moves the tokens it was trained on (the base's top-k, as in the
-        // speculative rounds) and leaves the rest of the vocabulary at the base's logits.
+    let p_base = spa_model::softmax(&base);
+    // The side path's distribution: what it was trained on is the next token's distribution
+    // *within* the base's top-k shortlist (as in the speculative rounds); the shortlist's
+    // total mass and the rest of the vocabulary stay the base's. (The training loss does not
+    // see a shift of all shortlist logits, so letting the side logits set the shortlist's mass
+    // over the whole vocabulary inflated it and squeezed every other word.)
+    let side_probs = |s: &SideStep| -> Result<Vec<f32>> {
         let cands = device
             .personal
             .candidates(&spa_model::top_k(&base, SIDE_SHORTLIST));
         let delta = device.head.shortlist(&cands, &s.hidden)?;
-        let mut out = base.clone();
-        for (&c, d) in cands.iter().zip(delta) {
-            out[c as usize] += d;
+        let logits: Vec<f32> = cands
+            .iter()
+            .zip(&delta)
+            .map(|(&c, d)| base[c as usize] + d)
+            .collect();
+        let within = spa_model::softmax(&logits);
+        let mass: f32 = cands.iter().map(|&c| p_base[c as usize]).sum();
+        let mut out = p_base.clone();
+        for (&c, w) in cands.iter().zip(within) {
+            out[c as usize] = mass * w;
         }
         Ok(out)
     };
     Ok(match (device.gate, side) {
-        (GateMode::AlwaysBase, _) | (_, None) => spa_model::softmax(&base),
-        (GateMode::AlwaysSide, Some(s)) => spa_model::softmax(&side_logits(s)?),
-        (GateMode::Learned, Some(s)) => spa_model::gate_mixture(s.p_side, &side_logits(s)?, &base),
+        (GateMode::AlwaysBase, _) | (_, None) => p_base,
+        (GateMode::AlwaysSide, Some(s)) => side_probs(s)?,
+        (GateMode::Learned, Some(s)) => {
+            let g = s.p_side;
+            side_probs(s)?
+                .iter()
+                .zip(&p_base)
+                .map(|(ps, pb)| g * ps + (1.0 - g) * pb)
+                .collect()
+        }
     })
 }
 

@@ -6,9 +6,11 @@
 #   - the Kotlin suite (android/jvm-test) on the JVM: kotlinc from npm `kotlin-compiler`, JNA
 #     from Debian libjna-java;
 #   - the Swift suite (ios/Tests/SpaMobileLinuxTests) with Swift 6.0.3 in a Debian trixie chroot
-#     (scripts/swift-chroot.sh);
+#     (scripts/swift-chroot.sh), the package's targets built one module each as SwiftPM does
+#     (SpaMobileFFI, then SpaMobile importing it; the tests are a client of both);
 #   - after each, the sample apps' view models (sample-apps/: chat + keyboard demo) and their
-#     tests (sample-apps/jvm-test, sample-apps/swift-test) against the same server.
+#     tests (sample-apps/jvm-test, sample-apps/swift-test) against the same server;
+#   - then the documentation's code blocks of that language (scripts/test-snippets.sh).
 # Prints each suite's "N passed, M failed" line; exits non-zero if anything fails.
 #
 # Usage: scripts/test-ffi.sh [--update-bindings] [--kotlin-only|--swift-only]
@@ -167,6 +169,15 @@ if [ "$run_kotlin" = 1 ]; then
 	rc=${PIPESTATUS[0]}
 	set -e
 	record samples-kotlin "$rc"
+
+	echo "== ffi: documentation snippets (Kotlin) =="
+	t0=$(date +%s)
+	set +e
+	KOTLIN_HOME="$KOTLIN_HOME" SNIPPETS_KOTLIN_JAR="$WORK/kt.jar" bash scripts/test-snippets.sh --kotlin-only 2>&1 |
+		tee "$WORK/snippets-kotlin.log"
+	rc=${PIPESTATUS[0]}
+	set -e
+	record snippets-kotlin "$rc"
 fi
 
 if [ "$run_swift" = 1 ]; then
@@ -185,14 +196,23 @@ if [ "$run_swift" = 1 ]; then
 	mkdir -p "$ROOT/opt/spa-models"
 	[ "$ROOT/opt/spa-models/model.gguf" -nt "$MODEL" ] ||
 		ln -f "$MODEL" "$ROOT/opt/spa-models/model.gguf" 2>/dev/null || cp "$MODEL" "$ROOT/opt/spa-models/model.gguf"
+	# One module per target of ios/Package.swift, as SwiftPM builds them: SpaMobileFFI (the
+	# generated bindings over the C module SpaMobileFFIFFI), then SpaMobile (the wrapper, which
+	# re-exports SpaMobileFFI); the tests are a separate client module that sees only the public
+	# API. MAP: every module that imports SpaMobileFFI needs the C module's map.
+	MAP="-Xcc -fmodule-map-file=$D/SpaMobileFFIFFI.modulemap"
 	set +e
 	chroot "$ROOT" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root LD_LIBRARY_PATH="$D/lib" \
 		SPA_TEST_URL="$SPA_TEST_URL" SPA_TEST_KEY="$SPA_TEST_KEY" SPA_TEST_CA="$D/dev-cert.pem" \
 		SPA_TEST_MODEL=/opt/spa-models/model.gguf SPA_TEST_DOWN_URL="$SPA_TEST_DOWN_URL" \
 		SPA_TEST_TEXTS="$D/texts" SPA_TEST_DIR="$D" \
-		/bin/sh -c "cd $D && swiftc -parse-as-library -module-name SpaMobileSwiftTests \
-			-Xcc -fmodule-map-file=$D/SpaMobileFFIFFI.modulemap -I $D \
-			SpaMobileFFI.swift SpaMobile.swift SpaMobileTests.swift -L $D/lib -lspa_ffi -o spa-swift-tests &&
+		/bin/sh -c "cd $D && mkdir -p mods &&
+			swiftc -parse-as-library -module-name SpaMobileFFI $MAP -I $D \
+				-emit-module -emit-module-path mods/SpaMobileFFI.swiftmodule -c SpaMobileFFI.swift -o SpaMobileFFI.o &&
+			swiftc -parse-as-library -module-name SpaMobile $MAP -I mods \
+				-emit-module -emit-module-path mods/SpaMobile.swiftmodule -c SpaMobile.swift -o SpaMobile.o &&
+			swiftc -parse-as-library -module-name SpaMobileSwiftTests $MAP -I mods \
+				SpaMobileTests.swift SpaMobileFFI.o SpaMobile.o -L $D/lib -lspa_ffi -o spa-swift-tests &&
 			./spa-swift-tests" 2>&1 | tee "$WORK/swift.log"
 	rc=${PIPESTATUS[0]}
 	set -e
@@ -207,13 +227,20 @@ if [ "$run_swift" = 1 ]; then
 		SPA_TEST_URL="$SPA_TEST_URL" SPA_TEST_KEY="$SPA_TEST_KEY" SPA_TEST_CA="$D/dev-cert.pem" \
 		SPA_TEST_MODEL=/opt/spa-models/model.gguf SPA_TEST_DOWN_URL="$SPA_TEST_DOWN_URL" \
 		SPA_TEST_TEXTS="$D/texts" SPA_TEST_DIR="$D" \
-		/bin/sh -c "cd $D && swiftc -parse-as-library -module-name SpaMobileSamples \
-			-Xcc -fmodule-map-file=$D/SpaMobileFFIFFI.modulemap -I $D \
-			SpaMobileFFI.swift SpaMobile.swift ChatViewModel.swift KeyboardViewModel.swift SampleAppsTests.swift \
+		/bin/sh -c "cd $D && swiftc -parse-as-library -module-name SpaMobileSamples $MAP -I mods \
+			ChatViewModel.swift KeyboardViewModel.swift SampleAppsTests.swift SpaMobileFFI.o SpaMobile.o \
 			-L $D/lib -lspa_ffi -o spa-samples-tests && ./spa-samples-tests" 2>&1 | tee "$WORK/samples-swift.log"
 	rc=${PIPESTATUS[0]}
 	set -e
 	record samples-swift "$rc"
+
+	echo "== ffi: documentation snippets (Swift) =="
+	t0=$(date +%s)
+	set +e
+	SWIFT_ROOT="$ROOT" bash scripts/test-snippets.sh --swift-only 2>&1 | tee "$WORK/snippets-swift.log"
+	rc=${PIPESTATUS[0]}
+	set -e
+	record snippets-swift "$rc"
 fi
 
 echo "== ffi: summary =="

@@ -1,18 +1,26 @@
 // Idiomatic Swift API of spa-mobile over the UniFFI bindings (module SpaMobileFFI, generated from
-// rust/spa-ffi by scripts/test-ffi.sh; see docs/mobile.md).
+// rust/spa-ffi by scripts/test-ffi.sh). Reference: docs/swift.md; design: docs/mobile.md.
 import Foundation
 #if canImport(SpaMobileFFI)
-import SpaMobileFFI
+// Re-exported: `import SpaMobile` alone gives apps the generated records, enums and errors
+// (SpaConfig, GenerateParams, SpaMobileError, ...) that the wrapper's API uses.
+@_exported import SpaMobileFFI
 #endif
 
 /// A connection to an SPA base server plus the on-device half of the model.
 ///
 /// ```swift
+/// import SpaMobile
+///
 /// let spa = try await SpaMobile.connect(config)
 /// let chat = spa.chat()
 /// for try await piece in chat.stream("Hello!") { print(piece, terminator: "") }
 /// ```
-/// Every failure is a `SpaMobileError` (`.unauthorized`, `.network(reason:)`, ...).
+/// Every failure is a `SpaMobileError` (`.Unauthorized`, `.Network(reason:)`, ...).
+///
+/// The module and this class share the name `SpaMobile`: in an app, `SpaMobile` is the class, so
+/// `SpaMobile.X` looks inside the class. `SpaMobile.Chat` and `SpaMobile.Personalization` are
+/// nested aliases for that reason; the generated types can be qualified as `SpaMobileFFI.X`.
 public final class SpaMobile: @unchecked Sendable {
     /// The bindings' client.
     public let client: SpaClient
@@ -22,6 +30,16 @@ public final class SpaMobile: @unchecked Sendable {
     /// Connects to the server and loads the device model.
     public static func connect(_ config: SpaConfig) async throws -> SpaMobile {
         SpaMobile(client: try await ffiConnect(config))
+    }
+
+    /// `connect(_:)`, reporting the device pack's download (when `config.modelPath` is nil and
+    /// the pack is kept in `config.devicePackDir`): `onDownload` gets the bytes on the device and
+    /// the pack's size, on a library thread (once with `done == total` when the pack is already
+    /// there). If it throws, connect fails with `SpaMobileError.Callback`; the bytes already
+    /// downloaded are kept and the next connect resumes from them.
+    public static func connect(_ config: SpaConfig,
+                               onDownload: @escaping @Sendable (_ done: UInt64, _ total: UInt64) throws -> Void) async throws -> SpaMobile {
+        SpaMobile(client: try await connectWithProgress(config: config, listener: DownloadListener(onDownload)))
     }
 
     /// What the server serves.
@@ -50,6 +68,12 @@ public final class SpaMobile: @unchecked Sendable {
 
 private func ffiConnect(_ config: SpaConfig) async throws -> SpaClient {
     try await connect(config: config)
+}
+
+private final class DownloadListener: ConnectListener, @unchecked Sendable {
+    let f: @Sendable (UInt64, UInt64) throws -> Void
+    init(_ f: @escaping @Sendable (UInt64, UInt64) throws -> Void) { self.f = f }
+    func onDownload(done: UInt64, total: UInt64) throws { try f(done, total) }
 }
 
 /// One conversation. Generations run one at a time.
@@ -81,7 +105,11 @@ public final class Chat: @unchecked Sendable {
         }
     }
 
-    /// Generates the whole answer; `onToken` sees the text as it streams.
+    /// Generates the whole answer; `onToken` sees the text as it streams. `onToken` runs on a
+    /// library thread while the caller waits (hence `@Sendable`: keep state it changes in a
+    /// `Sendable` box, or use `stream` and change it in the loop). Cancelling the task cancels
+    /// the generation (`SpaMobileError.Cancelled`); if `onToken` throws, it ends with
+    /// `SpaMobileError.Callback`.
     public func send(_ prompt: String, params: GenerateParams = GenerateParams(),
                      onToken: @escaping @Sendable (String) throws -> Void = { _ in }) async throws -> Reply {
         let generation = conversation.start(prompt: prompt, params: params, listener: ClosureListener(onToken))
@@ -137,7 +165,9 @@ public final class Personalization: @unchecked Sendable {
     init(personalizer: Personalizer) { self.personalizer = personalizer }
 
     /// Trains, reports next-word quality of every candidate on `heldOut`, and saves what ships
-    /// atomically. Cancelling the task (or `cancel()`) stops it and saves nothing.
+    /// atomically. Cancelling the task (or `cancel()`) stops it with `SpaMobileError.Cancelled`
+    /// and saves nothing. `onProgress` runs on a library thread after each training step; if it
+    /// throws, training stops with `SpaMobileError.Callback`.
     public func train(_ texts: [String], heldOut: [String], options: PersonalizeOptions = PersonalizeOptions(),
                       onProgress: @escaping @Sendable (TrainProgress) throws -> Void = { _ in }) async throws -> PersonalizationReport {
         let p = personalizer
@@ -165,6 +195,20 @@ public final class Personalization: @unchecked Sendable {
 
     /// Deletes the saved weights and word cache.
     public func delete() throws { try personalizer.deleteWeights() }
+}
+
+// `SpaMobile.Chat` / `SpaMobile.Personalization`: in an app, `SpaMobile` names the class, not
+// the module, so these nested aliases are what a module-qualified spelling resolves to (needed
+// when the app declares its own `Chat`). The underscored aliases exist only to reach the
+// top-level types from inside the class's scope.
+public typealias _SpaMobileChat = Chat
+public typealias _SpaMobilePersonalization = Personalization
+
+extension SpaMobile {
+    /// The wrapper's `Chat` (for apps that have a `Chat` type of their own).
+    public typealias Chat = _SpaMobileChat
+    /// The wrapper's `Personalization` (for apps that have a type of that name).
+    public typealias Personalization = _SpaMobilePersonalization
 }
 
 private final class ProgressListener: PersonalizeListener, @unchecked Sendable {

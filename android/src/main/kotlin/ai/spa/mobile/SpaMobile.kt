@@ -1,8 +1,10 @@
 // Idiomatic Kotlin API of spa-mobile over the UniFFI bindings in ai.spa.mobile.ffi
-// (generated from rust/spa-ffi by scripts/test-ffi.sh; see docs/mobile.md).
+// (generated from rust/spa-ffi by scripts/test-ffi.sh). Reference: docs/kotlin.md; design:
+// docs/mobile.md.
 package ai.spa.mobile
 
 import ai.spa.mobile.ffi.ChatMessage
+import ai.spa.mobile.ffi.ConnectListener
 import ai.spa.mobile.ffi.Conversation
 import ai.spa.mobile.ffi.GenerateParams
 import ai.spa.mobile.ffi.GenerationListener
@@ -18,6 +20,7 @@ import ai.spa.mobile.ffi.SpaClient
 import ai.spa.mobile.ffi.SpaConfig
 import ai.spa.mobile.ffi.SpaMobileException
 import ai.spa.mobile.ffi.Suggestions
+import ai.spa.mobile.ffi.connectWithProgress
 import kotlinx.coroutines.channels.awaitClose
 import kotlinx.coroutines.channels.trySendBlocking
 import kotlinx.coroutines.flow.Flow
@@ -27,16 +30,34 @@ import kotlinx.coroutines.flow.callbackFlow
  * A connection to an SPA base server plus the on-device half of the model.
  *
  * ```
+ * import ai.spa.mobile.SpaMobile       // the wrapper: SpaMobile, Chat, Personalization
+ * import ai.spa.mobile.ffi.SpaConfig   // generated records, enums and errors
+ *
  * SpaMobile.connect(config).use { spa ->
  *     spa.chat().use { chat -> chat.stream("Hello!").collect { print(it) } }
  * }
  * ```
  * Every failure is a [SpaMobileException] subclass (Unauthorized, Network, Server, ...).
+ * Suspend functions are main-safe: the work runs on the library's own threads.
  */
 class SpaMobile private constructor(private val client: SpaClient) : AutoCloseable {
     companion object {
         /** Connects to the server and loads the device model (suspends; runs off the caller's thread). */
         suspend fun connect(config: SpaConfig): SpaMobile = SpaMobile(ai.spa.mobile.ffi.connect(config))
+
+        /**
+         * [connect], reporting the device pack's download (when [SpaConfig.modelPath] is null and
+         * the pack is kept in [SpaConfig.devicePackDir]): [onDownload] gets the bytes on the
+         * device and the pack's size, on a library thread (once with `done == total` when the
+         * pack is already there). If it throws, connect fails with [SpaMobileException.Callback];
+         * the bytes already downloaded are kept and the next connect resumes from them.
+         */
+        suspend fun connect(config: SpaConfig, onDownload: (done: ULong, total: ULong) -> Unit): SpaMobile {
+            val report = onDownload
+            return SpaMobile(connectWithProgress(config, object : ConnectListener {
+                override fun onDownload(done: ULong, total: ULong) = report(done, total)
+            }))
+        }
     }
 
     /** What the server serves. */
@@ -101,8 +122,10 @@ class Chat internal constructor(val conversation: Conversation) : AutoCloseable 
     }
 
     /**
-     * Generates the whole answer (suspends); [onToken] sees the text as it streams. Cancelling
-     * the coroutine cancels the generation.
+     * Generates the whole answer (suspends); [onToken] sees the text as it streams, on a library
+     * thread (not the caller's: post UI updates to the main thread, or use [stream]). Cancelling
+     * the coroutine cancels the generation; if [onToken] throws, it ends with
+     * [SpaMobileException.Callback].
      */
     suspend fun send(
         prompt: String,
@@ -138,7 +161,10 @@ class Chat internal constructor(val conversation: Conversation) : AutoCloseable 
 class Personalization internal constructor(val personalizer: Personalizer) : AutoCloseable {
     /**
      * Trains, reports next-word quality of every candidate on [heldOut], and saves what ships
-     * atomically. Cancelling the coroutine (or [cancel]) stops it and saves nothing.
+     * atomically. Cancelling the coroutine (or [cancel], which makes it throw
+     * [SpaMobileException.Cancelled]) stops it and saves nothing. [onProgress] runs on a library
+     * thread after each training step; if it throws, training stops with
+     * [SpaMobileException.Callback].
      */
     suspend fun train(
         texts: List<String>,
@@ -164,7 +190,7 @@ class Personalization internal constructor(val personalizer: Personalizer) : Aut
     /** Whether a word cache is saved. */
     val hasSavedWords: Boolean get() = personalizer.hasSavedWords()
 
-    /** Deletes the saved weights and word cache. */
+    /** Deletes the saved weights and word cache (the bindings' `Personalizer.deleteWeights()`). */
     fun delete() = personalizer.deleteWeights()
 
     override fun close() = personalizer.close()

@@ -137,6 +137,16 @@ fun main(): Unit = runBlocking {
             expect(pack.length().toULong() == total && dir.listFiles()!!.size == 1) { "storage: ${dir.list()!!.toList()}" }
             val bytes = pack.readBytes()
             expect(connectSeeing() == listOf(total to total)) { "second connect downloaded again" }
+            // The wrapper's overload reports the same; a throwing callback fails the connect.
+            val viaWrapper = mutableListOf<Pair<ULong, ULong>>()
+            SpaMobile.connect(slim) { d, t -> synchronized(viaWrapper) { viaWrapper.add(d to t) } }.use { w ->
+                expect(w.manifest.vocab > 0u && viaWrapper == listOf(total to total)) { "wrapper progress $viaWrapper" }
+            }
+            try {
+                SpaMobile.connect(slim) { _, _ -> throw IllegalStateException("app bug") }.close()
+                throw AssertionError("connected although onDownload threw")
+            } catch (e: SpaMobileException.Callback) {
+            }
             // A damaged pack is detected (sha256) and downloaded again.
             pack.writeBytes(bytes.copyOf().also { it[1000] = (it[1000].toInt() xor 0x20).toByte() })
             val again = connectSeeing()

@@ -129,6 +129,15 @@ struct SpaMobileLinuxTests {
             try expect(UInt64(bytes.count) == total, "pack size")
             let second = try await connectSeeing()
             try expect(second == [[total, total]], "second connect downloaded again")
+            // The wrapper's overload reports the same; a throwing callback fails the connect.
+            let viaWrapper = Seen()
+            let w = try await SpaMobile.connect(cfg) { d, t in try viaWrapper.onDownload(done: d, total: t) }
+            try expect(w.manifest.vocab > 0 && viaWrapper.all == [[total, total]], "wrapper progress \(viaWrapper.all)")
+            do {
+                _ = try await SpaMobile.connect(cfg) { _, _ in throw AppBug() }
+                throw TestFailure(description: "connected although onDownload threw")
+            } catch SpaMobileError.Callback {
+            }
             var damaged = bytes
             damaged[1000] ^= 0x20
             try damaged.write(to: URL(fileURLWithPath: pack))

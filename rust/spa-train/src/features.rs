@@ -14,9 +14,12 @@
 
 use crate::error::{Result, TrainError};
 use half::f16;
+#[cfg(feature = "host")]
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use spa_model::{shortlist_with_target, BaseModel, DownProjection, ForwardMode};
+#[cfg(feature = "host")]
+use spa_model::{shortlist_with_target, ForwardMode};
+use spa_model::{BaseModel, DownProjection};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -146,6 +149,7 @@ pub fn cache_key(
     }
 }
 
+#[cfg(feature = "host")]
 /// Runs the base once per sequence and computes the features for every projection in `projs`
 /// (e.g. widths 32/64/128 from one base pass). Shows a progress bar unless `quiet`.
 ///
@@ -164,6 +168,7 @@ pub fn compute(
     compute_with(base, projs, top, specs, label, quiet, ForwardMode::Fast)
 }
 
+#[cfg(feature = "host")]
 /// [`compute`] with a chosen forward mode.
 pub fn compute_with(
     base: &BaseModel,
@@ -241,6 +246,7 @@ pub fn compute_with(
     Ok(sets)
 }
 
+#[cfg(feature = "host")]
 /// A progress bar with label, counts and ETA (hidden when `quiet`).
 pub fn progress(n: u64, label: &str, quiet: bool) -> ProgressBar {
     if quiet {
@@ -403,6 +409,7 @@ impl FeatureSet {
     }
 }
 
+#[cfg(feature = "host")]
 /// Loads the caches at `paths` (one per projection) when all are valid, else computes them with
 /// one base pass and saves them. Returns one set per projection.
 pub fn load_or_compute(

@@ -50,13 +50,18 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "host")]
 pub mod basegrad;
+#[cfg(feature = "host")]
 pub mod data;
 pub mod error;
+#[cfg(feature = "host")]
 pub mod eval;
 pub mod features;
 pub mod personalize;
+#[cfg(feature = "host")]
 pub mod report;
+#[cfg(feature = "host")]
 pub mod rouge;
 pub mod sidegrad;
 pub mod stats;

@@ -260,6 +260,7 @@ pub fn strip_docs(
     strip_docs_with(tok, texts, with_taps, &mut |t, h, w| source.window(t, h, w))
 }
 
+#[cfg(feature = "host")]
 /// Features from a base model in this process.
 #[derive(Debug)]
 pub struct LocalFeatures<'a> {
@@ -275,6 +276,7 @@ pub struct LocalFeatures<'a> {
     pub window_mode: spa_model::ForwardMode,
 }
 
+#[cfg(feature = "host")]
 impl FeatureSource for LocalFeatures<'_> {
     fn features(&mut self, specs: &[SeqSpec], top_k: usize) -> Result<Vec<SeqFeatures>> {
         let mut sets = crate::features::compute(
@@ -470,6 +472,7 @@ pub fn strip_docs_with(
     Ok(docs)
 }
 
+#[cfg(feature = "host")]
 /// Features of one window from a base in this process, encoded exactly as the server encodes
 /// them (`f16_hidden`: the hidden states as f16 instead of int8, to measure what int8 costs;
 /// `mode`: the server's [`spa_model::ForwardMode::BatchInvariant`] pass, or the faster one

@@ -423,6 +423,16 @@ fun main(): Unit = runBlocking {
             throw AssertionError("accepted a broken CA certificate")
         } catch (e: SpaMobileException.InvalidConfig) {
         }
+        // The certificate's file path where its text belongs, and no certificate for the
+        // self-signed test server: configuration errors that say so, not network errors.
+        for ((ca, says) in listOf(env("SPA_TEST_CA") to "no PEM certificate", null to "not trusted")) {
+            try {
+                SpaMobile.connect(config().copy(caCertPem = ca)).close()
+                throw AssertionError("connected with caCertPem = $ca")
+            } catch (e: SpaMobileException.InvalidConfig) {
+                expect(e.reason.contains(says)) { "reason: ${e.reason}" }
+            }
+        }
     }
 
     println("kotlin: $passed passed, $failed failed")

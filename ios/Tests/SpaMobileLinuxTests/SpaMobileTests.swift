@@ -375,6 +375,18 @@ struct SpaMobileLinuxTests {
                 throw TestFailure(description: "accepted a broken CA certificate")
             } catch SpaMobileError.InvalidConfig {
             }
+            // The certificate's file path where its text belongs, and no certificate for the
+            // self-signed test server: configuration errors that say so, not network errors.
+            for (ca, says) in [(env("SPA_TEST_CA") as String?, "no PEM certificate"), (nil, "not trusted")] {
+                var c = try config()
+                c.caCertPem = ca
+                do {
+                    _ = try await SpaMobile.connect(c)
+                    throw TestFailure(description: "connected with caCertPem = \(ca ?? "nil")")
+                } catch SpaMobileError.InvalidConfig(let reason) {
+                    try expect(reason.contains(says), "reason: \(reason)")
+                }
+            }
         }
 
         print("swift: \(passed) passed, \(failed) failed")

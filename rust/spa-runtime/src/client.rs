@@ -68,17 +68,65 @@ pub struct Client {
     pub traffic: Arc<Traffic>,
 }
 
+/// A transport failure as the app should see it: a TLS certificate the client does not trust
+/// is a configuration problem (a self-signed server without `extra_root_pem`, a wrong
+/// certificate), not a network one, and retrying cannot fix it.
+pub(crate) fn transport_error(e: reqwest::Error) -> RuntimeError {
+    // Only the certificate verdict: other TLS errors (a corrupted record, a reset
+    // mid-handshake) are network faults and stay retryable.
+    if let Some(rustls::Error::InvalidCertificate(c)) = find_rustls(&e) {
+        return RuntimeError::Config(format!(
+            "TLS: the server's certificate is not trusted ({c:?}); for a self-signed or \
+             private-CA server, pass its certificate's PEM text as the extra root"
+        ));
+    }
+    RuntimeError::Transport {
+        attempts: 1,
+        message: e.to_string(),
+    }
+}
+
+/// The rustls error under `e`, through `source()` chains and the errors that `io::Error`s wrap
+/// (whose `source()` skips them).
+fn find_rustls<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut todo: Vec<&(dyn std::error::Error + 'static)> = vec![e];
+    while let Some(err) = todo.pop() {
+        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+            return Some(t);
+        }
+        if let Some(inner) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            todo.push(inner);
+        }
+        if let Some(s) = err.source() {
+            todo.push(s);
+        }
+    }
+    None
+}
+
 fn tls_config(extra_root_pem: Option<&str>) -> Result<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(pem) = extra_root_pem {
+        let mut added = 0;
         for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
             let c = c.map_err(|e| RuntimeError::Config(format!("bad root certificate: {e}")))?;
             roots
                 .add(c)
                 .map_err(|e| RuntimeError::Config(format!("bad root certificate: {e}")))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(RuntimeError::Config(
+                "the extra root certificate holds no PEM certificate (pass the certificate's \
+                 text, \"-----BEGIN CERTIFICATE-----...\", not a file path)"
+                    .into(),
+            ));
         }
     }
     let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -140,10 +188,7 @@ impl Client {
             rb = rb.body(b.to_vec());
         }
         self.traffic.requests.fetch_add(1, Relaxed);
-        let transport = |e: reqwest::Error| RuntimeError::Transport {
-            attempts: 1,
-            message: e.to_string(),
-        };
+        let transport = transport_error;
         let resp = rb.send().await.map_err(transport)?;
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(transport)?;
@@ -265,10 +310,7 @@ impl Client {
             .bearer_auth(&self.cfg.api_key)
             .send()
             .await
-            .map_err(|e| RuntimeError::Transport {
-                attempts: 1,
-                message: e.to_string(),
-            })?;
+            .map_err(transport_error)?;
         match r.status() {
             s if s.is_success() => Ok(()),
             StatusCode::UNAUTHORIZED => Err(RuntimeError::Unauthorized),

@@ -135,10 +135,7 @@ impl Client {
         self.traffic
             .requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let transport = |e: reqwest::Error| RuntimeError::Transport {
-            attempts: 1,
-            message: e.to_string(),
-        };
+        let transport = crate::client::transport_error;
         let mut resp = rb.send().await.map_err(transport)?;
         let status = resp.status();
         let append = match status {

@@ -258,7 +258,9 @@ fun main(): Unit = runBlocking {
         val storage = File(env("SPA_TEST_DIR"), "kotlin-storage").path
         val options = PersonalizeOptions(steps = 8u, maxChunks = 8u, seed = 1uL)
 
-        test("personalization: progress, before/after report, atomic save, reload") {
+        // Timeouts guard against hangs only: on a 2-core machine shared with other work a run
+        // took 135-300+ s.
+        test("personalization: progress, before/after report, atomic save, reload", timeoutMs = 900_000) {
             spa.personalization(storage).use { p ->
                 p.delete()
                 expect(!p.hasSavedWeights) { "weights present after delete" }
@@ -290,7 +292,7 @@ fun main(): Unit = runBlocking {
             }
         }
 
-        test("personalization ships the best of base, word cache and side network on the user's own text", timeoutMs = 600_000) {
+        test("personalization ships the best of base, word cache and side network on the user's own text", timeoutMs = 900_000) {
             spa.personalization(storage).use { p ->
                 p.delete()
                 val r = p.train(train, held, options)
@@ -377,7 +379,7 @@ fun main(): Unit = runBlocking {
             expect(collected) { "only ${metric("spa_sessions_deleted_total") - deleted0} of 20 dropped + 1 closed chats deleted" }
         }
 
-        test("personalization: cancel and a throwing progress listener save nothing") {
+        test("personalization: cancel and a throwing progress listener save nothing", timeoutMs = 900_000) {
             spa.personalization(storage).use { p ->
                 p.delete()
                 val first = CountDownLatch(1)

@@ -33,7 +33,7 @@
 //! };
 //! let report = personalize(
 //!     &mut plugin,
-//!     &base.head_weight_f32()?,
+//!     &spa_model::DeviceHead::from_base(&base, spa_model::QuantMode::Q8)?,
 //!     base.tokenizer(),
 //!     &mut source,
 //!     &texts,

@@ -14,9 +14,9 @@
 //!
 //! Loopback only (no emulated RTT or bandwidth): connect times are CPU, disk and TLS cost.
 
-use crate::serve::{device_pack, untrained_plugin};
+use crate::serve::{device_pack, pack_device, untrained_plugin};
 use anyhow::{bail, Context, Result};
-use spa_model::{DevicePack, GateMode, PersonalVocab, QuantMode};
+use spa_model::QuantMode;
 use spa_runtime::{Client, ClientConfig, DeviceModel, Mode, RuntimeParams, SpaSession, Suggester};
 use spa_server::{tls, AppState, Keys, ServerConfig};
 use std::path::{Path, PathBuf};
@@ -44,35 +44,13 @@ pub struct DeviceBenchArgs {
 
 const KEY: &str = "bench-device-key";
 
-/// Peak resident memory of this process (Linux `VmHWM`), bytes.
-fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
 async fn connect(url: &str, ca: &Path, dir: &Path) -> Result<(Client, Arc<DeviceModel>)> {
     let mut cfg = ClientConfig::new(url, KEY);
     cfg.extra_root_pem = Some(std::fs::read_to_string(ca)?);
     let client = Client::new(cfg)?;
     let m = client.manifest().await?;
-    let path = client.device_pack(&m, dir, &mut |_, _| {}).await?;
-    let pack = DevicePack::load(&path)?;
     let plugin = untrained_plugin(&m)?;
-    let dev = DeviceModel::from_pack(
-        &pack,
-        &plugin,
-        QuantMode::Q8,
-        GateMode::Learned,
-        PersonalVocab::default(),
-    )?;
-    dev.check_manifest(&m)?;
+    let dev = pack_device(&client, &m, &plugin, QuantMode::Q8, dir, &mut |_, _| {}).await?;
     Ok((client, Arc::new(dev)))
 }
 
@@ -119,7 +97,9 @@ async fn child(mode: &str, url: &str, ca: &Path, dir: &Path) -> Result<serde_jso
         }
         other => bail!("unknown child mode {other}"),
     }
-    Ok(serde_json::json!({"connect_ms": connect_ms, "peak_rss_bytes": peak_rss()}))
+    Ok(
+        serde_json::json!({"connect_ms": connect_ms, "peak_rss_bytes": spa_train::personalize::peak_rss_bytes().unwrap_or(0)}),
+    )
 }
 
 fn run_child(mode: &str, url: &str, ca: &Path, dir: &Path) -> Result<serde_json::Value> {

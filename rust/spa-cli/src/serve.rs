@@ -300,24 +300,38 @@ pub async fn device_for(
     if model.is_none() && !manifest.device_pack_sha256.is_empty() {
         // What the phone does: no base file, the server's device pack (downloaded once).
         let dir = assets::spa_home().join("device-packs");
-        let total = manifest.device_pack_bytes;
-        let pb = spa_train::features::progress(total, "device pack", false);
-        let path = client
-            .device_pack(&manifest, &dir, &mut |done, _| pb.set_position(done))
-            .await?;
+        let pb = spa_train::features::progress(manifest.device_pack_bytes, "device pack", false);
+        let dev = pack_device(client, &manifest, &plugin, quant, &dir, &mut |done, _| {
+            pb.set_position(done)
+        })
+        .await?;
         pb.finish_and_clear();
-        let pack = spa_model::DevicePack::load(&path)?;
-        let dev = DeviceModel::from_pack(
-            &pack,
-            &plugin,
-            quant,
-            GateMode::Learned,
-            PersonalVocab::default(),
-        )?;
-        dev.check_manifest(&manifest)?;
         return Ok(dev);
     }
     device_with(&manifest, model, &plugin, quant, GateMode::Learned)
+}
+
+/// The device model from the server's device pack (fetched into `dir`, or the verified copy
+/// already there), checked against the server's manifest `manifest`.
+pub async fn pack_device(
+    client: &Client,
+    manifest: &spa_protocol::Manifest,
+    plugin: &SidePlugin,
+    quant: QuantMode,
+    dir: &Path,
+    progress: &mut (dyn FnMut(u64, u64) + Send),
+) -> Result<DeviceModel> {
+    let path = client.device_pack(manifest, dir, progress).await?;
+    let pack = spa_model::DevicePack::load(&path)?;
+    let dev = DeviceModel::from_pack(
+        &pack,
+        plugin,
+        quant,
+        GateMode::Learned,
+        PersonalVocab::default(),
+    )?;
+    dev.check_manifest(manifest)?;
+    Ok(dev)
 }
 
 /// An untrained side network shaped by a server's manifest.

@@ -76,26 +76,21 @@ impl DeviceModel {
         gate: GateMode,
         personal: PersonalVocab,
     ) -> Result<Self> {
-        if plugin.meta.base != assets.identity {
-            return Err(RuntimeError::Incompatible(
-                "personal weights were made for another base model".into(),
-            ));
-        }
-        let max_positions = assets.config.context.min(32_768);
-        Ok(Self {
-            side: SideNetwork::new(&plugin.weights, quant, max_positions)?,
-            head: DeviceHead::from_weights(&assets.head, quant)?,
-            personal,
+        Self::assemble(
+            &assets.identity,
+            assets.config.context,
+            &assets.tokenizer,
+            || Ok(DeviceHead::from_weights(&assets.head, quant)?),
+            plugin,
+            quant,
             gate,
-            tokenizer: assets.tokenizer.clone(),
-            base_identity: assets.identity.clone(),
-            projection: plugin.meta.projection.clone(),
-        })
+            personal,
+        )
     }
 
     /// Assembles the device model from a device pack (its head is used as packed: `quant`
     /// applies to the side network) and the personal plugin. Fails with
-    /// [`RuntimeError::Incompatible`] when the plugin was made for another base or projection.
+    /// [`RuntimeError::Incompatible`] when the plugin was made for another base.
     pub fn from_pack(
         pack: &spa_model::DevicePack,
         plugin: &SidePlugin,
@@ -103,19 +98,43 @@ impl DeviceModel {
         gate: GateMode,
         personal: PersonalVocab,
     ) -> Result<Self> {
-        if plugin.meta.base != pack.identity {
+        Self::assemble(
+            &pack.identity,
+            pack.config.context,
+            &pack.tokenizer,
+            || Ok(pack.head.clone()),
+            plugin,
+            quant,
+            gate,
+            personal,
+        )
+    }
+
+    /// The one assembly of [`DeviceModel::new`] and [`DeviceModel::from_pack`]: checks the
+    /// plugin's base first (before the head is built), then the side network.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        identity: &str,
+        context: usize,
+        tokenizer: &spa_model::SpaTokenizer,
+        head: impl FnOnce() -> Result<DeviceHead>,
+        plugin: &SidePlugin,
+        quant: QuantMode,
+        gate: GateMode,
+        personal: PersonalVocab,
+    ) -> Result<Self> {
+        if plugin.meta.base != identity {
             return Err(RuntimeError::Incompatible(
                 "personal weights were made for another base model".into(),
             ));
         }
-        let max_positions = pack.config.context.min(32_768);
         Ok(Self {
-            side: SideNetwork::new(&plugin.weights, quant, max_positions)?,
-            head: pack.head.clone(),
+            side: SideNetwork::new(&plugin.weights, quant, context.min(32_768))?,
+            head: head()?,
             personal,
             gate,
-            tokenizer: pack.tokenizer.clone(),
-            base_identity: pack.identity.clone(),
+            tokenizer: tokenizer.clone(),
+            base_identity: identity.to_string(),
             projection: plugin.meta.projection.clone(),
         })
     }

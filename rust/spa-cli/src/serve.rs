@@ -191,7 +191,8 @@ pub fn device_pack(
     };
     let dir = assets::spa_home().join("projections");
     let path = dir.join(format!(
-        "device-pack-{}-{}-{q}.spapack",
+        // v2: the head at an aligned offset (mapped in place by the device).
+        "device-pack-{}-{}-{q}-v2.spapack",
         &identity[..identity.len().min(16)],
         safe(fingerprint)
     ));
@@ -322,16 +323,14 @@ pub async fn pack_device(
     progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> Result<DeviceModel> {
     let path = client.device_pack(manifest, dir, progress).await?;
-    let pack = spa_model::DevicePack::load(&path)?;
-    let dev = DeviceModel::from_pack(
-        &pack,
+    Ok(DeviceModel::from_pack_file(
+        &path,
+        manifest,
         plugin,
         quant,
         GateMode::Learned,
         PersonalVocab::default(),
-    )?;
-    dev.check_manifest(manifest)?;
-    Ok(dev)
+    )?)
 }
 
 /// An untrained side network shaped by a server's manifest.

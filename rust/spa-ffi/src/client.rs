@@ -6,7 +6,7 @@ use crate::config::{
 use crate::error::{Result, SpaMobileError};
 use crate::personalize::Personalizer;
 use crate::{call, configure_threads, run_task, runtime, SpaConfig};
-use spa_model::{DeviceAssets, DevicePack, GateMode, PersonalVocab, SidePlugin};
+use spa_model::{DeviceAssets, GateMode, PersonalVocab, SidePlugin};
 use spa_runtime::{Client, ClientConfig, DeviceModel, Mode, SpaSession, Suggester, WordCache};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -129,7 +129,7 @@ impl SpaClient {
                 if let Some(e) = failed {
                     return Err(e);
                 }
-                BaseSource::Pack(r?, m.device_pack_sha256.clone())
+                BaseSource::Pack(r?)
             }
             (None, None) => {
                 return Err(SpaMobileError::InvalidConfig {
@@ -191,8 +191,8 @@ fn load_words(suggester: &Suggester, device: &DeviceModel, path: &Path) -> Resul
 enum BaseSource {
     /// A base GGUF on the device.
     Gguf(String),
-    /// A downloaded device pack (its path and the manifest's sha256 of it).
-    Pack(std::path::PathBuf, String),
+    /// A downloaded device pack (verified by its sha256 when it was fetched or found).
+    Pack(std::path::PathBuf),
 }
 
 fn load_device(
@@ -212,21 +212,14 @@ fn load_device(
             GateMode::Learned,
             PersonalVocab::default(),
         )?,
-        BaseSource::Pack(path, sha256) => {
-            // Verified by its hash when it was fetched or found; a file damaged since is
-            // deleted so that the next connect downloads it again.
-            let pack = DevicePack::load(path).inspect_err(|_| {
-                log::warn!("device pack {sha256} unreadable; deleting it");
-                let _ = std::fs::remove_file(path);
-            })?;
-            DeviceModel::from_pack(
-                &pack,
-                &plugin,
-                cfg.quantization.into(),
-                GateMode::Learned,
-                PersonalVocab::default(),
-            )?
-        }
+        BaseSource::Pack(path) => DeviceModel::from_pack_file(
+            path,
+            m,
+            &plugin,
+            cfg.quantization.into(),
+            GateMode::Learned,
+            PersonalVocab::default(),
+        )?,
     };
     Ok((device, plugin, personalized))
 }

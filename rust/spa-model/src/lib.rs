@@ -28,6 +28,7 @@ pub mod io;
 pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
+pub mod mem;
 pub mod pack;
 pub mod paths;
 pub mod projection;

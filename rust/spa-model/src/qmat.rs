@@ -8,14 +8,57 @@ use crate::error::{Result, SpaError};
 use crate::linear::QuantMode;
 use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ8_0, GgmlType};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 const BLOCK: usize = 32;
+
+/// Quantized blocks: owned, or borrowed from a memory-mapped file (a device pack), where the
+/// pages are the file's and the OS may drop and re-read them instead of counting them as the
+/// app's own (dirty) memory.
+#[derive(Clone)]
+enum Blocks<T> {
+    Owned(Vec<T>),
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        /// Byte offset of the first block; a multiple of `align_of::<T>()`.
+        start: usize,
+        /// Number of blocks; `start + len * size_of::<T>() <= map.len()`.
+        len: usize,
+    },
+}
+
+impl<T> std::ops::Deref for Blocks<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match self {
+            Blocks::Owned(v) => v,
+            // SAFETY: `Mapped` is built only by `QRows::map_blocks`, which checks that the
+            // range lies inside the mapping and that `start` is aligned for `T` (the mapping
+            // itself is page-aligned). `T` is a ggml block (`repr(C)`: an f16 and integers), for
+            // which every bit pattern is valid. The mapping is read-only and kept alive by the
+            // `Arc`; the file is never written in place (a pack is replaced by renaming a new
+            // file over it, which leaves this mapping's pages intact).
+            Blocks::Mapped { map, start, len } => unsafe {
+                std::slice::from_raw_parts(map.as_ptr().add(*start).cast::<T>(), *len)
+            },
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Blocks<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Blocks::Owned(v) => write!(f, "Owned({} blocks)", v.len()),
+            Blocks::Mapped { len, .. } => write!(f, "Mapped({len} blocks)"),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 enum Store {
     F32(Vec<f32>),
-    Q8(Vec<BlockQ8_0>),
-    Q4(Vec<BlockQ4_0>),
+    Q8(Blocks<BlockQ8_0>),
+    Q4(Blocks<BlockQ4_0>),
 }
 
 /// A `[rows, cols]` matrix stored per row in f32, q8_0 or q4_0.
@@ -52,8 +95,8 @@ impl QRows {
         }
         let store = match mode {
             QuantMode::F32 => Store::F32(w.to_vec()),
-            QuantMode::Q8 => Store::Q8(quantize(w, rows, cols)),
-            QuantMode::Q4 => Store::Q4(quantize(w, rows, cols)),
+            QuantMode::Q8 => Store::Q8(Blocks::Owned(quantize(w, rows, cols))),
+            QuantMode::Q4 => Store::Q4(Blocks::Owned(quantize(w, rows, cols))),
         };
         Ok(Self { store, rows, cols })
     }
@@ -71,19 +114,23 @@ impl QRows {
             )));
         }
         const CHUNK: usize = 2048;
-        let mut store = match mode {
-            QuantMode::Q8 => Store::Q8(Vec::with_capacity(rows * cols / BLOCK)),
-            _ => Store::Q4(Vec::with_capacity(rows * cols / BLOCK)),
-        };
+        let (mut q8, mut q4) = (Vec::new(), Vec::new());
+        match mode {
+            QuantMode::Q8 => q8.reserve_exact(rows * cols / BLOCK),
+            _ => q4.reserve_exact(rows * cols / BLOCK),
+        }
         for r0 in (0..rows).step_by(CHUNK) {
             let n = CHUNK.min(rows - r0);
             let chunk: Vec<f32> = w.narrow(0, r0, n)?.flatten_all()?.to_vec1()?;
-            match &mut store {
-                Store::Q8(v) => v.extend(quantize::<BlockQ8_0>(&chunk, n, cols)),
-                Store::Q4(v) => v.extend(quantize::<BlockQ4_0>(&chunk, n, cols)),
-                Store::F32(_) => unreachable!("f32 returned above"),
+            match mode {
+                QuantMode::Q8 => q8.extend(quantize::<BlockQ8_0>(&chunk, n, cols)),
+                _ => q4.extend(quantize::<BlockQ4_0>(&chunk, n, cols)),
             }
         }
+        let store = match mode {
+            QuantMode::Q8 => Store::Q8(Blocks::Owned(q8)),
+            _ => Store::Q4(Blocks::Owned(q4)),
+        };
         Ok(Self { store, rows, cols })
     }
 
@@ -164,10 +211,68 @@ impl QRows {
             .ok_or_else(|| SpaError::InvalidConfig("matrix size overflows".into()))?;
         let io = |e: std::io::Error| SpaError::InvalidConfig(format!("reading blocks: {e}"));
         let store = match mode {
-            QuantMode::Q8 => Store::Q8(fill(r, n).map_err(io)?),
-            _ => Store::Q4(fill(r, n).map_err(io)?),
+            QuantMode::Q8 => Store::Q8(Blocks::Owned(fill(r, n).map_err(io)?)),
+            _ => Store::Q4(Blocks::Owned(fill(r, n).map_err(io)?)),
         };
         Ok(Self { store, rows, cols })
+    }
+
+    /// A `[rows, cols]` matrix of q8_0 / q4_0 blocks ([`QRows::block_bytes`]'s layout) read
+    /// in place from `map` at byte offset `start`: nothing is copied, and the rows' pages are
+    /// the file's (read on first use, droppable by the OS). `None` when `start` is not aligned
+    /// for the block type (the caller then reads the blocks instead); an error when the
+    /// matrix does not fit in the mapping.
+    pub fn map_blocks(
+        map: Arc<memmap2::Mmap>,
+        start: usize,
+        rows: usize,
+        cols: usize,
+        mode: QuantMode,
+    ) -> Result<Option<Self>> {
+        if mode == QuantMode::F32 || !cols.is_multiple_of(BLOCK) {
+            return Err(SpaError::InvalidConfig(format!(
+                "quantized blocks need q8/q4 and a multiple of {BLOCK} columns"
+            )));
+        }
+        let (size, align) = match mode {
+            QuantMode::Q8 => (
+                std::mem::size_of::<BlockQ8_0>(),
+                std::mem::align_of::<BlockQ8_0>(),
+            ),
+            _ => (
+                std::mem::size_of::<BlockQ4_0>(),
+                std::mem::align_of::<BlockQ4_0>(),
+            ),
+        };
+        let len = rows
+            .checked_mul(cols / BLOCK)
+            .ok_or_else(|| SpaError::InvalidConfig("matrix size overflows".into()))?;
+        let end = len
+            .checked_mul(size)
+            .and_then(|b| b.checked_add(start))
+            .ok_or_else(|| SpaError::InvalidConfig("matrix size overflows".into()))?;
+        if end > map.len() {
+            return Err(SpaError::InvalidConfig(format!(
+                "quantized matrix [{rows}, {cols}] at byte {start} runs past the mapping ({} bytes)",
+                map.len()
+            )));
+        }
+        if !(map.as_ptr() as usize + start).is_multiple_of(align) {
+            return Ok(None);
+        }
+        let store = match mode {
+            QuantMode::Q8 => Store::Q8(Blocks::Mapped { map, start, len }),
+            _ => Store::Q4(Blocks::Mapped { map, start, len }),
+        };
+        Ok(Some(Self { store, rows, cols }))
+    }
+
+    /// Whether the rows are read in place from a memory-mapped file ([`QRows::map_blocks`]).
+    pub fn is_mapped(&self) -> bool {
+        matches!(
+            &self.store,
+            Store::Q8(Blocks::Mapped { .. }) | Store::Q4(Blocks::Mapped { .. })
+        )
     }
 
     /// Rows.
@@ -337,6 +442,35 @@ mod tests {
                 let back = QRows::read_blocks(&mut &b[..], rows, cols, mode).unwrap();
                 assert_eq!(back.to_f32(), deq);
                 assert!(QRows::read_blocks(&mut &b[..b.len() - 1], rows, cols, mode).is_err());
+                // The same blocks mapped in place from a file, after a 2-byte prefix (aligned)
+                // and after a 1-byte prefix (not aligned: the caller must read them instead).
+                let path =
+                    std::env::temp_dir().join(format!("qmat-map-{}-{mode:?}", std::process::id()));
+                let mut file = vec![7u8, 7];
+                file.extend_from_slice(b);
+                std::fs::write(&path, &file).unwrap();
+                // SAFETY: a private temporary file, not modified while mapped.
+                let map = Arc::new(unsafe {
+                    memmap2::Mmap::map(&std::fs::File::open(&path).unwrap()).unwrap()
+                });
+                let mapped = QRows::map_blocks(map.clone(), 2, rows, cols, mode)
+                    .unwrap()
+                    .expect("aligned blocks are mapped");
+                assert!(mapped.is_mapped() && !back.is_mapped());
+                assert_eq!(mapped.to_f32(), deq);
+                let x: Vec<f32> = (0..cols).map(|i| i as f32 / 40.0 - 0.7).collect();
+                assert_eq!(mapped.matvec(&x).unwrap(), back.matvec(&x).unwrap());
+                assert_eq!(
+                    mapped.dot_rows(&ids, &x).unwrap(),
+                    back.dot_rows(&ids, &x).unwrap()
+                );
+                assert_eq!(mapped.block_bytes(), Some(b));
+                assert!(QRows::map_blocks(map.clone(), 1, rows, cols, mode)
+                    .unwrap()
+                    .is_none());
+                // One row too many runs past the file: an error, not a read out of bounds.
+                assert!(QRows::map_blocks(map, 2, rows + 1, cols, mode).is_err());
+                let _ = std::fs::remove_file(&path);
             }
         }
     }

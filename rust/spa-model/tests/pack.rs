@@ -72,6 +72,12 @@ fn pack_holds_the_tokenizer_and_head_of_its_base_and_rejects_damage() {
     );
     let from_gguf = DeviceHead::from_weights(&assets.head, QuantMode::Q8).unwrap();
     assert_eq!(p.head.rows().block_bytes(), from_gguf.rows().block_bytes());
+    // The builder aligns the head, so the device reads it in place from the file.
+    assert!(p.head.rows().is_mapped());
+    let x: Vec<f32> = (0..576)
+        .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+        .collect();
+    assert_eq!(p.head.full(&x).unwrap(), from_gguf.full(&x).unwrap());
     // A flipped byte anywhere fails the sha256 check.
     let mut flipped = bytes.clone();
     let mid = flipped.len() / 2;

@@ -110,6 +110,30 @@ impl DeviceModel {
         )
     }
 
+    /// The device model from a device pack file fetched by [`crate::Client::device_pack`] and
+    /// the personal plugin, checked against the server's manifest `manifest`. A pack that
+    /// cannot be read (damaged since it was verified) is deleted, so that the next
+    /// `device_pack` fetches it again, and its error is returned.
+    pub fn from_pack_file(
+        path: &std::path::Path,
+        manifest: &spa_protocol::Manifest,
+        plugin: &SidePlugin,
+        quant: QuantMode,
+        gate: GateMode,
+        personal: PersonalVocab,
+    ) -> Result<Self> {
+        let pack = spa_model::DevicePack::load(path).inspect_err(|e| {
+            log::warn!(
+                "device pack {} unreadable ({e}); deleting it",
+                path.display()
+            );
+            let _ = std::fs::remove_file(path);
+        })?;
+        let dev = Self::from_pack(&pack, plugin, quant, gate, personal)?;
+        dev.check_manifest(manifest)?;
+        Ok(dev)
+    }
+
     /// The one assembly of [`DeviceModel::new`] and [`DeviceModel::from_pack`]: checks the
     /// plugin's base first (before the head is built), then the side network.
     #[allow(clippy::too_many_arguments)]

@@ -329,17 +329,12 @@ pub fn chunk_texts(tok: &SpaTokenizer, texts: &[String], chunk: usize) -> Result
     Ok(out)
 }
 
-/// Returns the heap the process freed to the operating system where the allocator keeps it
-/// (glibc: `malloc_trim`), so that the resident size measured next counts what is live, not
-/// what an earlier phase (e.g. the base model's features pass) left in the allocator's pools.
-/// A no-op elsewhere.
+/// Returns the heap the process freed to the operating system
+/// ([`spa_model::mem::release_free_heap`]), so that the resident size measured next counts
+/// what is live, not what an earlier phase (e.g. the base model's features pass) left in the
+/// allocator's pools.
 pub fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free pages of glibc's heap to the kernel; it touches no
-    // live allocation and is thread-safe.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    spa_model::mem::release_free_heap();
 }
 
 /// Resets the peak resident set size (Linux: writes 5 to /proc/self/clear_refs); returns

@@ -72,8 +72,9 @@ unset CC_aarch64_apple_ios AR_aarch64_apple_ios
 case "${SDKROOT:-}" in */cc-wrappers/*) unset SDKROOT ;; esac
 
 export IPHONEOS_DEPLOYMENT_TARGET=14.0
-# The workspace release profile keeps line tables (debug = 1); an SDK archive does not need them.
-export CARGO_PROFILE_RELEASE_DEBUG=0
+# What ships: the release profile without line tables, one codegen unit and whole-program LTO
+# (smaller and a little faster), as in scripts/build-android.sh.
+export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 build="$root/ios/build"
 fw="$build/SpaMobileFFIFFI.xcframework"

@@ -17,6 +17,12 @@
 //! - `q8_argmax_agreement` / `q4_argmax_agreement`: how often the quantized head's argmax is
 //!   the f32 head's, over the base's final hidden states of 512 tokens of Moby-Dick.
 //!
+//! With `--personalize-words N`, a fifth child personalizes as the SDK's `Personalizer` does
+//! (features from the server, training over the pack's q8 head, the shipping decision) on the
+//! last N words of Moby-Dick before its held-out chapters, and reports
+//! `personalize_peak_rss_bytes` and `personalize_seconds`. The server's projection is random
+//! here, so the figures are memory and time, not quality.
+//!
 //! Loopback only (no emulated RTT or bandwidth): connect times are CPU, disk and TLS cost.
 
 use crate::serve::{device_pack, pack_device, untrained_plugin};
@@ -24,6 +30,7 @@ use anyhow::{bail, Context, Result};
 use spa_model::QuantMode;
 use spa_runtime::{Client, ClientConfig, DeviceModel, Mode, RuntimeParams, SpaSession, Suggester};
 use spa_server::{tls, AppState, Keys, ServerConfig};
+use spa_train::personalize::{personalize, PersonalizeConfig, PersonalizeReport, RemoteFeatures};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -36,6 +43,10 @@ pub struct DeviceBenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Also measure a personalization on this many words of Moby-Dick (0: skip; the study's
+    /// size is 21500 words, ~10-20 minutes here).
+    #[arg(long, default_value_t = 0)]
+    personalize_words: usize,
     /// Internal: run one device measurement (connect | chat | suggest) and print it as JSON.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -59,10 +70,17 @@ async fn connect(url: &str, ca: &Path, dir: &Path) -> Result<(Client, Arc<Device
     Ok((client, Arc::new(dev)))
 }
 
-async fn child(mode: &str, url: &str, ca: &Path, dir: &Path) -> Result<serde_json::Value> {
+async fn child(
+    mode: &str,
+    url: &str,
+    ca: &Path,
+    dir: &Path,
+    personalize_words: usize,
+) -> Result<serde_json::Value> {
     let t0 = Instant::now();
     let (client, dev) = connect(url, ca, dir).await?;
     let connect_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut extra = serde_json::json!({});
     match mode {
         "connect" => {}
         "chat" => {
@@ -100,9 +118,53 @@ async fn child(mode: &str, url: &str, ca: &Path, dir: &Path) -> Result<serde_jso
                 bail!("{n} suggestion strips, not 20");
             }
         }
+        "personalize" => {
+            let texts = crate::train_cmd::author_texts(
+                "moby-dick",
+                crate::train_cmd::TextSplit {
+                    hold_out_last: None,
+                    train_words: personalize_words,
+                    heldout_words: (personalize_words / 10).max(200),
+                },
+            )?;
+            let m = client.manifest().await?;
+            let handle = tokio::runtime::Handle::current();
+            let cfg = PersonalizeConfig {
+                max_chunks: 1000,
+                ..Default::default()
+            };
+            let steps = cfg.steps;
+            let t = Instant::now();
+            let (c, d) = (client.clone(), dev.clone());
+            let report = tokio::task::spawn_blocking(move || -> Result<PersonalizeReport> {
+                let mut plugin = untrained_plugin(&m)?;
+                let mut src = RemoteFeatures {
+                    client: &c,
+                    handle,
+                    n_taps: m.taps.len(),
+                    width: m.side_width as usize,
+                };
+                Ok(personalize(
+                    &mut plugin,
+                    &d.head,
+                    &d.tokenizer,
+                    &mut src,
+                    &texts,
+                    &cfg,
+                    &mut |_| true,
+                )?)
+            })
+            .await??;
+            extra = serde_json::json!({
+                "seconds": t.elapsed().as_secs_f64(),
+                "steps": steps,
+                "train_tokens": report.train_tokens,
+            });
+        }
         other => bail!("unknown child mode {other}"),
     }
     Ok(serde_json::json!({
+        "extra": extra,
         "connect_ms": connect_ms,
         "peak_rss_bytes": spa_train::personalize::peak_rss_bytes().unwrap_or(0),
         "rss_anon_bytes": status_kb("RssAnon:").unwrap_or(0) * 1024,
@@ -116,9 +178,16 @@ fn status_kb(field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn run_child(mode: &str, url: &str, ca: &Path, dir: &Path) -> Result<serde_json::Value> {
+fn run_child(
+    mode: &str,
+    url: &str,
+    ca: &Path,
+    dir: &Path,
+    personalize_words: usize,
+) -> Result<serde_json::Value> {
     let out = std::process::Command::new(std::env::current_exe()?)
         .args(["bench", "device", "--child", mode, "--url", url])
+        .arg(format!("--personalize-words={personalize_words}"))
         .arg("--ca")
         .arg(ca)
         .arg("--dir")
@@ -142,7 +211,7 @@ pub async fn device(a: DeviceBenchArgs) -> Result<()> {
             (Some(u), Some(c), Some(d)) => (u, c, d),
             _ => bail!("--child needs --url, --ca and --dir"),
         };
-        println!("{}", child(mode, url, ca, dir).await?);
+        println!("{}", child(mode, url, ca, dir, a.personalize_words).await?);
         return Ok(());
     }
     let quant = QuantMode::parse(&a.pack)?;
@@ -218,10 +287,15 @@ pub async fn device(a: DeviceBenchArgs) -> Result<()> {
     let dir = tmp.join("pack");
     // Children run one at a time and block; keep the server's runtime free.
     let (u, c, d) = (url.clone(), ca.clone(), dir.clone());
+    let words = a.personalize_words;
     let results = tokio::task::spawn_blocking(move || -> Result<Vec<serde_json::Value>> {
-        ["connect", "connect", "chat", "suggest"]
+        let mut modes = vec!["connect", "connect", "chat", "suggest"];
+        if words > 0 {
+            modes.push("personalize");
+        }
+        modes
             .iter()
-            .map(|m| run_child(m, &u, &c, &d))
+            .map(|m| run_child(m, &u, &c, &d, words))
             .collect()
     })
     .await??;
@@ -243,6 +317,13 @@ pub async fn device(a: DeviceBenchArgs) -> Result<()> {
     });
     for (k, x) in agreement {
         v[k] = x;
+    }
+    if let Some(p) = results.get(4) {
+        v["personalize_words"] = serde_json::json!(words);
+        v["personalize_peak_rss_bytes"] = p["peak_rss_bytes"].clone();
+        v["personalize_seconds"] = p["extra"]["seconds"].clone();
+        v["personalize_steps"] = p["extra"]["steps"].clone();
+        v["personalize_train_tokens"] = p["extra"]["train_tokens"].clone();
     }
     if a.json {
         println!("{v}");
@@ -266,6 +347,14 @@ pub async fn device(a: DeviceBenchArgs) -> Result<()> {
             100.0 * v["q8_argmax_agreement"].as_f64().unwrap_or(f64::NAN),
             100.0 * v["q4_argmax_agreement"].as_f64().unwrap_or(f64::NAN),
         );
+        if words > 0 {
+            println!(
+                "personalization ({words} words, {} steps, features from the server): peak RSS {:.1} MB, {:.0} s",
+                v["personalize_steps"],
+                v["personalize_peak_rss_bytes"].as_f64().unwrap_or(f64::NAN) / 1e6,
+                v["personalize_seconds"].as_f64().unwrap_or(f64::NAN),
+            );
+        }
     }
     Ok(())
 }

@@ -180,13 +180,13 @@ fn count_words(texts: &[String]) -> usize {
 
 /// Which text of an author trains and which is typed.
 #[derive(Debug, Clone, Copy)]
-struct TextSplit {
-    hold_out_last: Option<usize>,
-    train_words: usize,
-    heldout_words: usize,
+pub(crate) struct TextSplit {
+    pub(crate) hold_out_last: Option<usize>,
+    pub(crate) train_words: usize,
+    pub(crate) heldout_words: usize,
 }
 
-fn author_texts(author: &str, split: TextSplit) -> Result<UserTexts> {
+pub(crate) fn author_texts(author: &str, split: TextSplit) -> Result<UserTexts> {
     let mut text = data::load_author(&assets::spa_home(), author)?;
     if let Some(n) = split.hold_out_last {
         let mut all = std::mem::take(&mut text.train);

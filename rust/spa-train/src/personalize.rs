@@ -57,6 +57,11 @@ pub struct PersonalizeConfig {
     /// suggestion strip is scored at) instead of at every position.
     #[serde(default)]
     pub word_start_loss: bool,
+    /// Sequences per forward/backward pass ([`TrainConfig::micro_batch`]; 0: the whole
+    /// batch). The default 2 runs a step of 8 as four passes with the same update, so that
+    /// training holds a quarter of the autograd graph (device memory).
+    #[serde(default)]
+    pub micro_batch: usize,
 }
 
 impl Default for PersonalizeConfig {
@@ -73,6 +78,7 @@ impl Default for PersonalizeConfig {
             word_cache: true,
             cache_tuning_words: CACHE_TUNING_WORDS,
             word_start_loss: false,
+            micro_batch: 1,
         }
     }
 }
@@ -917,13 +923,15 @@ pub fn personalize(
         return Err(TrainError::Data("no held-out text".into()));
     }
     let feats = source.features(&specs, cfg.top_k)?;
+    // Decoding the answers left freed buffers in the allocator's pools.
+    spa_model::mem::release_free_heap();
     // The held-out and validation texts' features are fetched after training, so that the
     // app sees progress (and can cancel) as soon as the training features are in.
     personalize_inner(
         plugin,
         head,
         tok,
-        &feats,
+        Feats::Owned(feats),
         Measure::Fetch(source, texts),
         cfg,
         progress,
@@ -973,30 +981,42 @@ pub fn personalize_features(
         plugin,
         head,
         tok,
-        feats,
+        Feats::Borrowed(feats),
         Measure::Given(held, cache),
         cfg,
         progress,
     )
 }
 
+/// Training features: fetched here (freed once training is done, before the measurement
+/// phase fetches its own) or lent by the caller.
+enum Feats<'a> {
+    Owned(Vec<SeqFeatures>),
+    Borrowed(&'a [SeqFeatures]),
+}
+
 fn personalize_inner(
     plugin: &mut SidePlugin,
     head: &spa_model::DeviceHead,
     tok: &SpaTokenizer,
-    feats: &[SeqFeatures],
+    feats: Feats<'_>,
     measure: Measure<'_>,
     cfg: &PersonalizeConfig,
     progress: &mut dyn FnMut(&Progress) -> bool,
 ) -> Result<PersonalizeReport> {
-    if feats.len() < 4 {
+    let all: &[SeqFeatures] = match &feats {
+        Feats::Owned(v) => v,
+        Feats::Borrowed(v) => v,
+    };
+    if all.len() < 4 {
         return Err(TrainError::Data(
             "need at least 4 training sequences".into(),
         ));
     }
     // The last tenth of the training text validates (early stopping).
-    let n_val = (feats.len() / 10).max(1);
-    let (tr, va) = feats.split_at(feats.len() - n_val);
+    let n_val = (all.len() / 10).max(1);
+    let (tr, va) = all.split_at(all.len() - n_val);
+    let train_tokens: usize = tr.iter().map(|s| s.len()).sum();
     let dev_head = head.clone();
     let vocab = WordVocab::shared(tok, &plugin.meta.base);
     // Training first (the app sees progress, and can cancel, from the start), then every
@@ -1014,9 +1034,14 @@ fn personalize_inner(
         loss_targets: cfg
             .word_start_loss
             .then(|| std::sync::Arc::new(word_start_tokens(tok))),
+        micro_batch: cfg.micro_batch,
         ..Default::default()
     };
     let report = train::train(&graph, tr, va, &tcfg, None, progress)?;
+    // The training features are not needed to measure: free them before the held-out and
+    // validation texts' features arrive (device memory).
+    drop(feats);
+    spa_model::mem::release_free_heap();
     let (w, _) = graph.to_weights()?;
     let mut trained = plugin.clone();
     trained.weights = w;
@@ -1084,7 +1109,7 @@ fn personalize_inner(
         before,
         after,
         train: report,
-        train_tokens: tr.iter().map(|s| s.len()).sum(),
+        train_tokens,
         peak_rss_bytes: peak_rss_bytes(),
         cache: cache_report,
         decision,

@@ -92,6 +92,13 @@ pub struct TrainConfig {
     /// `None`: every position). Not part of the run's identity in files.
     #[serde(skip)]
     pub loss_targets: Option<std::sync::Arc<Vec<bool>>>,
+    /// Sequences per forward/backward pass (0: the whole batch). A step's batch runs as
+    /// micro-batches of this size whose gradients are summed, weighted by their loss
+    /// positions, before one optimizer update: the same update as the whole batch (up to
+    /// float rounding), with the autograd graph of a micro-batch only in memory (the graph of
+    /// 8 x 64 positions through 30 side blocks holds ~400 MB). Not part of the run's identity.
+    #[serde(skip)]
+    pub micro_batch: usize,
 }
 
 impl Default for TrainConfig {
@@ -110,6 +117,7 @@ impl Default for TrainConfig {
             weight_decay: 0.01,
             gate_lr_mult: 30.0,
             loss_targets: None,
+            micro_batch: 0,
         }
     }
 }
@@ -228,11 +236,43 @@ impl AdamW {
     /// One update from `loss`.
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
         let grads = loss.backward()?;
+        let g: Vec<Option<Tensor>> = self
+            .vars
+            .iter()
+            .map(|(_, v)| grads.get(v.as_tensor()).cloned())
+            .collect();
+        self.step_grads(&g)
+    }
+
+    /// The gradients of `loss` with respect to each variable, in [`AdamW::step_grads`]'s
+    /// order, scaled by `weight` and added to `acc` (a micro-batch's share of a step).
+    pub fn accumulate(
+        &self,
+        loss: &Tensor,
+        weight: f64,
+        acc: &mut Vec<Option<Tensor>>,
+    ) -> Result<()> {
+        let grads = loss.backward()?;
+        acc.resize(self.vars.len(), None);
+        for ((_, var), a) in self.vars.iter().zip(acc.iter_mut()) {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                let g = (g * weight)?;
+                *a = Some(match a.take() {
+                    Some(prev) => (prev + g)?,
+                    None => g,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// One update from gradients given per variable (`None`: no gradient, left as is).
+    pub fn step_grads(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
         self.t += 1;
         let sm = 1.0 / (1.0 - Self::B1.powi(self.t as i32));
         let sv = 1.0 / (1.0 - Self::B2.powi(self.t as i32));
         for (i, (_, var)) in self.vars.iter().enumerate() {
-            let Some(g) = grads.get(var.as_tensor()) else {
+            let Some(Some(g)) = grads.get(i) else {
                 continue;
             };
             let m = ((&self.m[i] * Self::B1)? + (g * (1.0 - Self::B1))?)?;
@@ -312,10 +352,39 @@ fn objective(
     Ok((loss, stats))
 }
 
+fn check_loss(lv: f64, step: usize) -> Result<f64> {
+    if lv.is_finite() {
+        Ok(lv)
+    } else {
+        Err(TrainError::Tensor(format!(
+            "loss became {lv} at step {step}"
+        )))
+    }
+}
+
+/// Loss positions of one sequence under `cfg` (what [`make_batch_masked`] keeps).
+fn loss_positions(s: &SeqFeatures, cfg: &TrainConfig) -> usize {
+    let targets = s
+        .tokens
+        .get(s.loss_start..s.loss_start + s.n_loss())
+        .unwrap_or(&[]);
+    match cfg.loss_targets.as_deref() {
+        None => targets.len(),
+        Some(keep) => targets
+            .iter()
+            .filter(|&&t| keep.get(t as usize).copied().unwrap_or(false))
+            .count(),
+    }
+}
+
 /// Evaluates the objective over `set` in batches (no training).
 pub fn evaluate(graph: &SideGraph, set: &[SeqFeatures], cfg: &TrainConfig) -> Result<EvalStats> {
     let mut acc = EvalStats::default();
-    for chunk in set.chunks(cfg.batch.max(1)) {
+    let per_pass = match cfg.micro_batch {
+        0 => cfg.batch.max(1),
+        m => m.min(cfg.batch.max(1)),
+    };
+    for chunk in set.chunks(per_pass) {
         let refs: Vec<&SeqFeatures> = chunk.iter().collect();
         let (_, s) = objective(graph, &refs, cfg)?;
         let n = s.positions as f64;
@@ -503,18 +572,44 @@ pub fn train(
             .take(cfg.batch)
             .map(|&i| &train[i])
             .collect();
-        let (loss, _) = objective(graph, &refs, cfg)?;
-        let lv = loss.to_scalar::<f32>()? as f64;
-        if !lv.is_finite() {
-            return Err(TrainError::Tensor(format!(
-                "loss became {lv} at step {}",
-                st.step
-            )));
-        }
-        opt.backward_step(&loss)?;
+        let mb = if cfg.micro_batch == 0 {
+            refs.len().max(1)
+        } else {
+            cfg.micro_batch
+        };
+        let lv = if mb >= refs.len() {
+            let (loss, _) = objective(graph, &refs, cfg)?;
+            let lv = check_loss(loss.to_scalar::<f32>()? as f64, st.step)?;
+            opt.backward_step(&loss)?;
+            lv
+        } else {
+            // Each micro-batch's loss is a mean over its positions: weighting its gradient by
+            // its share of the step's positions gives the whole batch's mean.
+            let total: usize = refs
+                .iter()
+                .map(|s| loss_positions(s, cfg))
+                .sum::<usize>()
+                .max(1);
+            let (mut acc, mut lv) = (Vec::new(), 0.0);
+            for part in refs.chunks(mb) {
+                let n: usize = part.iter().map(|s| loss_positions(s, cfg)).sum();
+                if n == 0 {
+                    continue;
+                }
+                let w = n as f64 / total as f64;
+                let (loss, _) = objective(graph, part, cfg)?;
+                lv += w * check_loss(loss.to_scalar::<f32>()? as f64, st.step)?;
+                opt.accumulate(&loss, w, &mut acc)?;
+            }
+            opt.step_grads(&acc)?;
+            lv
+        };
         st.step += 1;
         st.adam_t = opt.t;
         if st.step % cfg.eval_every == 0 || st.step == cfg.max_steps {
+            // The steps' graphs were freed in the allocator's per-thread pools; hand them back
+            // so that resident memory follows what is live (device-scale training).
+            spa_model::mem::release_free_heap();
             let e = evaluate(graph, val, cfg)?;
             st.history.push((st.step, e.loss));
             last_val = Some(e.loss);

@@ -167,15 +167,8 @@ async fn child(
         "extra": extra,
         "connect_ms": connect_ms,
         "peak_rss_bytes": spa_train::personalize::peak_rss_bytes().unwrap_or(0),
-        "rss_anon_bytes": status_kb("RssAnon:").unwrap_or(0) * 1024,
+        "rss_anon_bytes": spa_train::personalize::proc_status_bytes("RssAnon:").unwrap_or(0),
     }))
-}
-
-/// A `kB` field of /proc/self/status (Linux).
-fn status_kb(field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn run_child(

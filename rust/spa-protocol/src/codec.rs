@@ -68,8 +68,8 @@ fn bad(reason: impl Into<String>) -> ProtocolError {
     }
 }
 
-/// Decodes a wire tensor, checking shape, byte counts, limits and finiteness.
-pub fn decode_tensor(t: &Tensor, limits: &Limits) -> Result<TensorData, ProtocolError> {
+/// Shape `[rows, cols]` of a wire tensor, checked against the limits.
+fn shape_of(t: &Tensor, limits: &Limits) -> Result<(usize, usize, usize), ProtocolError> {
     let [rows, cols] = t.shape[..] else {
         return Err(bad(format!("expected 2 dims, got {}", t.shape.len())));
     };
@@ -78,26 +78,56 @@ pub fn decode_tensor(t: &Tensor, limits: &Limits) -> Result<TensorData, Protocol
         .checked_mul(cols)
         .filter(|&n| n <= limits.max_tensor_elems)
         .ok_or_else(|| ProtocolError::Limit(format!("tensor [{rows}, {cols}] too large")))?;
+    Ok((rows, cols, n))
+}
+
+/// An int8 wire tensor ([`TensorEncoding::I8RowF16Scale`]) kept as int8: `(rows, cols, values
+/// [rows * cols], one f32 scale per row)`, with the same checks as [`decode_tensor`] (shape,
+/// byte counts, limits, finite scales). For consumers that store the int8 values (training
+/// features) instead of dequantizing them.
+pub fn decode_i8_rows(
+    t: &Tensor,
+    limits: &Limits,
+) -> Result<(usize, usize, Vec<i8>, Vec<f32>), ProtocolError> {
+    let (rows, cols, n) = shape_of(t, limits)?;
+    if t.encoding != TensorEncoding::I8RowF16Scale as i32 {
+        return Err(bad(format!(
+            "expected int8 rows, got encoding {}",
+            t.encoding
+        )));
+    }
+    if t.data.len() != n || t.scales.len() != rows * 2 {
+        return Err(bad(format!(
+            "int8 tensor [{rows}, {cols}] with {} data / {} scale bytes",
+            t.data.len(),
+            t.scales.len()
+        )));
+    }
+    let scales: Vec<f32> = t
+        .scales
+        .chunks_exact(2)
+        .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+        .collect();
+    if scales.iter().any(|s| !s.is_finite()) {
+        return Err(bad("non-finite scale"));
+    }
+    Ok((
+        rows,
+        cols,
+        t.data.iter().map(|&b| b as i8).collect(),
+        scales,
+    ))
+}
+
+/// Decodes a wire tensor, checking shape, byte counts, limits and finiteness.
+pub fn decode_tensor(t: &Tensor, limits: &Limits) -> Result<TensorData, ProtocolError> {
+    let (rows, cols, n) = shape_of(t, limits)?;
     let data = match TensorEncoding::try_from(t.encoding) {
         Ok(TensorEncoding::I8RowF16Scale) => {
-            if t.data.len() != n || t.scales.len() != rows * 2 {
-                return Err(bad(format!(
-                    "int8 tensor [{rows}, {cols}] with {} data / {} scale bytes",
-                    t.data.len(),
-                    t.scales.len()
-                )));
-            }
+            let (_, _, q, scales) = decode_i8_rows(t, limits)?;
             let mut out = Vec::with_capacity(n);
-            for r in 0..rows {
-                let s = f16::from_le_bytes([t.scales[2 * r], t.scales[2 * r + 1]]).to_f32();
-                if !s.is_finite() {
-                    return Err(bad("non-finite scale"));
-                }
-                out.extend(
-                    t.data[r * cols..(r + 1) * cols]
-                        .iter()
-                        .map(|&q| q as i8 as f32 * s),
-                );
+            for (row, s) in q.chunks_exact(cols.max(1)).zip(&scales) {
+                out.extend(row.iter().map(|&v| v as f32 * s));
             }
             out
         }
@@ -147,6 +177,29 @@ mod tests {
         // all-zero row
         let z = decode_tensor(&encode_i8_rows(&[0.0; 32], 1, 32), &Limits::default()).unwrap();
         assert!(z.data.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn int8_rows_kept_as_int8_agree_with_the_decoder_and_reject_bad_scales() {
+        let (rows, cols) = (3, 8);
+        let data: Vec<f32> = (0..rows * cols).map(|i| i as f32 - 11.5).collect();
+        let mut t = encode_i8_rows(&data, rows, cols);
+        let (r, c, q, scales) = decode_i8_rows(&t, &Limits::default()).unwrap();
+        assert_eq!(
+            (r, c, q.len(), scales.len()),
+            (rows, cols, rows * cols, rows)
+        );
+        let full = decode_tensor(&t, &Limits::default()).unwrap();
+        for (i, v) in full.data.iter().enumerate() {
+            assert_eq!(*v, q[i] as f32 * scales[i / cols]);
+        }
+        // An f16 tensor is not int8 rows; an infinite scale is refused by both decoders.
+        let f = encode_f16(&data, rows, cols);
+        assert!(decode_i8_rows(&f, &Limits::default()).is_err());
+        let inf = half::f16::INFINITY.to_le_bytes();
+        t.scales[2..4].copy_from_slice(&inf);
+        assert!(decode_i8_rows(&t, &Limits::default()).is_err());
+        assert!(decode_tensor(&t, &Limits::default()).is_err());
     }
 
     #[test]

@@ -20,7 +20,7 @@ mod codec;
 mod messages;
 pub mod sampling;
 
-pub use codec::{decode_tensor, encode_f16, encode_i8_rows, TensorData};
+pub use codec::{decode_i8_rows, decode_tensor, encode_f16, encode_i8_rows, TensorData};
 pub use messages::*;
 
 use prost::Message;

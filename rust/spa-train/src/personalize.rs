@@ -1134,13 +1134,11 @@ pub fn from_wire(
     let bad = |m: &str| TrainError::Data(format!("features answer: {m}"));
     let n = tokens.len();
     let t = resp.taps.as_ref().ok_or_else(|| bad("no taps"))?;
-    let rows = n * n_taps;
-    if t.encoding != spa_protocol::TensorEncoding::I8RowF16Scale as i32
-        || t.shape != [rows as u32, width as u32]
-        || t.data.len() != rows * width
-        || t.scales.len() != rows * 2
-    {
-        return Err(bad("taps of the wrong shape or encoding"));
+    let (rows, cols, taps, scales) =
+        spa_protocol::decode_i8_rows(t, &spa_protocol::Limits::default())
+            .map_err(|e| bad(&format!("taps: {e}")))?;
+    if rows != n * n_taps || cols != width {
+        return Err(bad("taps of the wrong shape"));
     }
     let c = top_k + 1;
     if n < 2
@@ -1155,12 +1153,8 @@ pub fn from_wire(
     Ok(SeqFeatures {
         tokens: tokens.to_vec(),
         loss_start: 1,
-        taps: t.data.iter().map(|&b| b as i8).collect(),
-        scales: t
-            .scales
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
+        taps,
+        scales,
         cand_ids: resp.cand_ids.clone(),
         cand_logits: resp.cand_logits.clone(),
         target_idx: resp.target_idx.clone(),

@@ -60,14 +60,18 @@ pub struct DeviceBenchArgs {
 
 const KEY: &str = "bench-device-key";
 
-async fn connect(url: &str, ca: &Path, dir: &Path) -> Result<(Client, Arc<DeviceModel>)> {
+async fn connect(
+    url: &str,
+    ca: &Path,
+    dir: &Path,
+) -> Result<(Client, spa_protocol::Manifest, Arc<DeviceModel>)> {
     let mut cfg = ClientConfig::new(url, KEY);
     cfg.extra_root_pem = Some(std::fs::read_to_string(ca)?);
     let client = Client::new(cfg)?;
     let m = client.manifest().await?;
     let plugin = untrained_plugin(&m)?;
     let dev = pack_device(&client, &m, &plugin, QuantMode::Q8, dir, &mut |_, _| {}).await?;
-    Ok((client, Arc::new(dev)))
+    Ok((client, m, Arc::new(dev)))
 }
 
 async fn child(
@@ -78,7 +82,7 @@ async fn child(
     personalize_words: usize,
 ) -> Result<serde_json::Value> {
     let t0 = Instant::now();
-    let (client, dev) = connect(url, ca, dir).await?;
+    let (client, m, dev) = connect(url, ca, dir).await?;
     let connect_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut extra = serde_json::json!({});
     match mode {
@@ -127,7 +131,6 @@ async fn child(
                     heldout_words: (personalize_words / 10).max(200),
                 },
             )?;
-            let m = client.manifest().await?;
             let handle = tokio::runtime::Handle::current();
             let cfg = PersonalizeConfig {
                 max_chunks: 1000,

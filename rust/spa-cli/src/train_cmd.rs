@@ -476,7 +476,7 @@ fn personalize_run(
             personalize::CacheInput::fetch(&mut src, tok, &texts.train, cfg.cache_tuning_words)?;
         (SidePlugin::init(&base, &proj, cfg.seed, 0.0)?, f, h, c)
     }; // the base is dropped here
-    personalize::release_freed_memory();
+    spa_model::mem::release_free_heap();
     let reset = personalize::reset_peak_rss();
     let mut plugin = plugin;
     let pb = features::progress(cfg.steps as u64, "personalizing", quiet);

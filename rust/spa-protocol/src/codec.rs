@@ -81,6 +81,36 @@ fn shape_of(t: &Tensor, limits: &Limits) -> Result<(usize, usize, usize), Protoc
     Ok((rows, cols, n))
 }
 
+/// Little-endian f16 values as f32.
+fn f16_values(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(2)
+        .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+        .collect()
+}
+
+/// The int8 values and finite per-row scales of an int8 tensor of the checked shape
+/// `[rows, cols]` (`n` elements).
+fn i8_parts(
+    t: &Tensor,
+    rows: usize,
+    cols: usize,
+    n: usize,
+) -> Result<(Vec<i8>, Vec<f32>), ProtocolError> {
+    if t.data.len() != n || t.scales.len() != rows * 2 {
+        return Err(bad(format!(
+            "int8 tensor [{rows}, {cols}] with {} data / {} scale bytes",
+            t.data.len(),
+            t.scales.len()
+        )));
+    }
+    let scales = f16_values(&t.scales);
+    if scales.iter().any(|s| !s.is_finite()) {
+        return Err(bad("non-finite scale"));
+    }
+    Ok((t.data.iter().map(|&b| b as i8).collect(), scales))
+}
+
 /// An int8 wire tensor ([`TensorEncoding::I8RowF16Scale`]) kept as int8: `(rows, cols, values
 /// [rows * cols], one f32 scale per row)`, with the same checks as [`decode_tensor`] (shape,
 /// byte counts, limits, finite scales). For consumers that store the int8 values (training
@@ -96,27 +126,8 @@ pub fn decode_i8_rows(
             t.encoding
         )));
     }
-    if t.data.len() != n || t.scales.len() != rows * 2 {
-        return Err(bad(format!(
-            "int8 tensor [{rows}, {cols}] with {} data / {} scale bytes",
-            t.data.len(),
-            t.scales.len()
-        )));
-    }
-    let scales: Vec<f32> = t
-        .scales
-        .chunks_exact(2)
-        .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-        .collect();
-    if scales.iter().any(|s| !s.is_finite()) {
-        return Err(bad("non-finite scale"));
-    }
-    Ok((
-        rows,
-        cols,
-        t.data.iter().map(|&b| b as i8).collect(),
-        scales,
-    ))
+    let (q, scales) = i8_parts(t, rows, cols, n)?;
+    Ok((rows, cols, q, scales))
 }
 
 /// Decodes a wire tensor, checking shape, byte counts, limits and finiteness.
@@ -124,7 +135,7 @@ pub fn decode_tensor(t: &Tensor, limits: &Limits) -> Result<TensorData, Protocol
     let (rows, cols, n) = shape_of(t, limits)?;
     let data = match TensorEncoding::try_from(t.encoding) {
         Ok(TensorEncoding::I8RowF16Scale) => {
-            let (_, _, q, scales) = decode_i8_rows(t, limits)?;
+            let (q, scales) = i8_parts(t, rows, cols, n)?;
             let mut out = Vec::with_capacity(n);
             for (row, s) in q.chunks_exact(cols.max(1)).zip(&scales) {
                 out.extend(row.iter().map(|&v| v as f32 * s));
@@ -138,11 +149,7 @@ pub fn decode_tensor(t: &Tensor, limits: &Limits) -> Result<TensorData, Protocol
                     t.data.len()
                 )));
             }
-            let out: Vec<f32> = t
-                .data
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect();
+            let out = f16_values(&t.data);
             if out.iter().any(|x| !x.is_finite()) {
                 return Err(bad("non-finite value"));
             }

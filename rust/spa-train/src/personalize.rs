@@ -335,14 +335,6 @@ pub fn chunk_texts(tok: &SpaTokenizer, texts: &[String], chunk: usize) -> Result
     Ok(out)
 }
 
-/// Returns the heap the process freed to the operating system
-/// ([`spa_model::mem::release_free_heap`]), so that the resident size measured next counts
-/// what is live, not what an earlier phase (e.g. the base model's features pass) left in the
-/// allocator's pools.
-pub fn release_freed_memory() {
-    spa_model::mem::release_free_heap();
-}
-
 /// Resets the peak resident set size (Linux: writes 5 to /proc/self/clear_refs); returns
 /// whether it worked.
 pub fn reset_peak_rss() -> bool {
@@ -936,7 +928,7 @@ pub fn personalize(
         plugin,
         head,
         tok,
-        Feats::Owned(feats),
+        std::borrow::Cow::Owned(feats),
         Measure::Fetch(source, texts),
         cfg,
         progress,
@@ -986,33 +978,25 @@ pub fn personalize_features(
         plugin,
         head,
         tok,
-        Feats::Borrowed(feats),
+        std::borrow::Cow::Borrowed(feats),
         Measure::Given(held, cache),
         cfg,
         progress,
     )
 }
 
-/// Training features: fetched here (freed once training is done, before the measurement
-/// phase fetches its own) or lent by the caller.
-enum Feats<'a> {
-    Owned(Vec<SeqFeatures>),
-    Borrowed(&'a [SeqFeatures]),
-}
-
 fn personalize_inner(
     plugin: &mut SidePlugin,
     head: &spa_model::DeviceHead,
     tok: &SpaTokenizer,
-    feats: Feats<'_>,
+    // Fetched here (owned: freed once training is done, before the measurement phase fetches
+    // its own) or lent by the caller.
+    feats: std::borrow::Cow<'_, [SeqFeatures]>,
     measure: Measure<'_>,
     cfg: &PersonalizeConfig,
     progress: &mut dyn FnMut(&Progress) -> bool,
 ) -> Result<PersonalizeReport> {
-    let all: &[SeqFeatures] = match &feats {
-        Feats::Owned(v) => v,
-        Feats::Borrowed(v) => v,
-    };
+    let all: &[SeqFeatures] = &feats;
     if all.len() < 4 {
         return Err(TrainError::Data(
             "need at least 4 training sequences".into(),

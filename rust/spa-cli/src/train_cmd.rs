@@ -299,9 +299,26 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         log::warn!("full separation's input projection is not part of a device plugin; saving the side blocks only");
     }
     plugin.weights = w;
+    let gate = if m.gated() {
+        let (t, sweep) = train::choose_gate_threshold(&graph, &fva[0].seqs, &cfg)?;
+        plugin.weights.config.gate_threshold = t;
+        let at = |t: f32| sweep.iter().find(|p| p.threshold == t);
+        match (at(t), at(0.5)) {
+            (Some(c), Some(h)) => format!(
+                "; gate threshold {t} chosen on validation (top-1 {:.1}% at {:.0}% side usage; 0.5 gives {:.1}% at {:.0}%)",
+                100.0 * c.accuracy,
+                100.0 * c.side_usage,
+                100.0 * h.accuracy,
+                100.0 * h.side_usage
+            ),
+            _ => format!("; gate threshold {t}"),
+        }
+    } else {
+        String::new()
+    };
     plugin.save(&a.out)?;
     println!(
-        "{} on {}: validation {:.4} -> {:.4} in {} steps ({:.0} s); side usage {:.1}%, overrides {:.1}%; saved {}",
+        "{} on {}: validation {:.4} -> {:.4} in {} steps ({:.0} s); side usage {:.1}%, overrides {:.1}%{gate}; saved {}",
         m.name(),
         task.name(),
         r.initial.loss,
@@ -744,7 +761,10 @@ async fn measure_rounds(
         ("adaptive".into(), 8, Some(AdaptiveDraft::default())),
     ];
     for inp in inputs {
-        let plugin = SidePlugin::load(&inp.plugin)?;
+        let mut plugin = SidePlugin::load(&inp.plugin)?;
+        if let Some(t) = inp.gate_threshold {
+            plugin.weights.config.gate_threshold = t;
+        }
         let dev = Arc::new(DeviceModel::new(
             &assets_dev,
             &plugin,
@@ -912,6 +932,10 @@ pub struct KeystrokesArgs {
     /// float rounding; several times faster).
     #[arg(long)]
     fast: bool,
+    /// Also measure the base strip without word continuations (one-token words only, as
+    /// before continuations existed).
+    #[arg(long)]
+    without_continuations: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -957,8 +981,8 @@ pub fn keystrokes_cmd(a: KeystrokesArgs) -> Result<()> {
         spa_model::ForwardMode::BatchInvariant
     };
     let fetch = |f16: bool| {
-        move |t: &[u32], h: &[u32], w: bool| {
-            personalize::local_window_features(base, None, t, h, w, f16, mode)
+        move |r: &personalize::WindowRequest<'_>| {
+            personalize::local_window_features(base, None, r, f16, mode)
         }
     };
     eprintln!("base features of the held-out text...");
@@ -972,6 +996,23 @@ pub fn keystrokes_cmd(a: KeystrokesArgs) -> Result<()> {
         "forward": format!("{mode:?}"),
         "base": m_base,
     });
+    if a.without_continuations {
+        let mut one_token = |r: &personalize::WindowRequest<'_>| {
+            let r = personalize::WindowRequest {
+                continuation_positions: &[],
+                ..*r
+            };
+            personalize::local_window_features(base, None, &r, false, mode)
+        };
+        let held1 = personalize::strip_docs_with(tok, &text.held_out, false, &mut one_token)?;
+        out["base_without_continuations"] = serde_json::to_value(personalize::strip_metrics(
+            &device,
+            &vocab,
+            None,
+            &held1,
+            &mut |_| {},
+        )?)?;
+    }
     if a.f16_check {
         let held16 = personalize::strip_docs_with(tok, &text.held_out, false, &mut fetch(true))?;
         out["base_f16_hidden"] = serde_json::to_value(personalize::strip_metrics(

@@ -88,6 +88,8 @@ pub struct BaseModel {
     head: Linear,
     rope_global: (Tensor, Tensor),
     rope_local: (Tensor, Tensor),
+    /// Per token id: starts a word (see [`BaseModel::word_starts`]); built on first use.
+    word_starts: std::sync::OnceLock<Vec<bool>>,
 }
 
 fn rope_tables(theta: f32, head_dim: usize, len: usize) -> Result<(Tensor, Tensor)> {
@@ -237,7 +239,77 @@ impl BaseModel {
             head,
             rope_global,
             rope_local,
+            word_starts: Default::default(),
         })
+    }
+
+    /// Per token id: whether it starts a word (a space, then letters:
+    /// [`SpaTokenizer::whole_word`]). Decodes the vocabulary on first use (~0.1 s).
+    pub fn word_starts(&self) -> &[bool] {
+        self.word_starts.get_or_init(|| {
+            (0..self.cfg.vocab as u32)
+                .map(|id| self.tokenizer.whole_word(id).is_some())
+                .collect()
+        })
+    }
+
+    /// Word continuations (`/v1/features` `continuations`): for each of `positions` (rows of
+    /// `hidden`, the final normed states of the tokens held in `cache`), the base's `c` most
+    /// likely word-start tokens there ([`BaseModel::word_starts`]), most likely first, and the
+    /// final normed hidden state after each, from copies of the cache's first `p + 1` positions
+    /// ([`KvCache::fork_prefix`]). One batched forward of `c` one-token sequences per position,
+    /// so the weights are read once for all `c`. Returns `(ids [positions * c], states [positions * c * hidden])`.
+    pub fn word_continuations(
+        &self,
+        cache: &KvCache,
+        hidden: &[Vec<f32>],
+        positions: &[u32],
+        c: usize,
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
+        let d = self.cfg.hidden;
+        let starts = self.word_starts();
+        let (mut ids, mut states) = (
+            Vec::with_capacity(positions.len() * c),
+            Vec::with_capacity(positions.len() * c * d),
+        );
+        for &p in positions {
+            let row = hidden
+                .get(p as usize)
+                .filter(|r| r.len() == d)
+                .ok_or_else(|| {
+                    SpaError::InvalidConfig(format!("continuation position {p} has no state"))
+                })?;
+            let logits = self.last_logits(&Tensor::from_slice(row, (1, d), &Device::Cpu)?)?;
+            let mut order: Vec<u32> = (0..logits.len() as u32)
+                .filter(|&i| starts.get(i as usize).copied().unwrap_or(false))
+                .collect();
+            let take = c.min(order.len());
+            if take == 0 {
+                return Err(SpaError::InvalidConfig(
+                    "the vocabulary has no word-start token".into(),
+                ));
+            }
+            order.select_nth_unstable_by(take - 1, |&a, &b| {
+                logits[b as usize].total_cmp(&logits[a as usize])
+            });
+            order.truncate(take);
+            order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+            let mut caches: Vec<KvCache> = (0..take)
+                .map(|_| cache.fork_prefix(p as usize + 1, 1))
+                .collect::<Result<_>>()?;
+            let toks: Vec<[u32; 1]> = order.iter().map(|&t| [t]).collect();
+            let mut jobs: Vec<(&[u32], &mut KvCache)> = toks
+                .iter()
+                .map(|t| t.as_slice())
+                .zip(caches.iter_mut())
+                .collect();
+            for out in self.forward_batch(&mut jobs)? {
+                let v: Vec<f32> = out.hidden.flatten_all()?.to_vec1()?;
+                states.extend_from_slice(&v[v.len() - d..]);
+            }
+            ids.extend(order);
+        }
+        Ok((ids, states))
     }
 
     /// Model hyper-parameters.

@@ -90,6 +90,30 @@ impl LayerKv {
         })
     }
 
+    /// An independent copy of the first `len` positions (at most the length) with room for
+    /// `extra` more before the storage grows: copies only those rows, not the capacity.
+    pub fn fork_prefix(&self, len: usize, extra: usize) -> Result<Self> {
+        let len = len.min(self.len);
+        let copy = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
+            Ok(match t {
+                Some(t) => {
+                    let (b, h, _, d) = t.dims4()?;
+                    let out = Tensor::zeros((b, h, len + extra.max(1), d), t.dtype(), t.device())?;
+                    if len > 0 {
+                        out.slice_set(&t.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                    }
+                    Some(out)
+                }
+                None => None,
+            })
+        };
+        Ok(Self {
+            k: copy(&self.k)?,
+            v: copy(&self.v)?,
+            len,
+        })
+    }
+
     /// Bytes held by the storage (capacity, not length).
     pub fn capacity_bytes(&self) -> usize {
         [&self.k, &self.v]
@@ -154,6 +178,19 @@ impl KvCache {
         })
     }
 
+    /// An independent copy of the first `len` positions with room for `extra` more (a branch
+    /// off a prefix: copies `len` rows per layer instead of the whole storage).
+    pub fn fork_prefix(&self, len: usize, extra: usize) -> Result<Self> {
+        Ok(Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.fork_prefix(len, extra))
+                .collect::<Result<_>>()?,
+            max_len: self.max_len,
+        })
+    }
+
     /// Mutable access to one layer's cache.
     pub(crate) fn layer_mut(&mut self, i: usize) -> &mut LayerKv {
         &mut self.layers[i]
@@ -174,5 +211,37 @@ impl KvCache {
     /// Bytes of storage held by all layers.
     pub fn capacity_bytes(&self) -> usize {
         self.layers.iter().map(LayerKv::capacity_bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn rows(from: usize, n: usize) -> Tensor {
+        let v: Vec<f32> = (from * 4..(from + n) * 4).map(|x| x as f32).collect();
+        Tensor::from_vec(v, (1, 1, n, 4), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn fork_prefix_copies_the_prefix_and_branches_independently() {
+        let mut a = LayerKv::default();
+        a.append(&rows(0, 5), &rows(0, 5), 64).unwrap();
+        let mut b = a.fork_prefix(3, 1).unwrap();
+        assert_eq!(b.len(), 3);
+        assert_eq!(b.capacity_bytes(), 2 * 4 * 4 * 4);
+        // Appending to the branch: the prefix, then the new row; the original is untouched.
+        let (k, _) = b.append(&rows(9, 1), &rows(9, 1), 64).unwrap();
+        let got: Vec<f32> = k.flatten_all().unwrap().to_vec1().unwrap();
+        let mut want: Vec<f32> = (0..12).map(|x| x as f32).collect();
+        want.extend((36..40).map(|x| x as f32));
+        assert_eq!(got, want);
+        let (k, _) = a.append(&rows(5, 1), &rows(5, 1), 64).unwrap();
+        let got: Vec<f32> = k.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got, (0..24).map(|x| x as f32).collect::<Vec<_>>());
+        // A prefix longer than the cache is the whole cache; an empty cache forks empty.
+        assert_eq!(a.fork_prefix(99, 0).unwrap().len(), 6);
+        assert!(LayerKv::default().fork_prefix(2, 1).unwrap().is_empty());
     }
 }

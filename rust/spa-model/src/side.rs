@@ -44,6 +44,15 @@ pub struct SideConfig {
     pub base_hidden: usize,
     /// RoPE base of the side attention.
     pub rope_theta: f32,
+    /// A learned gate takes the side path where its side probability exceeds this (0.5 unless
+    /// training chose another on validation, see `spa_train::train::choose_gate_threshold`;
+    /// 1.0: never). Files written before it existed read as 0.5.
+    #[serde(default = "default_gate_threshold")]
+    pub gate_threshold: f32,
+}
+
+fn default_gate_threshold() -> f32 {
+    0.5
 }
 
 impl SideConfig {
@@ -56,6 +65,7 @@ impl SideConfig {
             temperature: 0.1,
             base_hidden: hidden,
             rope_theta: 10_000.0,
+            gate_threshold: default_gate_threshold(),
         }
     }
 
@@ -86,6 +96,12 @@ impl SideConfig {
             return Err(SpaError::InvalidConfig(
                 "ffn_mult and temperature must be positive".into(),
             ));
+        }
+        if !(0.0..=1.0).contains(&self.gate_threshold) {
+            return Err(SpaError::InvalidConfig(format!(
+                "gate threshold {} must be within [0, 1]",
+                self.gate_threshold
+            )));
         }
         Ok(())
     }

@@ -76,10 +76,15 @@ impl SidePlugin {
         })
     }
 
-    /// Saves as safetensors with the metadata record (atomic write).
+    /// Saves as safetensors with the metadata record (atomic write). The recorded
+    /// configuration is the weights' (e.g. a gate threshold chosen after training).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let meta = serde_json::to_string(&self.meta)
-            .map_err(|e| SpaError::InvalidConfig(e.to_string()))?;
+        let meta = SideMeta {
+            config: self.weights.config.clone(),
+            ..self.meta.clone()
+        };
+        let meta =
+            serde_json::to_string(&meta).map_err(|e| SpaError::InvalidConfig(e.to_string()))?;
         io::save_f32(path, &self.weights.tensors, &meta)
     }
 
@@ -141,10 +146,11 @@ pub enum GateMode {
 }
 
 impl GateMode {
-    /// Whether a position takes the side path, given the gate's probability of it.
-    pub fn use_side(self, p_side: f32) -> bool {
+    /// Whether a position takes the side path, given the gate's probability of it and the
+    /// network's threshold ([`SideConfig::gate_threshold`](crate::SideConfig)).
+    pub fn use_side(self, p_side: f32, threshold: f32) -> bool {
         match self {
-            GateMode::Learned => p_side > 0.5,
+            GateMode::Learned => p_side > threshold,
             GateMode::AlwaysSide => true,
             GateMode::AlwaysBase => false,
         }
@@ -212,7 +218,9 @@ impl Decoder for SpaDecoder<'_> {
             last = Some((self.side.step(zp, hp, &mut self.cache)?, hp));
         }
         let (step, h) = last.ok_or_else(|| SpaError::InvalidConfig("no tokens".into()))?;
-        let use_side = self.gate.use_side(step.p_side);
+        let use_side = self
+            .gate
+            .use_side(step.p_side, self.side.config().gate_threshold);
         let base_logits = self.head.full(h)?;
         self.counters.positions += 1;
         if use_side {

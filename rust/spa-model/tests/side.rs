@@ -417,6 +417,14 @@ fn plugin_save_load_and_base_binding() {
     );
     let bound = SidePlugin::load_for(&f.0, base, &proj).unwrap();
     assert_eq!(bound.weights, plugin.weights);
+    // A gate threshold set on the weights after training is what the file records.
+    let mut tuned = plugin.clone();
+    tuned.weights.config.gate_threshold = 0.7;
+    let t = TempPath::new("tuned");
+    tuned.save(&t.0).unwrap();
+    let back = SidePlugin::load(&t.0).unwrap();
+    assert_eq!(back.weights.config.gate_threshold, 0.7);
+    assert_eq!(back.meta.config.gate_threshold, 0.7);
     // The loaded network computes exactly what the original computes.
     let data = inputs(base, &proj, "Fog over the bay.");
     assert_eq!(run(&loaded.weights, &data), run(&plugin.weights, &data));

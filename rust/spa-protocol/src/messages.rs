@@ -211,6 +211,16 @@ pub struct FeaturesRequest {
     /// states of the earlier ones); 0 = every position.
     #[prost(uint32, tag = "4")]
     pub taps_from: u32,
+    /// At each of `continuation_positions`, the server also extends the text by each of its
+    /// `continuations` most likely word-start tokens (a space, then letters) and returns the
+    /// final normed hidden state after it: the device then scores the word's second token, so
+    /// words of two tokens can be suggested. The tokens are the server's own choice, so nothing
+    /// the user did not type is sent. 0 = none; at most 16.
+    #[prost(uint32, tag = "5")]
+    pub continuations: u32,
+    /// Positions to extend (each below the token count).
+    #[prost(uint32, repeated, tag = "6")]
+    pub continuation_positions: Vec<u32>,
 }
 
 /// Answer to a features request for `n` tokens: taps of every position (from `taps_from`), for
@@ -237,6 +247,15 @@ pub struct FeaturesResponse {
     /// each requested position, in request order.
     #[prost(message, optional, tag = "6")]
     pub hidden: Option<Tensor>,
+    /// `[continuation_positions.len() * c]`: per continuation position (in request order) the
+    /// `c` word-start tokens the server extended it by, most likely first (`c` = the request's
+    /// `continuations`).
+    #[prost(uint32, repeated, tag = "7")]
+    pub cont_ids: Vec<u32>,
+    /// `[hidden_positions.len() * c, hidden]` int8 rows: the final normed hidden state after
+    /// each token of `cont_ids`.
+    #[prost(message, optional, tag = "8")]
+    pub cont_hidden: Option<Tensor>,
 }
 
 /// Error codes.

@@ -240,7 +240,9 @@ impl DeviceModel {
             return Err(RuntimeError::Protocol("hidden state of wrong size".into()));
         }
         let step = self.side.step(&z, &hidden.data, cache)?;
-        let side = self.gate.use_side(step.p_side);
+        let side = self
+            .gate
+            .use_side(step.p_side, self.side.config().gate_threshold);
         let token = if !side {
             s.draft_token
         } else if ws.temperature > 0.0 {

@@ -158,7 +158,10 @@ impl Suggester {
         Ok(Suggestions {
             words: l.ranked.top(partial, count),
             partial: partial.to_string(),
-            side: l.step.is_some() && device.gate.use_side(p_side),
+            side: l.step.is_some()
+                && device
+                    .gate
+                    .use_side(p_side, device.side.config().gate_threshold),
             p_side,
             context_tokens: l.window.len(),
             requested: !reuse,
@@ -200,6 +203,8 @@ impl Suggester {
                 top_k: 0,
                 hidden_positions: vec![(n - 1) as u32],
                 taps_from: from as u32,
+                continuations: words::CONTINUATIONS as u32,
+                continuation_positions: vec![(n - 1) as u32],
             })
             .await?;
         let limits = Limits::default();
@@ -239,7 +244,20 @@ impl Suggester {
             }
         }
         let probs = words::next_token_probs(device, hidden.row(0), step.as_ref())?;
-        let ranked = RankedWords::new(&probs, &self.vocab, cache.as_deref(), prev.as_deref());
+        let conts = words::decode_continuations(
+            device,
+            &self.vocab,
+            &resp.cont_ids,
+            resp.cont_hidden.as_ref(),
+            words::CONTINUATIONS,
+        )?;
+        let ranked = RankedWords::new(
+            &probs,
+            &conts,
+            &self.vocab,
+            cache.as_deref(),
+            prev.as_deref(),
+        );
         Ok(Last {
             device: device as *const DeviceModel as usize,
             window,

@@ -6,9 +6,12 @@
 //!   sent by the server); with a side state the side path's logits are
 //!   `head · h + head · up(s)` and the two are mixed by the gate.
 //! - [`RankedWords`]: every whole word (a token with a leading space and letters only) ranked by
-//!   that distribution, optionally interpolated with the user's [`WordCache`] (which also brings
-//!   the user's words of several tokens); [`RankedWords::top`] filters by the typed prefix
-//!   without asking the server again, [`RankedWords::keys_to_enter`] is the keystroke rule.
+//!   that distribution, plus the words of two tokens the base continues (the server extends
+//!   the context by each of its [`CONTINUATIONS`] most likely word-start tokens and sends the
+//!   hidden state after it; the device's head gives the second token, see [`Continuation`]),
+//!   optionally interpolated with the user's [`WordCache`] (which also brings the user's
+//!   longer words); [`RankedWords::top`] filters by the typed prefix without asking the server
+//!   again, [`RankedWords::keys_to_enter`] is the keystroke rule.
 //! - [`context_start`]: how much context the strip sends (up to [`CONTEXT_MAX`] tokens).
 
 use crate::device::DeviceModel;
@@ -70,35 +73,92 @@ pub fn start_token(tok: &SpaTokenizer) -> u32 {
 }
 
 /// The whole words of a vocabulary: token id -> word (leading space stripped), built once per
-/// tokenizer ([`WordVocab::shared`]).
+/// tokenizer ([`WordVocab::shared`]), and the word pieces that can follow a word's first token.
 #[derive(Debug)]
 pub struct WordVocab {
     /// (token id, word) of every whole-word token, by id.
     words: Vec<(u32, Arc<str>)>,
     /// Word -> index into `words`.
     index: HashMap<Arc<str>, usize>,
+    /// Token id -> index into `words`.
+    by_id: HashMap<u32, usize>,
+    /// (token id, text) of every word piece: letters only, no leading space (the second token
+    /// of a word such as " Pres" + "ident").
+    pieces: Vec<(u32, Arc<str>)>,
+    /// Per token id: it continues the word before it (starts with a letter or an apostrophe,
+    /// no space). Empty for a vocabulary built from words alone.
+    continues: Vec<bool>,
 }
 
 impl WordVocab {
     /// Decodes every token of `tok` once (about 0.1 s for 49k tokens).
     pub fn new(tok: &SpaTokenizer) -> Self {
-        Self::from_words(
-            (0..tok.vocab_size() as u32).filter_map(|id| Some((id, tok.whole_word(id)?))),
-        )
+        let n = tok.vocab_size();
+        let (mut words, mut pieces, mut continues) = (Vec::new(), Vec::new(), vec![false; n]);
+        for id in 0..n as u32 {
+            if let Some(w) = tok.whole_word(id) {
+                words.push((id, w));
+                continue;
+            }
+            let Ok(text) = tok.decode(&[id]) else {
+                continue;
+            };
+            if text.starts_with(|c: char| c.is_alphabetic() || c == '\'') {
+                continues[id as usize] = true;
+                if text.chars().all(char::is_alphabetic) {
+                    pieces.push((id, text));
+                }
+            }
+        }
+        let mut v = Self::from_words(words);
+        v.pieces = pieces.into_iter().map(|(id, t)| (id, t.into())).collect();
+        v.continues = continues;
+        v
     }
 
-    /// A vocabulary of the given (token id, word) pairs (the first id of a repeated word wins).
+    /// A vocabulary of the given (token id, word) pairs (the first id of a repeated word wins),
+    /// without word pieces.
     pub fn from_words(pairs: impl IntoIterator<Item = (u32, String)>) -> Self {
         let mut words = Vec::new();
         let mut index = HashMap::new();
+        let mut by_id = HashMap::new();
         for (id, w) in pairs {
             let w: Arc<str> = w.into();
             if !index.contains_key(&w) {
                 index.insert(w.clone(), words.len());
+                by_id.insert(id, words.len());
                 words.push((id, w));
             }
         }
-        Self { words, index }
+        Self {
+            words,
+            index,
+            by_id,
+            pieces: Vec::new(),
+            continues: Vec::new(),
+        }
+    }
+
+    /// [`WordVocab::from_words`] with word pieces: (token id, text) of tokens that continue a
+    /// word (letters only, no leading space).
+    pub fn with_pieces(
+        words: impl IntoIterator<Item = (u32, String)>,
+        pieces: impl IntoIterator<Item = (u32, String)>,
+    ) -> Self {
+        let mut v = Self::from_words(words);
+        v.pieces = pieces.into_iter().map(|(id, t)| (id, t.into())).collect();
+        let n = v
+            .pieces
+            .iter()
+            .map(|p| p.0 as usize + 1)
+            .chain(v.words.iter().map(|w| w.0 as usize + 1))
+            .max()
+            .unwrap_or(0);
+        v.continues = vec![false; n];
+        for &(id, _) in &v.pieces {
+            v.continues[id as usize] = true;
+        }
+        v
     }
 
     /// The vocabulary of `tok`, built once per process and tokenizer (keyed by `key`, e.g. the
@@ -184,6 +244,124 @@ pub fn next_token_probs(
     })
 }
 
+/// Continuations asked of the server per strip position (`/v1/features` `continuations`): its
+/// most likely word-start tokens there, each extended by one token.
+pub const CONTINUATIONS: usize = 8;
+/// Word pieces kept per continuation (the most likely second tokens).
+pub const CONTINUATION_PIECES: usize = 16;
+
+/// What the base says after one word-start token `first` (a server continuation): the
+/// probability that the word ends there, and its most likely second tokens. The strip then
+/// ranks `first` alone by `P(first) · ends` and the two-token words `first + piece` by
+/// `P(first) · P(piece | first)` (the word is taken to end after the piece).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Continuation {
+    /// The word-start token extended.
+    pub first: u32,
+    /// P(the next token does not continue the word | first).
+    pub ends: f32,
+    /// The [`CONTINUATION_PIECES`] most likely word pieces after `first`, with their
+    /// probabilities, most likely first.
+    pub pieces: Vec<(u32, f32)>,
+}
+
+/// The [`Continuation`] of `first` from the base's final normed hidden state after it (sent
+/// by the server): the base's distribution by the device's head, without the side path (the
+/// side network has not seen the continuation token). One full-head product.
+pub fn continuation(
+    device: &DeviceModel,
+    vocab: &WordVocab,
+    first: u32,
+    hidden_after: &[f32],
+) -> Result<Continuation> {
+    let logits = device.head.full(hidden_after)?;
+    if logits.iter().any(|x| !x.is_finite()) {
+        return Err(RuntimeError::Protocol(
+            "non-finite continuation logits".into(),
+        ));
+    }
+    let p = spa_model::softmax(&logits);
+    let goes_on: f32 = p
+        .iter()
+        .zip(&vocab.continues)
+        .filter(|(_, &c)| c)
+        .map(|(p, _)| p)
+        .sum();
+    let mut pieces: Vec<(u32, f32)> = vocab
+        .pieces
+        .iter()
+        .map(|&(id, _)| (id, p.get(id as usize).copied().unwrap_or(0.0)))
+        .collect();
+    let keep = CONTINUATION_PIECES.min(pieces.len());
+    if keep > 0 {
+        pieces.select_nth_unstable_by(keep - 1, |a, b| b.1.total_cmp(&a.1));
+    }
+    pieces.truncate(keep);
+    pieces.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok(Continuation {
+        first,
+        ends: (1.0 - goes_on).clamp(0.0, 1.0),
+        pieces,
+    })
+}
+
+/// The [`Continuation`]s of one features answer (`cont_ids`, `cont_hidden`; `per_position`
+/// asked at each of `positions` continuation positions), checked for shape: every position's,
+/// in order (the strip asks at one position; the keystroke metric at every word start of a
+/// window).
+pub fn decode_continuation_rows(
+    device: &DeviceModel,
+    vocab: &WordVocab,
+    ids: &[u32],
+    hidden: Option<&spa_protocol::Tensor>,
+    positions: usize,
+    per_position: usize,
+) -> Result<Vec<Vec<Continuation>>> {
+    if per_position == 0 || (ids.is_empty() && hidden.is_none()) {
+        // None asked, or a server from before continuations: one-token words only.
+        return Ok(vec![Vec::new(); positions]);
+    }
+    let h = hidden.ok_or_else(|| {
+        RuntimeError::Protocol("features answer without continuation states".into())
+    })?;
+    let h = spa_protocol::decode_tensor(h, &spa_protocol::Limits::default())?;
+    let d = device.side.config().base_hidden;
+    let vocab_n = device.tokenizer.vocab_size();
+    if ids.len() != h.rows
+        || h.cols != d
+        || !ids.len().is_multiple_of(positions.max(1))
+        || ids.len() > positions * per_position
+        || ids.iter().any(|&t| t as usize >= vocab_n)
+    {
+        return Err(RuntimeError::Protocol(
+            "features answer: continuations of the wrong shape".into(),
+        ));
+    }
+    let c = ids.len() / positions.max(1);
+    (0..positions)
+        .map(|p| {
+            (p * c..(p + 1) * c)
+                .map(|i| continuation(device, vocab, ids[i], h.row(i)))
+                .collect()
+        })
+        .collect()
+}
+
+/// [`decode_continuation_rows`] of an answer for one continuation position.
+pub fn decode_continuations(
+    device: &DeviceModel,
+    vocab: &WordVocab,
+    ids: &[u32],
+    hidden: Option<&spa_protocol::Tensor>,
+    per_position: usize,
+) -> Result<Vec<Continuation>> {
+    Ok(
+        decode_continuation_rows(device, vocab, ids, hidden, 1, per_position)?
+            .pop()
+            .unwrap_or_default(),
+    )
+}
+
 /// Whole words ranked for one context, best first. Build once per context
 /// ([`RankedWords::new`]); every typed letter then only filters ([`RankedWords::top`]).
 #[derive(Debug, Clone, Default)]
@@ -193,21 +371,31 @@ pub struct RankedWords {
 
 impl RankedWords {
     /// Ranks every whole word by `probs` (a distribution over the vocabulary, from
-    /// [`next_token_probs`]); with a cache, by `(1 - λ) P_model(w) + λ P_cache(w | prev)`
-    /// ([`WordCache::weight`] = λ), where the cache's words of several tokens get the model
+    /// [`next_token_probs`]) and the two-token words of `conts` (see [`Continuation`]); with a
+    /// cache, by `(1 - λ) P_model(w) + λ P_cache(w | prev)` ([`WordCache::weight`] = λ), where
+    /// the cache's words of several tokens that no continuation gives get the model
     /// probability of their first token shared among the user's words that start with it.
     pub fn new(
         probs: &[f32],
+        conts: &[Continuation],
         vocab: &WordVocab,
         cache: Option<&WordCache>,
         prev: Option<&str>,
     ) -> Self {
-        Self::with_weight(probs, vocab, cache, cache.map_or(0.0, |c| c.weight), prev)
+        Self::with_weight(
+            probs,
+            conts,
+            vocab,
+            cache,
+            cache.map_or(0.0, |c| c.weight),
+            prev,
+        )
     }
 
     /// [`RankedWords::new`] with the cache interpolated at weight `lam` instead of its own.
     pub fn with_weight(
         probs: &[f32],
+        conts: &[Continuation],
         vocab: &WordVocab,
         cache: Option<&WordCache>,
         lam: f32,
@@ -228,12 +416,37 @@ impl RankedWords {
                 )
             })
             .collect();
+        // Two-token words: `first` alone keeps the mass of its ending there, `first + piece`
+        // gets P(first) P(piece | first). Words built here, by text -> index in `items`.
+        let mut built: HashMap<Arc<str>, usize> = HashMap::new();
+        let piece_text: HashMap<u32, &Arc<str>> =
+            vocab.pieces.iter().map(|(id, t)| (*id, t)).collect();
+        for c in conts {
+            let Some(&wi) = vocab.by_id.get(&c.first) else {
+                continue;
+            };
+            let p1 = (1.0 - lam) * probs.get(c.first as usize).copied().unwrap_or(0.0);
+            items[wi].0 = p1 * c.ends;
+            for &(piece, p2) in &c.pieces {
+                let Some(text) = piece_text.get(&piece) else {
+                    continue;
+                };
+                let word: Arc<str> = format!("{}{}", vocab.words[wi].1, text).into();
+                match built.get(&word).or_else(|| vocab.index.get(&word)) {
+                    Some(&i) => items[i].0 += p1 * p2,
+                    None => {
+                        built.insert(word.clone(), items.len());
+                        items.push((p1 * p2, word));
+                    }
+                }
+            }
+        }
         if let Some(c) = cache.filter(|_| lam > 0.0) {
             for (wi, e) in c.entries.iter().enumerate() {
                 let pc = lam * c.prob_index(prev, wi);
-                match e.single {
-                    Some(i) => items[i].0 += pc,
-                    None => {
+                match (e.single, built.get(&e.word)) {
+                    (Some(i), _) | (None, Some(&i)) => items[i].0 += pc,
+                    (None, None) => {
                         let pm = e
                             .first
                             .and_then(|t| probs.get(t as usize))
@@ -628,13 +841,14 @@ impl WeightTuner {
     pub fn observe(
         &mut self,
         probs: &[f32],
+        conts: &[Continuation],
         vocab: &WordVocab,
         cache: &WordCache,
         prev: Option<&str>,
         word: &str,
     ) {
         for (i, &w) in WEIGHT_GRID.iter().enumerate() {
-            self.keys[i] += RankedWords::with_weight(probs, vocab, Some(cache), w, prev)
+            self.keys[i] += RankedWords::with_weight(probs, conts, vocab, Some(cache), w, prev)
                 .keys_to_enter(word, STRIP);
         }
         self.words += 1;
@@ -682,7 +896,7 @@ mod tests {
         let v = vocab();
         // Token 8 is no whole word; its mass is ignored.
         let probs = [0.30, 0.05, 0.04, 0.20, 0.10, 0.08, 0.02, 0.01, 0.20];
-        let r = RankedWords::new(&probs, &v, None, None);
+        let r = RankedWords::new(&probs, &[], &v, None, None);
         assert_eq!(r.top("", 3), ["the", "a", "United"]);
         assert_eq!(r.top("th", 2), ["the", "they"]);
         assert_eq!(r.top("Am", 5), ["Americans", "America"]);
@@ -695,6 +909,60 @@ mod tests {
         assert_eq!(r.keys_to_enter("America", STRIP), 2);
         // An unknown word is typed in full, plus its space.
         assert_eq!(r.keys_to_enter("zebra", STRIP), 6);
+    }
+
+    #[test]
+    fn continuations_rank_two_token_words_and_share_with_the_cache() {
+        // Words: Pres (0), the (1), Fili (2); pieces: ident (3), buster (4).
+        let v = WordVocab::with_pieces(
+            [
+                (0, "Pres".to_string()),
+                (1, "the".into()),
+                (2, "Fili".into()),
+            ],
+            [(3, "ident".to_string()), (4, "buster".into())],
+        );
+        let probs = [0.5, 0.3, 0.1, 0.0, 0.0];
+        let conts = [Continuation {
+            first: 0,
+            ends: 0.1,
+            pieces: vec![(3, 0.8), (4, 0.05)],
+        }];
+        let r = RankedWords::new(&probs, &conts, &v, None, None);
+        // President 0.5 * 0.8, the 0.3, Fili 0.1, Pres 0.5 * 0.1, Presbuster 0.025.
+        assert_eq!(
+            r.top("", 5),
+            ["President", "the", "Fili", "Pres", "Presbuster"]
+        );
+        assert_eq!(r.keys_to_enter("President", STRIP), 1);
+        // Without continuations the two-token word is never shown and is typed in full.
+        let plain = RankedWords::new(&probs, &[], &v, None, None);
+        assert_eq!(plain.top("", 3), ["Pres", "the", "Fili"]);
+        assert_eq!(plain.keys_to_enter("President", STRIP), 10);
+        // An unknown first token or piece is skipped, not an error.
+        let odd = [Continuation {
+            first: 7,
+            ends: 0.0,
+            pieces: vec![(9, 1.0)],
+        }];
+        assert_eq!(
+            RankedWords::new(&probs, &odd, &v, None, None).top("", 3),
+            plain.top("", 3)
+        );
+        // A cache word that a continuation also gives is one entry: model + cache.
+        let mut c =
+            WordCache::learn_with(&["the President and the President".to_string()], &v, &|w| {
+                (w == "President").then_some(0)
+            });
+        c.weight = 0.5;
+        let r = RankedWords::new(&probs, &conts, &v, Some(&c), Some("the"));
+        let all = r.top("", 10);
+        assert_eq!(
+            all.iter().filter(|w| *w == "President").count(),
+            1,
+            "{all:?}"
+        );
+        assert_eq!(all[0], "President");
     }
 
     #[test]
@@ -773,21 +1041,21 @@ mod tests {
         let probs = [0.30, 0.05, 0.04, 0.20, 0.10, 0.08, 0.02, 0.01, 0.20];
         let mut c = c;
         c.weight = 0.5;
-        let r = RankedWords::new(&probs, &v, Some(&c), Some("the"));
+        let r = RankedWords::new(&probs, &[], &v, Some(&c), Some("the"));
         assert_eq!(r.top("", 1), ["Filibuster"]);
-        assert!(RankedWords::new(&probs, &v, None, Some("the"))
+        assert!(RankedWords::new(&probs, &[], &v, None, Some("the"))
             .top("F", 3)
             .is_empty());
         // Weight 0 is the model alone.
-        let r0 = RankedWords::with_weight(&probs, &v, Some(&c), 0.0, Some("the"));
+        let r0 = RankedWords::with_weight(&probs, &[], &v, Some(&c), 0.0, Some("the"));
         assert_eq!(
             r0.top("", 3),
-            RankedWords::new(&probs, &v, None, None).top("", 3)
+            RankedWords::new(&probs, &[], &v, None, None).top("", 3)
         );
         // Tuning picks a positive weight when the cache's words are typed.
         let mut t = WeightTuner::default();
         for _ in 0..3 {
-            t.observe(&probs, &v, &c, Some("the"), "Filibuster");
+            t.observe(&probs, &[], &v, &c, Some("the"), "Filibuster");
         }
         assert!(t.best().0 > 0.0 && t.words() == 3);
     }

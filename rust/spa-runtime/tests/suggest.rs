@@ -8,14 +8,11 @@ use spa_protocol::{decode_tensor, FeaturesRequest, Limits};
 use spa_runtime::{suggest, RuntimeError, Suggester};
 use std::sync::atomic::Ordering::Relaxed;
 
-/// The base's own answer over the whole vocabulary (f32 head, f32 hidden state): whole words
-/// starting with `partial`, best first.
-fn reference_words(context: &str, partial: &str, count: usize) -> Vec<String> {
+/// The f32 base's next-token distribution after `ids` (a fresh forward pass).
+fn base_probs(ids: &[u32]) -> Vec<f32> {
     let w = common::world();
-    let tok = w.base.tokenizer();
-    let ids = tok.encode_fragment(context).unwrap();
     let mut cache = w.base.new_cache();
-    let out = w.base.forward(&ids, &mut cache).unwrap();
+    let out = w.base.forward(ids, &mut cache).unwrap();
     let last = out.hidden.narrow(0, ids.len() - 1, 1).unwrap();
     let logits: Vec<f32> = w
         .base
@@ -25,18 +22,59 @@ fn reference_words(context: &str, partial: &str, count: usize) -> Vec<String> {
         .unwrap()
         .to_vec1()
         .unwrap();
-    let mut words = Vec::new();
-    for id in spa_model::top_k(&logits, logits.len()) {
+    spa_model::softmax(&logits)
+}
+
+/// The strip's rule computed independently in f32 (f32 head, f32 hidden states, a fresh
+/// forward pass per continuation): every one-token word by its probability, except that the
+/// base's 8 most likely word-start tokens keep only the mass of the word ending there and give
+/// `P(first) P(piece | first)` to their 16 most likely word pieces. Whole words starting with
+/// `partial`, best first.
+fn reference_words(context: &str, partial: &str, count: usize) -> Vec<String> {
+    let w = common::world();
+    let tok = w.base.tokenizer();
+    let ids = tok.encode_fragment(context).unwrap();
+    let p = base_probs(&ids);
+    let mut score: std::collections::HashMap<String, f32> = Default::default();
+    let mut starts: Vec<u32> = Vec::new();
+    for id in 0..p.len() as u32 {
         if let Some(word) = tok.whole_word(id) {
-            if word.starts_with(partial) && !words.contains(&word) {
-                words.push(word);
-            }
-        }
-        if words.len() == count {
-            break;
+            score.entry(word).or_insert(p[id as usize]);
+            starts.push(id);
         }
     }
-    words
+    starts.sort_by(|a, b| p[*b as usize].total_cmp(&p[*a as usize]));
+    for &first in &starts[..spa_runtime::words::CONTINUATIONS] {
+        let word = tok.whole_word(first).unwrap();
+        let mut ext = ids.clone();
+        ext.push(first);
+        let p2 = base_probs(&ext);
+        let (mut goes_on, mut pieces) = (0f32, Vec::new());
+        for (id, &q) in p2.iter().enumerate() {
+            let text = tok.decode(&[id as u32]).unwrap();
+            if !text.starts_with(' ') && text.starts_with(|c: char| c.is_alphabetic() || c == '\'')
+            {
+                goes_on += q;
+                if text.chars().all(char::is_alphabetic) && tok.whole_word(id as u32).is_none() {
+                    pieces.push((text, q));
+                }
+            }
+        }
+        *score.get_mut(&word).unwrap() = p[first as usize] * (1.0 - goes_on);
+        pieces.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for (piece, q) in pieces
+            .into_iter()
+            .take(spa_runtime::words::CONTINUATION_PIECES)
+        {
+            *score.entry(format!("{word}{piece}")).or_insert(0.0) += p[first as usize] * q;
+        }
+    }
+    let mut ranked: Vec<(String, f32)> = score
+        .into_iter()
+        .filter(|(w, _)| w.starts_with(partial))
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    ranked.into_iter().take(count).map(|(w, _)| w).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,8 +105,8 @@ async fn suggestions_rank_the_whole_vocabulary_and_follow_the_side_network() {
     ];
     let mut differ = 0;
     for (text, context, partial) in contexts {
-        // The strip (q8 head, int8 hidden state) agrees with the f32 base on the best word
-        // and shows only words of the base's top ten.
+        // The strip (q8 head, int8 hidden states) agrees with the f32 rule on the best word
+        // and shows only words of its top ten.
         let want = reference_words(context, partial, 10);
         let got = suggest(&client, &base_only, text, 3).await.unwrap();
         eprintln!("{text:?}: base {:?} (f32 reference {want:?})", got.words);
@@ -158,6 +196,7 @@ async fn features_answer_hidden_states_and_taps_from_a_position() {
             top_k: 0,
             hidden_positions: vec![(n - 1) as u32, 2],
             taps_from: (n - 3) as u32,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -186,8 +225,66 @@ async fn features_answer_hidden_states_and_taps_from_a_position() {
             assert!((a - b).abs() <= amax / 127.0, "int8 hidden state off");
         }
     }
+    // Continuations: at each position asked, the base's most likely word-start tokens in
+    // order, and the hidden state after each equal to a fresh pass over the extended text.
+    let tok = w.base.tokenizer();
+    let r = client
+        .features_with(&FeaturesRequest {
+            tokens: ids.clone(),
+            continuations: 3,
+            continuation_positions: vec![(n - 1) as u32, 2],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(r.hidden.is_none());
+    let ch = decode_tensor(r.cont_hidden.as_ref().unwrap(), &lim).unwrap();
+    assert_eq!((r.cont_ids.len(), ch.rows), (6, 6));
+    for (k, p) in [(0, n - 1), (1, 2)] {
+        let probs = base_probs(&ids[..=p]);
+        let mut starts: Vec<u32> = (0..probs.len() as u32)
+            .filter(|&t| tok.whole_word(t).is_some())
+            .collect();
+        starts.sort_by(|a, b| probs[*b as usize].total_cmp(&probs[*a as usize]));
+        assert_eq!(r.cont_ids[k * 3..k * 3 + 3], starts[..3], "position {p}");
+        for j in 0..3 {
+            let mut ext = ids[..=p].to_vec();
+            ext.push(r.cont_ids[k * 3 + j]);
+            let mut cache = w.base.new_cache();
+            let h = w
+                .base
+                .forward(&ext, &mut cache)
+                .unwrap()
+                .hidden
+                .to_vec2::<f32>()
+                .unwrap();
+            let want = h.last().unwrap();
+            let amax = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            for (a, b) in ch.row(k * 3 + j).iter().zip(want) {
+                assert!((a - b).abs() <= amax / 100.0, "continuation state off");
+            }
+        }
+    }
+    // Too many continuations, or a position past the end, are refused.
+    assert!(matches!(
+        client
+            .features_with(&FeaturesRequest {
+                tokens: ids.clone(),
+                continuations: 17,
+                continuation_positions: vec![0],
+                ..Default::default()
+            })
+            .await,
+        Err(RuntimeError::Limit(_))
+    ));
     // Positions past the end are refused.
     for bad in [
+        FeaturesRequest {
+            tokens: ids.clone(),
+            continuations: 2,
+            continuation_positions: vec![n as u32],
+            ..Default::default()
+        },
         FeaturesRequest {
             tokens: ids.clone(),
             hidden_positions: vec![n as u32],

@@ -23,6 +23,11 @@ use std::time::Instant;
 pub const MAX_FEATURE_TOKENS: usize = 512;
 /// Most candidates per position.
 pub const MAX_FEATURE_TOP_K: usize = 64;
+/// Most continuations per hidden position.
+pub const MAX_CONTINUATIONS: usize = 16;
+/// Most continuation tokens (hidden positions x continuations) in one request: each is one
+/// token of base compute.
+pub const MAX_CONTINUATION_TOKENS: usize = 2048;
 
 pub(crate) async fn features_h(
     State(st): State<Arc<AppState>>,
@@ -40,20 +45,29 @@ pub(crate) async fn features_h(
     if !(min_tokens..=MAX_FEATURE_TOKENS).contains(&n)
         || k > MAX_FEATURE_TOP_K
         || req.hidden_positions.len() > MAX_FEATURE_TOKENS
+        || req.continuations as usize > MAX_CONTINUATIONS
+        || req.continuation_positions.len() * req.continuations as usize > MAX_CONTINUATION_TOKENS
     {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::Limit,
             format!(
-                "features: 1..={MAX_FEATURE_TOKENS} tokens (2 with candidates), top_k 0..={MAX_FEATURE_TOP_K}, at most {MAX_FEATURE_TOKENS} hidden positions"
+                "features: 1..={MAX_FEATURE_TOKENS} tokens (2 with candidates), top_k 0..={MAX_FEATURE_TOP_K}, at most {MAX_FEATURE_TOKENS} hidden positions, continuations 0..={MAX_CONTINUATIONS} and at most {MAX_CONTINUATION_TOKENS} continuation tokens"
             ),
         ));
     }
-    if req.taps_from as usize >= n || req.hidden_positions.iter().any(|&p| p as usize >= n) {
+    if req.taps_from as usize >= n
+        || req
+            .hidden_positions
+            .iter()
+            .chain(&req.continuation_positions)
+            .any(|&p| p as usize >= n)
+    {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             ErrorCode::BadRequest,
-            "features: taps_from and hidden positions must be below the token count".to_string(),
+            "features: taps_from, hidden and continuation positions must be below the token count"
+                .to_string(),
         ));
     }
     let st2 = st.clone();
@@ -79,17 +93,27 @@ pub(crate) async fn features_h(
             taps: Some(encode_i8_rows(&flat, (n - from) * n_taps, width)),
             ..Default::default()
         };
-        if !req.hidden_positions.is_empty() {
-            // The LM head's input at the requested positions, int8 per row like the step
-            // answers' draft states: the device scores the whole vocabulary with its head.
+        let c = req.continuations as usize;
+        if !req.hidden_positions.is_empty() || (c > 0 && !req.continuation_positions.is_empty()) {
             let all: Vec<Vec<f32>> = out.hidden.to_vec2().map_err(|e| bad(e.to_string()))?;
             let d = all.first().map_or(0, Vec::len);
-            let rows: Vec<f32> = req
-                .hidden_positions
-                .iter()
-                .flat_map(|&p| all[p as usize].iter().copied())
-                .collect();
-            resp.hidden = Some(encode_i8_rows(&rows, req.hidden_positions.len(), d));
+            if !req.hidden_positions.is_empty() {
+                // The LM head's input at the requested positions, int8 per row like the step
+                // answers' draft states: the device scores the whole vocabulary with its head.
+                let rows: Vec<f32> = req
+                    .hidden_positions
+                    .iter()
+                    .flat_map(|&p| all[p as usize].iter().copied())
+                    .collect();
+                resp.hidden = Some(encode_i8_rows(&rows, req.hidden_positions.len(), d));
+            }
+            if c > 0 && !req.continuation_positions.is_empty() {
+                let (ids, states) = base
+                    .word_continuations(&cache, &all, &req.continuation_positions, c)
+                    .map_err(|e| bad(e.to_string()))?;
+                resp.cont_hidden = Some(encode_i8_rows(&states, ids.len(), d));
+                resp.cont_ids = ids;
+            }
         }
         if k > 0 {
             let hid = out

@@ -246,14 +246,36 @@ pub type WireTensor = spa_protocol::Tensor;
 pub trait FeatureSource {
     /// Features of each sequence with `top_k` candidates per position.
     fn features(&mut self, specs: &[SeqSpec], top_k: usize) -> Result<Vec<SeqFeatures>>;
-    /// Features of one suggestion-strip window: `(taps when with_taps, hidden states at
-    /// hidden_positions)`, encoded as on the wire.
-    fn window(
-        &mut self,
-        tokens: &[u32],
-        hidden_positions: &[u32],
-        with_taps: bool,
-    ) -> Result<(Option<spa_protocol::Tensor>, spa_protocol::Tensor)>;
+    /// Features of one suggestion-strip window (taps when `req.with_taps`, hidden states and
+    /// word continuations at the requested positions), encoded as on the wire.
+    fn window(&mut self, req: &WindowRequest<'_>) -> Result<WindowFeatures>;
+}
+
+/// What the strip asks of the base for one window (see [`FeatureSource::window`]).
+#[derive(Debug, Clone, Copy)]
+pub struct WindowRequest<'a> {
+    /// Token ids sent.
+    pub tokens: &'a [u32],
+    /// Positions whose final normed hidden state is wanted.
+    pub hidden_positions: &'a [u32],
+    /// Positions to extend by the base's [`spa_runtime::words::CONTINUATIONS`] most likely
+    /// word-start tokens (the word starts of the window's targets).
+    pub continuation_positions: &'a [u32],
+    /// Taps of every position too (a side network is to run).
+    pub with_taps: bool,
+}
+
+/// The base features of one strip window, as the server sends them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WindowFeatures {
+    /// Projected taps of every position (`[len * n_taps, width]`), when asked.
+    pub taps: Option<spa_protocol::Tensor>,
+    /// Final normed hidden states at the hidden positions (`[positions, hidden]`).
+    pub hidden: spa_protocol::Tensor,
+    /// The word-start tokens each continuation position was extended by (`[positions * c]`).
+    pub cont_ids: Vec<u32>,
+    /// The final normed hidden state after each of `cont_ids` (`[positions * c, hidden]`).
+    pub cont_hidden: Option<spa_protocol::Tensor>,
 }
 
 /// The [`StripDoc`]s of `texts` with features from `source`.
@@ -263,7 +285,7 @@ pub fn strip_docs(
     texts: &[String],
     with_taps: bool,
 ) -> Result<Vec<StripDoc>> {
-    strip_docs_with(tok, texts, with_taps, &mut |t, h, w| source.window(t, h, w))
+    strip_docs_with(tok, texts, with_taps, &mut |r| source.window(r))
 }
 
 #[cfg(feature = "host")]
@@ -296,21 +318,8 @@ impl FeatureSource for LocalFeatures<'_> {
         Ok(sets.pop().map(|s| s.seqs).unwrap_or_default())
     }
 
-    fn window(
-        &mut self,
-        tokens: &[u32],
-        hidden_positions: &[u32],
-        with_taps: bool,
-    ) -> Result<(Option<spa_protocol::Tensor>, spa_protocol::Tensor)> {
-        local_window_features(
-            self.base,
-            Some(self.proj),
-            tokens,
-            hidden_positions,
-            with_taps,
-            false,
-            self.window_mode,
-        )
+    fn window(&mut self, req: &WindowRequest<'_>) -> Result<WindowFeatures> {
+        local_window_features(self.base, Some(self.proj), req, false, self.window_mode)
     }
 }
 
@@ -392,6 +401,17 @@ pub struct StripWindow {
     pub taps: Option<spa_protocol::Tensor>,
     /// The base's final normed hidden state before each target (`[targets, hidden]`).
     pub hidden: spa_protocol::Tensor,
+    /// The targets where a word starts, in order: the base's word continuations were fetched
+    /// before each.
+    pub word_targets: Vec<usize>,
+    /// Per word target, the word-start tokens the server extended the context by.
+    pub cont_ids: Vec<u32>,
+    /// The base's final normed hidden state after each of `cont_ids`.
+    pub cont_hidden: Option<spa_protocol::Tensor>,
+    /// The decoded continuations per word target: base-only, so computed once (by the head of
+    /// the first device that scores the window; every candidate of a personalization shares
+    /// that head) and reused by every candidate.
+    decoded: std::sync::OnceLock<Vec<Vec<spa_runtime::words::Continuation>>>,
 }
 
 impl StripWindow {
@@ -435,12 +455,11 @@ pub fn strip_windows(
     out
 }
 
-/// Fetches the features of one window: `(tokens, hidden positions, with taps)` ->
-/// `(taps, hidden)`.
-pub type WindowFetch<'a> = dyn FnMut(&[u32], &[u32], bool) -> Result<(Option<spa_protocol::Tensor>, spa_protocol::Tensor)>
-    + 'a;
+/// Fetches the features of one window.
+pub type WindowFetch<'a> = dyn FnMut(&WindowRequest<'_>) -> Result<WindowFeatures> + 'a;
 
-/// The [`StripDoc`]s of `texts` (one per text), with features from `fetch`.
+/// The [`StripDoc`]s of `texts` (one per text), with features from `fetch`: hidden states
+/// before every target, word continuations before every word start.
 pub fn strip_docs_with(
     tok: &SpaTokenizer,
     texts: &[String],
@@ -450,6 +469,10 @@ pub fn strip_docs_with(
     let mut docs = Vec::new();
     for t in texts {
         let tokens = tok.encode_fragment(t)?;
+        let pieces: Vec<String> = tokens
+            .iter()
+            .map(|&t| tok.decode(&[t]))
+            .collect::<spa_model::Result<_>>()?;
         let mut windows = Vec::new();
         for (start, prefix, targets) in strip_windows(tok, tokens.len()) {
             let mut w = StripWindow {
@@ -458,11 +481,30 @@ pub fn strip_docs_with(
                 targets: targets.clone(),
                 taps: None,
                 hidden: Default::default(),
+                word_targets: targets
+                    .clone()
+                    .filter(|&j| word_at(&pieces, j).is_some())
+                    .collect(),
+                cont_ids: Vec::new(),
+                cont_hidden: None,
+                decoded: Default::default(),
             };
             let pos: Vec<u32> = targets.clone().map(|j| w.position_of(j) as u32).collect();
-            let (taps, hidden) = fetch(&w.tokens(&tokens), &pos, with_taps)?;
-            w.taps = taps;
-            w.hidden = hidden;
+            let cont_pos: Vec<u32> = w
+                .word_targets
+                .iter()
+                .map(|&j| w.position_of(j) as u32)
+                .collect();
+            let f = fetch(&WindowRequest {
+                tokens: &w.tokens(&tokens),
+                hidden_positions: &pos,
+                continuation_positions: &cont_pos,
+                with_taps,
+            })?;
+            w.taps = f.taps;
+            w.hidden = f.hidden;
+            w.cont_ids = f.cont_ids;
+            w.cont_hidden = f.cont_hidden;
             windows.push(w);
         }
         docs.push(StripDoc { tokens, windows });
@@ -474,25 +516,23 @@ pub fn strip_docs_with(
 /// Features of one window from a base in this process, encoded exactly as the server encodes
 /// them (`f16_hidden`: the hidden states as f16 instead of int8, to measure what int8 costs;
 /// `mode`: the server's [`spa_model::ForwardMode::BatchInvariant`] pass, or the faster one
-/// equal up to float rounding).
+/// equal up to float rounding; the continuations always use the server's pass).
 pub fn local_window_features(
     base: &spa_model::BaseModel,
     proj: Option<&spa_model::DownProjection>,
-    tokens: &[u32],
-    hidden_positions: &[u32],
-    with_taps: bool,
+    req: &WindowRequest<'_>,
     f16_hidden: bool,
     mode: spa_model::ForwardMode,
-) -> Result<(Option<spa_protocol::Tensor>, spa_protocol::Tensor)> {
+) -> Result<WindowFeatures> {
     let mut cache = base.new_cache();
-    let out = base.forward_with(tokens, &mut cache, mode)?;
-    let taps = if let Some(proj) = proj.filter(|_| with_taps) {
+    let out = base.forward_with(req.tokens, &mut cache, mode)?;
+    let taps = if let Some(proj) = proj.filter(|_| req.with_taps) {
         let z = proj.apply_taps(&out.taps)?;
         let (n_taps, width) = (proj.meta().taps.len(), proj.meta().width);
         let flat: Vec<f32> = z.iter().flatten().flatten().copied().collect();
         Some(spa_protocol::encode_i8_rows(
             &flat,
-            tokens.len() * n_taps,
+            req.tokens.len() * n_taps,
             width,
         ))
     } else {
@@ -500,46 +540,63 @@ pub fn local_window_features(
     };
     let all: Vec<Vec<f32>> = out.hidden.to_vec2()?;
     let d = all.first().map_or(0, Vec::len);
-    let mut rows = Vec::with_capacity(hidden_positions.len() * d);
-    for &p in hidden_positions {
+    let mut rows = Vec::with_capacity(req.hidden_positions.len() * d);
+    for &p in req.hidden_positions {
         rows.extend_from_slice(
             all.get(p as usize)
                 .ok_or_else(|| TrainError::Data("hidden position out of range".into()))?,
         );
     }
+    let n = req.hidden_positions.len();
     let hidden = if f16_hidden {
-        spa_protocol::encode_f16(&rows, hidden_positions.len(), d)
+        spa_protocol::encode_f16(&rows, n, d)
     } else {
-        spa_protocol::encode_i8_rows(&rows, hidden_positions.len(), d)
+        spa_protocol::encode_i8_rows(&rows, n, d)
     };
-    Ok((taps, hidden))
+    let (mut cont_ids, mut cont_hidden) = (Vec::new(), None);
+    if !req.continuation_positions.is_empty() {
+        let (ids, states) = base.word_continuations(
+            &cache,
+            &all,
+            req.continuation_positions,
+            spa_runtime::words::CONTINUATIONS,
+        )?;
+        cont_hidden = Some(spa_protocol::encode_i8_rows(&states, ids.len(), d));
+        cont_ids = ids;
+    }
+    Ok(WindowFeatures {
+        taps,
+        hidden,
+        cont_ids,
+        cont_hidden,
+    })
 }
 
-/// Features of one window from the base server (`POST /v1/features` with hidden positions,
-/// no candidate lists), checked for shape.
+/// Features of one window from the base server (`POST /v1/features` with hidden positions and
+/// continuations, no candidate lists), checked for shape.
 pub fn remote_window_features(
     client: &spa_runtime::Client,
     handle: &tokio::runtime::Handle,
-    tokens: &[u32],
-    hidden_positions: &[u32],
-    with_taps: bool,
-) -> Result<(Option<spa_protocol::Tensor>, spa_protocol::Tensor)> {
-    let n = tokens.len();
+    req: &WindowRequest<'_>,
+) -> Result<WindowFeatures> {
+    let n = req.tokens.len();
     let resp = handle.block_on(client.features_with(&spa_protocol::FeaturesRequest {
-        tokens: tokens.to_vec(),
+        tokens: req.tokens.to_vec(),
         top_k: 0,
-        hidden_positions: hidden_positions.to_vec(),
-        taps_from: if with_taps { 0 } else { (n - 1) as u32 },
+        hidden_positions: req.hidden_positions.to_vec(),
+        taps_from: if req.with_taps { 0 } else { (n - 1) as u32 },
+        continuations: spa_runtime::words::CONTINUATIONS as u32,
+        continuation_positions: req.continuation_positions.to_vec(),
     }))?;
     let hidden = resp
         .hidden
         .ok_or_else(|| TrainError::Data("features answer without hidden states".into()))?;
-    if hidden.shape.first() != Some(&(hidden_positions.len() as u32)) {
+    if hidden.shape.first() != Some(&(req.hidden_positions.len() as u32)) {
         return Err(TrainError::Data(
             "features answer: hidden states of the wrong shape".into(),
         ));
     }
-    let taps = if with_taps {
+    let taps = if req.with_taps {
         let t = resp
             .taps
             .ok_or_else(|| TrainError::Data("features answer without taps".into()))?;
@@ -552,7 +609,12 @@ pub fn remote_window_features(
     } else {
         None
     };
-    Ok((taps, hidden))
+    Ok(WindowFeatures {
+        taps,
+        hidden,
+        cont_ids: resp.cont_ids,
+        cont_hidden: resp.cont_hidden,
+    })
 }
 
 /// The word that starts at document position `j` (a token with a leading space and a letter,
@@ -584,6 +646,7 @@ struct WordSample {
     word: String,
     prev: Option<String>,
     probs: Vec<f32>,
+    conts: Vec<spa_runtime::words::Continuation>,
 }
 
 /// What [`run_strip`] computed at one target: its probability, the gate's probability, and
@@ -611,9 +674,26 @@ fn run_strip(
             .iter()
             .map(|&t| tok.decode(&[t]))
             .collect::<spa_model::Result<_>>()?;
+        let vocab = spa_runtime::WordVocab::shared(tok, &device.base_identity);
         let per_window = |w: &StripWindow| -> Result<Vec<PositionOut>> {
             let hidden = spa_protocol::decode_tensor(&w.hidden, &limits)
                 .map_err(|e| TrainError::Data(e.to_string()))?;
+            let decoded = match w.decoded.get() {
+                Some(d) => d,
+                None => {
+                    let d = spa_runtime::words::decode_continuation_rows(
+                        device,
+                        &vocab,
+                        &w.cont_ids,
+                        w.cont_hidden.as_ref(),
+                        w.word_targets.len(),
+                        spa_runtime::words::CONTINUATIONS,
+                    )?;
+                    w.decoded.get_or_init(|| d)
+                }
+            };
+            let mut conts = decoded.iter();
+            let mut word_targets = w.word_targets.iter().peekable();
             if hidden.rows != w.targets.len() {
                 return Err(TrainError::Data(
                     "window hidden states of the wrong size".into(),
@@ -657,11 +737,21 @@ fn run_strip(
                         steps[i].as_ref(),
                     )?;
                     let p_target = probs.get(doc.tokens[j] as usize).copied().unwrap_or(0.0);
+                    let word_conts = if word_targets.next_if(|&&t| t == j).is_some() {
+                        conts.next().cloned().unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    };
                     let sample = match word_at(&texts, j) {
                         Some(word) => {
                             let ctx = tok.decode(&doc.tokens[j.saturating_sub(8)..j])?;
                             let prev = spa_runtime::words::prev_word(&ctx).map(str::to_string);
-                            Some(WordSample { word, prev, probs })
+                            Some(WordSample {
+                                word,
+                                prev,
+                                probs,
+                                conts: word_conts,
+                            })
                         }
                         None => None,
                     };
@@ -712,7 +802,7 @@ pub fn strip_metrics(
             side_n += usize::from(g.is_some_and(|g| g > 0.5));
         },
         &mut |s| {
-            let ranked = RankedWords::new(&s.probs, vocab, cache, s.prev.as_deref());
+            let ranked = RankedWords::new(&s.probs, &s.conts, vocab, cache, s.prev.as_deref());
             let shown = ranked.top("", STRIP);
             let len = s.word.chars().count();
             let cost = ranked.keys_to_enter(&s.word, STRIP);
@@ -762,7 +852,7 @@ pub fn tune_cache_weight(
 ) -> Result<(f32, usize, Vec<usize>)> {
     let mut tuner = spa_runtime::words::WeightTuner::default();
     run_strip(device, docs, &mut |_, _| {}, &mut |s| {
-        tuner.observe(&s.probs, vocab, cache, s.prev.as_deref(), &s.word);
+        tuner.observe(&s.probs, &s.conts, vocab, cache, s.prev.as_deref(), &s.word);
         Ok(())
     })?;
     let (w, keys) = tuner.best();
@@ -1174,19 +1264,8 @@ impl FeatureSource for RemoteFeatures<'_> {
             .collect()
     }
 
-    fn window(
-        &mut self,
-        tokens: &[u32],
-        hidden_positions: &[u32],
-        with_taps: bool,
-    ) -> Result<(Option<spa_protocol::Tensor>, spa_protocol::Tensor)> {
-        remote_window_features(
-            self.client,
-            &self.handle,
-            tokens,
-            hidden_positions,
-            with_taps,
-        )
+    fn window(&mut self, req: &WindowRequest<'_>) -> Result<WindowFeatures> {
+        remote_window_features(self.client, &self.handle, req)
     }
 }
 

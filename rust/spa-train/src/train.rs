@@ -21,6 +21,7 @@ use candle_core::{Device, Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
+use spa_model::GateMode;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -328,7 +329,10 @@ fn objective(
         let usage_cost = p_side.mean_all()?;
         let loss = ((mix_nll + (cate * cfg.cate_weight)?)? + (usage_cost * cfg.usage_cost)?)?;
         // Emitted distribution: the gate's hard decision.
-        let side = p_side.detach().gt(0.5)?.to_dtype(candle_core::DType::F32)?;
+        let side = p_side
+            .detach()
+            .gt(c.gate_threshold as f64)?
+            .to_dtype(candle_core::DType::F32)?;
         let emitted = ((&side * h.logp_side.detach())? + ((1.0 - &side)? * &h.logp_base)?)?;
         let nll = emitted.neg()?.mean_all()?.to_scalar::<f32>()? as f64;
         let usage = side.mean_all()?.to_scalar::<f32>()? as f64;
@@ -402,6 +406,109 @@ pub fn evaluate(graph: &SideGraph, set: &[SeqFeatures], cfg: &TrainConfig) -> Re
     acc.override_rate /= n;
     acc.p_side_mean /= n;
     Ok(acc)
+}
+
+/// Validation figures of a gated network at one gate threshold (see [`gate_sweep`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GatePoint {
+    /// Side path where the gate's side probability exceeds this (1.0: never).
+    pub threshold: f32,
+    /// Fraction of loss positions where the emitted path's top token is the reference token
+    /// (teacher forcing; what greedy decoding emits).
+    pub accuracy: f64,
+    /// Mean -log P(reference) of the emitted path.
+    pub nll: f64,
+    /// Fraction of positions on the side path.
+    pub side_usage: f64,
+}
+
+/// The thresholds [`choose_gate_threshold`] tries: always side (0), 0.1 ... 0.9, never (1).
+pub const GATE_THRESHOLDS: [f32; 11] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+
+/// Teacher-forced figures of `graph`'s emitted path over `set` at each of `thresholds`, from one
+/// scoring pass (shortlist logits, as in training).
+pub fn gate_sweep(
+    graph: &SideGraph,
+    set: &[SeqFeatures],
+    cfg: &TrainConfig,
+    thresholds: &[f32],
+) -> Result<Vec<GatePoint>> {
+    let c = &graph.config;
+    let emb = match graph.input {
+        SideInput::Embeddings => graph.head().cloned(),
+        SideInput::BaseTaps => None,
+    };
+    let (mut hits, mut nll, mut side) = (
+        vec![0usize; thresholds.len()],
+        vec![0f64; thresholds.len()],
+        vec![0usize; thresholds.len()],
+    );
+    let mut n = 0usize;
+    let row_stats = |row: &[f32], t: usize| -> (bool, f64) {
+        let mx = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let z: f64 = row.iter().map(|&v| ((v - mx) as f64).exp()).sum();
+        let hit = row.iter().all(|&v| v <= row[t]);
+        (hit, -((row[t] - mx) as f64 - z.ln()))
+    };
+    for chunk in set.chunks(cfg.batch.max(1)) {
+        let refs: Vec<&SeqFeatures> = chunk.iter().collect();
+        let batch = make_batch_masked(
+            &refs,
+            c.taps.len(),
+            c.width,
+            emb.as_ref(),
+            cfg.loss_targets.as_deref().map(|v| v.as_slice()),
+        )?;
+        let (side_rows, p) = graph.scores(&batch)?;
+        let base_rows: Vec<Vec<f32>> = batch.cand_logits.to_vec2()?;
+        let targets: Vec<u32> = batch.target_idx.to_vec1()?;
+        for (((srow, brow), &ps), &t) in side_rows.iter().zip(&base_rows).zip(&p).zip(&targets) {
+            let (s_hit, s_nll) = row_stats(srow, t as usize);
+            let (b_hit, b_nll) = row_stats(brow, t as usize);
+            for (i, &th) in thresholds.iter().enumerate() {
+                let on_side = GateMode::Learned.use_side(ps, th);
+                let (h, l) = if on_side {
+                    (s_hit, s_nll)
+                } else {
+                    (b_hit, b_nll)
+                };
+                hits[i] += usize::from(h);
+                nll[i] += l;
+                side[i] += usize::from(on_side);
+            }
+            n += 1;
+        }
+    }
+    let d = n.max(1) as f64;
+    Ok(thresholds
+        .iter()
+        .enumerate()
+        .map(|(i, &threshold)| GatePoint {
+            threshold,
+            accuracy: hits[i] as f64 / d,
+            nll: nll[i] / d,
+            side_usage: side[i] as f64 / d,
+        })
+        .collect())
+}
+
+/// The threshold whose emitted path is most often right on validation ([`gate_sweep`] over
+/// [`GATE_THRESHOLDS`]); ties go to the higher threshold (fewer side positions, fewer rounds).
+/// Returns it with the whole sweep.
+pub fn choose_gate_threshold(
+    graph: &SideGraph,
+    val: &[SeqFeatures],
+    cfg: &TrainConfig,
+) -> Result<(f32, Vec<GatePoint>)> {
+    let sweep = gate_sweep(graph, val, cfg, &GATE_THRESHOLDS)?;
+    let best = sweep
+        .iter()
+        .fold(None::<&GatePoint>, |b, p| match b {
+            Some(b) if b.accuracy > p.accuracy => Some(b),
+            _ => Some(p),
+        })
+        .map_or(0.5, |p| p.threshold);
+    Ok((best, sweep))
 }
 
 /// A resumable training run.

@@ -1,7 +1,7 @@
 //! Trainer tests on the real base and real text (Moby Dick, from `scripts/fetch-assets.sh
 //! personal`): the differentiable graph equals the device's side network, training lowers
 //! validation loss, resume continues bit for bit, the usage cost moves side usage, stale caches
-//! are rejected.
+//! are rejected, the gate threshold sweep spans base to side.
 
 use spa_model::{BaseModel, DownProjection, QuantMode, SideConfig, SideNetwork, SideWeights};
 use spa_train::features::{self, FeatureSet, SeqFeatures, SeqSpec};
@@ -392,4 +392,65 @@ fn micro_batches_give_the_whole_batch_update() {
             }
         }
     }
+}
+
+#[test]
+fn gate_sweep_spans_base_to_side_and_agrees_with_evaluate() {
+    let (_, va) = data();
+    let mut w = SideWeights::init(side_config(), 7, 1.0).expect("init");
+    // A gate whose side probability varies by position, so thresholds split the positions.
+    for (i, v) in w
+        .tensors
+        .get_mut("gate.weight")
+        .expect("gate")
+        .data
+        .iter_mut()
+        .enumerate()
+    {
+        *v = ((i % 5) as f32 - 2.0) * 0.2;
+    }
+    let g = SideGraph::new(
+        &w,
+        SideInput::BaseTaps,
+        base().head_weight_f32().unwrap(),
+        1,
+    )
+    .unwrap();
+    let c = cfg(Method::Spa, 1);
+    let sweep = train::gate_sweep(&g, va, &c, &train::GATE_THRESHOLDS).unwrap();
+    assert_eq!(sweep.len(), train::GATE_THRESHOLDS.len());
+    // Threshold 1: never the side path, so top-1 accuracy is the base's, counted here directly
+    // from the cached shortlists.
+    let k = va[0].cand_logits.len() / va[0].target_idx.len();
+    let (mut hits, mut n) = (0usize, 0usize);
+    for s in va {
+        for (row, &t) in s.cand_logits.chunks(k).zip(&s.target_idx) {
+            hits += usize::from(row.iter().all(|&v| v <= row[t as usize]));
+            n += 1;
+        }
+    }
+    let never = sweep.last().unwrap();
+    assert_eq!(never.side_usage, 0.0);
+    assert!((never.accuracy - hits as f64 / n as f64).abs() < 1e-12);
+    // Threshold 0: (almost) always the side path; usage falls as the threshold rises, and some
+    // threshold in between splits the positions.
+    assert!(sweep[0].side_usage > 0.99, "{:?}", sweep[0]);
+    assert!(sweep.windows(2).all(|p| p[1].side_usage <= p[0].side_usage));
+    assert!(sweep
+        .iter()
+        .any(|p| p.side_usage > 0.05 && p.side_usage < 0.95));
+    // The random side path is worse than the base, so it must not be chosen everywhere.
+    assert!(sweep[0].accuracy < never.accuracy, "{sweep:?}");
+    // At 0.5 the emitted NLL and usage are what training's validation reports.
+    let e = train::evaluate(&g, va, &c).unwrap();
+    let half = sweep.iter().find(|p| p.threshold == 0.5).unwrap();
+    assert!((half.nll - e.nll).abs() < 1e-3, "{} vs {}", half.nll, e.nll);
+    assert!((half.side_usage - e.side_usage).abs() < 1e-9);
+    // The choice is the most accurate threshold, the highest among equals.
+    let (t, s2) = train::choose_gate_threshold(&g, va, &c).unwrap();
+    assert_eq!(s2, sweep);
+    let best = sweep.iter().map(|p| p.accuracy).fold(0.0, f64::max);
+    let chosen = sweep.iter().find(|p| p.threshold == t).unwrap();
+    assert_eq!(chosen.accuracy, best);
+    assert!(sweep.iter().all(|p| p.threshold <= t || p.accuracy < best));
 }

@@ -398,6 +398,10 @@ fn records(
         if lad.job.method == Method::Spa {
             r.val_side_usage_pct = Some(lad.val_side_usage_pct);
         }
+        if let Some((t, sweep)) = &lad.gate {
+            r.gate_threshold = Some(*t);
+            r.gate_sweep = sweep.clone();
+        }
         if name == "spa" {
             for tr in &trs {
                 for (i, s) in tr.side.iter().enumerate() {

@@ -13,7 +13,7 @@ use crate::data::{Split, Task};
 use crate::error::{Result, TrainError};
 use crate::features;
 use crate::sidegrad::SideGraph;
-use crate::train::{self, Method, TrainConfig};
+use crate::train::{self, GatePoint, Method, TrainConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use spa_model::side::F32Tensor;
@@ -23,6 +23,10 @@ use spa_model::{
 use spa_runtime::DeviceModel;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// How a gated method's threshold is chosen: the best teacher-forced top-1 accuracy on the
+/// validation examples over `train::GATE_THRESHOLDS` (runs made with a fixed 0.5 lack it).
+const GATE_RULE: &str = "validation-top1-sweep";
 
 /// One ladder method to evaluate on a task.
 #[derive(Debug, Clone)]
@@ -81,12 +85,17 @@ impl Job {
         task: Task,
         data: &TaskData,
     ) -> serde_json::Value {
-        json!({
+        let mut s = json!({
             "training": self.train_settings(setup, opts, task, data),
             "test": data_hash(&data.te),
             "max_new": task.max_new_tokens(),
             "draft": opts.profile.draft,
-        })
+        });
+        if self.method.gated() {
+            // The gate threshold is chosen on validation after training (GATE_RULE).
+            s["gate_rule"] = json!(GATE_RULE);
+        }
+        s
     }
 }
 
@@ -135,6 +144,8 @@ pub(super) struct Ladder {
     pub(super) val_side_usage_pct: f64,
     /// Training wall time (s).
     pub(super) train_s: f64,
+    /// Gated methods: the gate threshold chosen on validation and the sweep behind it.
+    pub(super) gate: Option<(f32, Vec<GatePoint>)>,
 }
 
 /// What a cached trained side network carries besides its weights.
@@ -147,6 +158,10 @@ struct CachedMeta {
     val_curve: Vec<(usize, f64)>,
     val_side_usage_pct: f64,
     train_s: f64,
+    /// Gated methods: the chosen gate threshold and its validation sweep (absent in caches
+    /// written before the choice existed: computed then and saved).
+    #[serde(default)]
+    gate: Option<(f32, Vec<GatePoint>)>,
 }
 
 /// Trained weights (and full separation's `sep_in`) with their metadata.
@@ -268,6 +283,7 @@ fn train_one(
             val_curve: choice.report.history.clone(),
             val_side_usage_pct: choice.report.best.side_usage * 100.0,
             train_s: t0.elapsed().as_secs_f64(),
+            gate: None,
         },
     })
 }
@@ -296,7 +312,7 @@ pub(super) fn train(
             task.name(),
             job.name
         ));
-        let trained = match load_cached(&cache, &hash) {
+        let mut trained = match load_cached(&cache, &hash) {
             Some(t) => {
                 log_progress(&format!(
                     "[{}] {} (width {w}): trained network loaded from {}",
@@ -312,6 +328,26 @@ pub(super) fn train(
                 t
             }
         };
+        if method.gated() && trained.meta.gate.is_none() {
+            data.ensure_features(setup, opts, task, tally)?;
+            let graph =
+                SideGraph::new(&trained.weights, method.input(), setup.head_f32.clone(), 17)?;
+            let (t, sweep) = train::choose_gate_threshold(
+                &graph,
+                &data.feats[&(Split::Val, w)],
+                &job.config(opts),
+            )?;
+            log_progress(&format!(
+                "[{}] {} (width {w}): gate threshold {t} chosen on validation",
+                task.name(),
+                method.name()
+            ));
+            trained.meta.gate = Some((t, sweep));
+            save_cached(&cache, &trained)?;
+        }
+        if let Some((t, _)) = &trained.meta.gate {
+            trained.weights.config.gate_threshold = *t;
+        }
         if method == Method::Spa && w == p.width {
             let mut plugin = SidePlugin::init(base, proj, 17, 0.0)?;
             plugin.weights = trained.weights.clone();
@@ -345,6 +381,7 @@ pub(super) fn train(
             val_curve: m.val_curve,
             val_side_usage_pct: m.val_side_usage_pct,
             train_s: m.train_s,
+            gate: m.gate,
         });
     }
     tally.timings.insert(

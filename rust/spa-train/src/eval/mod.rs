@@ -331,6 +331,9 @@ pub struct ProtocolInput {
     pub max_new: usize,
     /// Simulated rounds per token on the same prompts.
     pub simulated_rounds_per_token: f64,
+    /// The gate threshold of the run (chosen on validation), applied to the loaded plugin
+    /// (plugins saved before the threshold was recorded in the file carry 0.5).
+    pub gate_threshold: Option<f32>,
 }
 
 /// Options of [`run`].
@@ -528,6 +531,7 @@ pub fn run(opts: &EvalOptions, log_progress: &mut dyn FnMut(&str)) -> Result<Res
                         .collect(),
                     max_new: pr.max_new,
                     simulated_rounds_per_token: pr.simulated_rounds_per_token,
+                    gate_threshold: spa.gate_threshold,
                 });
             } else {
                 tally.notes.push(format!(

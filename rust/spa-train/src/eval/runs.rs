@@ -80,6 +80,12 @@ pub struct RunRecord {
     pub val_curve: Vec<(usize, f64)>,
     /// Side usage % over the validation positions (SPA).
     pub val_side_usage_pct: Option<f64>,
+    /// SPA: the gate threshold chosen on validation (`train::choose_gate_threshold`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_threshold: Option<f32>,
+    /// SPA: the validation sweep it was chosen from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gate_sweep: Vec<crate::train::GatePoint>,
     /// SPA: (side-path uses, generations) per generated position.
     pub side_by_position: Vec<(usize, usize)>,
     /// SPA at the profile's width: inputs of the protocol measurement.

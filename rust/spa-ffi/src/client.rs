@@ -252,8 +252,9 @@ impl SpaClient {
     /// stateless request to the server per context (the base's final hidden state for the
     /// context's token ids, up to 256 of them); the LM head scores the whole vocabulary here,
     /// with the personal side network and gate. Typing letters of a word re-ranks the last
-    /// context's words without a request. Words the tokenizer splits into several tokens are
-    /// not suggested.
+    /// context's words without a request. Words of two tokens are suggested from the base's
+    /// continuations (the server extends the context by its 8 most likely word starts), longer
+    /// ones from the user's word cache.
     pub async fn suggest(&self, text: String, count: u32) -> Result<Suggestions> {
         if count == 0 || count > 16 {
             return Err(SpaMobileError::InvalidConfig {

@@ -35,7 +35,8 @@ pub struct Suggestions {
     pub words: Vec<String>,
     /// The partly typed word they complete ("" at a word boundary).
     pub partial: String,
-    /// The personal side path dominates the ranking (the gate's probability is above 0.5).
+    /// The personal side path dominates the ranking (the gate's probability is above the
+    /// network's gate threshold, 0.5 unless training chose another).
     pub side: bool,
     /// The gate's probability of the side path.
     pub p_side: f32,

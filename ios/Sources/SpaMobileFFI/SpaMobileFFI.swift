@@ -1249,8 +1249,9 @@ public protocol SpaClientProtocol: AnyObject, Sendable {
      * stateless request to the server per context (the base's final hidden state for the
      * context's token ids, up to 256 of them); the LM head scores the whole vocabulary here,
      * with the personal side network and gate. Typing letters of a word re-ranks the last
-     * context's words without a request. Words the tokenizer splits into several tokens are
-     * not suggested.
+     * context's words without a request. Words of two tokens are suggested from the base's
+     * continuations (the server extends the context by its 8 most likely word starts), longer
+     * ones from the user's word cache.
      */
     func suggest(text: String, count: UInt32) async throws  -> Suggestions
     
@@ -1375,8 +1376,9 @@ open func personalizer(storageDir: String) -> Personalizer  {
      * stateless request to the server per context (the base's final hidden state for the
      * context's token ids, up to 256 of them); the LM head scores the whole vocabulary here,
      * with the personal side network and gate. Typing letters of a word re-ranks the last
-     * context's words without a request. Words the tokenizer splits into several tokens are
-     * not suggested.
+     * context's words without a request. Words of two tokens are suggested from the base's
+     * continuations (the server extends the context by its 8 most likely word starts), longer
+     * ones from the user's word cache.
      */
 open func suggest(text: String, count: UInt32)async throws  -> Suggestions  {
     return
@@ -4103,7 +4105,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_spa_ffi_checksum_method_spaclient_personalizer() != 24995) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_spa_ffi_checksum_method_spaclient_suggest() != 10562) {
+    if (uniffi_spa_ffi_checksum_method_spaclient_suggest() != 43638) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_spa_ffi_checksum_method_spaclient_uses_personal_words() != 5002) {

@@ -1061,7 +1061,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_spa_ffi_checksum_method_spaclient_personalizer() and 0xFFFF) != 24995) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_spa_ffi_checksum_method_spaclient_suggest() and 0xFFFF) != 10562) {
+    if ((lib.uniffi_spa_ffi_checksum_method_spaclient_suggest() and 0xFFFF) != 43638) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_spa_ffi_checksum_method_spaclient_uses_personal_words() and 0xFFFF) != 5002) {
@@ -2708,8 +2708,9 @@ public interface SpaClientInterface {
      * stateless request to the server per context (the base's final hidden state for the
      * context's token ids, up to 256 of them); the LM head scores the whole vocabulary here,
      * with the personal side network and gate. Typing letters of a word re-ranks the last
-     * context's words without a request. Words the tokenizer splits into several tokens are
-     * not suggested.
+     * context's words without a request. Words of two tokens are suggested from the base's
+     * continuations (the server extends the context by its 8 most likely word starts), longer
+     * ones from the user's word cache.
      */
     suspend fun `suggest`(`text`: kotlin.String, `count`: kotlin.UInt): Suggestions
     
@@ -2901,8 +2902,9 @@ open class SpaClient: Disposable, AutoCloseable, SpaClientInterface
      * stateless request to the server per context (the base's final hidden state for the
      * context's token ids, up to 256 of them); the LM head scores the whole vocabulary here,
      * with the personal side network and gate. Typing letters of a word re-ranks the last
-     * context's words without a request. Words the tokenizer splits into several tokens are
-     * not suggested.
+     * context's words without a request. Words of two tokens are suggested from the base's
+     * continuations (the server extends the context by its 8 most likely word starts), longer
+     * ones from the user's word cache.
      */
     @Throws(SpaMobileException::class)
     @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")

@@ -455,6 +455,31 @@ pub fn strip_windows(
     out
 }
 
+/// Most continuation positions asked in one features request of the strip's metric.
+pub const CONT_POSITIONS_PER_REQUEST: usize = 48;
+
+/// `a` with the rows of `b` after its own (int8 rows of the same width, as on the wire).
+fn append_rows(
+    a: Option<spa_protocol::Tensor>,
+    b: Option<spa_protocol::Tensor>,
+) -> Result<Option<spa_protocol::Tensor>> {
+    match (a, b) {
+        (a, None) => Ok(a),
+        (None, b) => Ok(b),
+        (Some(mut a), Some(b)) => {
+            if a.encoding != b.encoding || a.shape.len() != 2 || a.shape[1..] != b.shape[1..] {
+                return Err(TrainError::Data(
+                    "features answers: continuation states of different shapes".into(),
+                ));
+            }
+            a.shape[0] += b.shape[0];
+            a.data.extend(b.data);
+            a.scales.extend(b.scales);
+            Ok(Some(a))
+        }
+    }
+}
+
 /// Fetches the features of one window.
 pub type WindowFetch<'a> = dyn FnMut(&WindowRequest<'_>) -> Result<WindowFeatures> + 'a;
 
@@ -495,16 +520,31 @@ pub fn strip_docs_with(
                 .iter()
                 .map(|&j| w.position_of(j) as u32)
                 .collect();
+            // The continuations of a window cost 8 tokens of base compute per word start, so
+            // they are asked CONT_POSITIONS_PER_REQUEST positions at a time (every request
+            // stays well under the client's timeout; each repeats the window's pass).
+            let sent = w.tokens(&tokens);
+            let mut chunks = cont_pos.chunks(CONT_POSITIONS_PER_REQUEST);
             let f = fetch(&WindowRequest {
-                tokens: &w.tokens(&tokens),
+                tokens: &sent,
                 hidden_positions: &pos,
-                continuation_positions: &cont_pos,
+                continuation_positions: chunks.next().unwrap_or(&[]),
                 with_taps,
             })?;
             w.taps = f.taps;
             w.hidden = f.hidden;
             w.cont_ids = f.cont_ids;
             w.cont_hidden = f.cont_hidden;
+            for chunk in chunks {
+                let more = fetch(&WindowRequest {
+                    tokens: &sent,
+                    hidden_positions: &[],
+                    continuation_positions: chunk,
+                    with_taps: false,
+                })?;
+                w.cont_ids.extend(more.cont_ids);
+                w.cont_hidden = append_rows(w.cont_hidden.take(), more.cont_hidden)?;
+            }
             windows.push(w);
         }
         docs.push(StripDoc { tokens, windows });
@@ -588,10 +628,18 @@ pub fn remote_window_features(
         continuations: spa_runtime::words::CONTINUATIONS as u32,
         continuation_positions: req.continuation_positions.to_vec(),
     }))?;
-    let hidden = resp
-        .hidden
-        .ok_or_else(|| TrainError::Data("features answer without hidden states".into()))?;
-    if hidden.shape.first() != Some(&(req.hidden_positions.len() as u32)) {
+    let hidden = match resp.hidden {
+        Some(h) => h,
+        None if req.hidden_positions.is_empty() => Default::default(),
+        None => {
+            return Err(TrainError::Data(
+                "features answer without hidden states".into(),
+            ))
+        }
+    };
+    if !req.hidden_positions.is_empty()
+        && hidden.shape.first() != Some(&(req.hidden_positions.len() as u32))
+    {
         return Err(TrainError::Data(
             "features answer: hidden states of the wrong shape".into(),
         ));

@@ -2361,6 +2361,13 @@ public struct PersonalizeOptions: Equatable, Hashable {
      * never makes suggestions worse).
      */
     public var forceSideNetwork: Bool
+    /**
+     * Score the before/after report and the choice of what ships as the suggestion strip
+     * ranks, words of two tokens included (8 server continuations per word start of the
+     * held-out and validation text); off: one-token words only, several times less work for
+     * the server.
+     */
+    public var wordContinuations: Bool
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -2382,12 +2389,19 @@ public struct PersonalizeOptions: Equatable, Hashable {
          * Keep the trained side network even when it does not beat the base on the user's own
          * validation text (for comparisons; a keyboard leaves this off, so that personalizing
          * never makes suggestions worse).
-         */forceSideNetwork: Bool = false) {
+         */forceSideNetwork: Bool = false, 
+        /**
+         * Score the before/after report and the choice of what ships as the suggestion strip
+         * ranks, words of two tokens included (8 server continuations per word start of the
+         * held-out and validation text); off: one-token words only, several times less work for
+         * the server.
+         */wordContinuations: Bool = true) {
         self.steps = steps
         self.maxChunks = maxChunks
         self.seed = seed
         self.wordCache = wordCache
         self.forceSideNetwork = forceSideNetwork
+        self.wordContinuations = wordContinuations
     }
 
     
@@ -2410,7 +2424,8 @@ public struct FfiConverterTypePersonalizeOptions: FfiConverterRustBuffer {
                 maxChunks: FfiConverterUInt32.read(from: &buf), 
                 seed: FfiConverterUInt64.read(from: &buf), 
                 wordCache: FfiConverterBool.read(from: &buf), 
-                forceSideNetwork: FfiConverterBool.read(from: &buf)
+                forceSideNetwork: FfiConverterBool.read(from: &buf), 
+                wordContinuations: FfiConverterBool.read(from: &buf)
         )
     }
 
@@ -2420,6 +2435,7 @@ public struct FfiConverterTypePersonalizeOptions: FfiConverterRustBuffer {
         FfiConverterUInt64.write(value.seed, into: &buf)
         FfiConverterBool.write(value.wordCache, into: &buf)
         FfiConverterBool.write(value.forceSideNetwork, into: &buf)
+        FfiConverterBool.write(value.wordContinuations, into: &buf)
     }
 }
 

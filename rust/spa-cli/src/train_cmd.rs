@@ -488,9 +488,14 @@ fn personalize_run(
         use spa_train::personalize::FeatureSource;
         let f = src.features(&specs, cfg.top_k)?;
         let tok = base.tokenizer();
-        let h = personalize::strip_docs(&mut src, tok, &texts.held_out, true)?;
-        let c =
-            personalize::CacheInput::fetch(&mut src, tok, &texts.train, cfg.cache_tuning_words)?;
+        let h = personalize::strip_docs(&mut src, tok, &texts.held_out, true, true)?;
+        let c = personalize::CacheInput::fetch(
+            &mut src,
+            tok,
+            &texts.train,
+            cfg.cache_tuning_words,
+            true,
+        )?;
         (SidePlugin::init(&base, &proj, cfg.seed, 0.0)?, f, h, c)
     }; // the base is dropped here
     spa_model::mem::release_free_heap();
@@ -872,7 +877,7 @@ pub fn keyboard_cmd(a: KeyboardArgs) -> Result<()> {
         quiet: true,
         window_mode: spa_model::ForwardMode::BatchInvariant,
     };
-    let docs = personalize::strip_docs(&mut src, tok, &held, true)?;
+    let docs = personalize::strip_docs(&mut src, tok, &held, true, true)?;
     let head = spa_model::DeviceHead::from_base(&base, spa_model::QuantMode::Q8)?;
     let vocab = spa_runtime::WordVocab::shared(tok, base.identity());
     let dev_base = personalize::strip_device(&plugin, &head, tok, spa_model::GateMode::AlwaysBase)?;
@@ -986,7 +991,7 @@ pub fn keystrokes_cmd(a: KeystrokesArgs) -> Result<()> {
         }
     };
     eprintln!("base features of the held-out text...");
-    let held = personalize::strip_docs_with(tok, &text.held_out, false, &mut fetch(false))?;
+    let held = personalize::strip_docs_with(tok, &text.held_out, false, true, &mut fetch(false))?;
     let m_base = personalize::strip_metrics(&device, &vocab, None, &held, &mut |_| {})?;
     let mut out = serde_json::json!({
         "author": a.author,
@@ -997,14 +1002,8 @@ pub fn keystrokes_cmd(a: KeystrokesArgs) -> Result<()> {
         "base": m_base,
     });
     if a.without_continuations {
-        let mut one_token = |r: &personalize::WindowRequest<'_>| {
-            let r = personalize::WindowRequest {
-                continuation_positions: &[],
-                ..*r
-            };
-            personalize::local_window_features(base, None, &r, false, mode)
-        };
-        let held1 = personalize::strip_docs_with(tok, &text.held_out, false, &mut one_token)?;
+        let held1 =
+            personalize::strip_docs_with(tok, &text.held_out, false, false, &mut fetch(false))?;
         out["base_without_continuations"] = serde_json::to_value(personalize::strip_metrics(
             &device,
             &vocab,
@@ -1014,7 +1013,8 @@ pub fn keystrokes_cmd(a: KeystrokesArgs) -> Result<()> {
         )?)?;
     }
     if a.f16_check {
-        let held16 = personalize::strip_docs_with(tok, &text.held_out, false, &mut fetch(true))?;
+        let held16 =
+            personalize::strip_docs_with(tok, &text.held_out, false, true, &mut fetch(true))?;
         out["base_f16_hidden"] = serde_json::to_value(personalize::strip_metrics(
             &device,
             &vocab,
@@ -1030,7 +1030,7 @@ pub fn keystrokes_cmd(a: KeystrokesArgs) -> Result<()> {
         let input = personalize::CacheInput {
             train: text.train.clone(),
             head: head_texts,
-            tune_docs: personalize::strip_docs_with(tok, &tail, false, &mut fetch(false))?,
+            tune_docs: personalize::strip_docs_with(tok, &tail, false, true, &mut fetch(false))?,
         };
         let (cache, _, words, keys) = personalize::build_word_cache(&device, &vocab, &input)?;
         let m = personalize::strip_metrics(&device, &vocab, Some(&cache), &held, &mut |_| {})?;

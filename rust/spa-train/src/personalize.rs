@@ -62,6 +62,15 @@ pub struct PersonalizeConfig {
     /// training holds a quarter of the autograd graph (device memory).
     #[serde(default)]
     pub micro_batch: usize,
+    /// Score the before/after report and the shipping decision as the strip ranks: with the
+    /// base's word continuations (8 per held-out word start, 8 tokens of server compute each
+    /// time); off: one-token words only, several times less server work.
+    #[serde(default = "default_true")]
+    pub word_continuations: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for PersonalizeConfig {
@@ -79,6 +88,7 @@ impl Default for PersonalizeConfig {
             cache_tuning_words: CACHE_TUNING_WORDS,
             word_start_loss: false,
             micro_batch: 1,
+            word_continuations: true,
         }
     }
 }
@@ -284,8 +294,11 @@ pub fn strip_docs(
     tok: &SpaTokenizer,
     texts: &[String],
     with_taps: bool,
+    continuations: bool,
 ) -> Result<Vec<StripDoc>> {
-    strip_docs_with(tok, texts, with_taps, &mut |r| source.window(r))
+    strip_docs_with(tok, texts, with_taps, continuations, &mut |r| {
+        source.window(r)
+    })
 }
 
 #[cfg(feature = "host")]
@@ -484,11 +497,13 @@ fn append_rows(
 pub type WindowFetch<'a> = dyn FnMut(&WindowRequest<'_>) -> Result<WindowFeatures> + 'a;
 
 /// The [`StripDoc`]s of `texts` (one per text), with features from `fetch`: hidden states
-/// before every target, word continuations before every word start.
+/// before every target and, with `continuations`, the base's word continuations before every
+/// word start.
 pub fn strip_docs_with(
     tok: &SpaTokenizer,
     texts: &[String],
     with_taps: bool,
+    continuations: bool,
     fetch: &mut WindowFetch<'_>,
 ) -> Result<Vec<StripDoc>> {
     let mut docs = Vec::new();
@@ -508,7 +523,7 @@ pub fn strip_docs_with(
                 hidden: Default::default(),
                 word_targets: targets
                     .clone()
-                    .filter(|&j| word_at(&pieces, j).is_some())
+                    .filter(|&j| continuations && word_at(&pieces, j).is_some())
                     .collect(),
                 cont_ids: Vec::new(),
                 cont_hidden: None,
@@ -966,18 +981,19 @@ pub struct CacheInput {
 impl CacheInput {
     /// Splits `train` (the end: a tenth, at most `max_words` words) and fetches the end's
     /// features from `source` (hidden states and taps: the personalized candidates are scored
-    /// on it too).
+    /// on it too; word continuations with `continuations`).
     pub fn fetch(
         source: &mut dyn FeatureSource,
         tok: &SpaTokenizer,
         train: &[String],
         max_words: usize,
+        continuations: bool,
     ) -> Result<Self> {
         let (head, tail) = split_tail(train, 0.1, max_words);
         Ok(Self {
             train: train.to_vec(),
             head,
-            tune_docs: strip_docs(source, tok, &tail, true)?,
+            tune_docs: strip_docs(source, tok, &tail, true, continuations)?,
         })
     }
 }
@@ -1177,8 +1193,14 @@ fn personalize_inner(
     let (held, cache) = match measure {
         Measure::Given(h, c) => (h, c),
         Measure::Fetch(source, texts) => {
-            held_owned = strip_docs(source, tok, &texts.held_out, true)?;
-            cache_owned = CacheInput::fetch(source, tok, &texts.train, cfg.cache_tuning_words)?;
+            held_owned = strip_docs(source, tok, &texts.held_out, true, cfg.word_continuations)?;
+            cache_owned = CacheInput::fetch(
+                source,
+                tok,
+                &texts.train,
+                cfg.cache_tuning_words,
+                cfg.word_continuations,
+            )?;
             (&held_owned[..], Some(&cache_owned))
         }
     };

@@ -3656,6 +3656,14 @@ data class PersonalizeOptions (
      * never makes suggestions worse).
      */
     var `forceSideNetwork`: kotlin.Boolean = false 
+    , 
+    /**
+     * Score the before/after report and the choice of what ships as the suggestion strip
+     * ranks, words of two tokens included (8 server continuations per word start of the
+     * held-out and validation text); off: one-token words only, several times less work for
+     * the server.
+     */
+    var `wordContinuations`: kotlin.Boolean = true 
     
 ){
     
@@ -3677,6 +3685,7 @@ public object FfiConverterTypePersonalizeOptions: FfiConverterRustBuffer<Persona
             FfiConverterULong.read(buf),
             FfiConverterBoolean.read(buf),
             FfiConverterBoolean.read(buf),
+            FfiConverterBoolean.read(buf),
         )
     }
 
@@ -3685,7 +3694,8 @@ public object FfiConverterTypePersonalizeOptions: FfiConverterRustBuffer<Persona
             FfiConverterUInt.allocationSize(value.`maxChunks`) +
             FfiConverterULong.allocationSize(value.`seed`) +
             FfiConverterBoolean.allocationSize(value.`wordCache`) +
-            FfiConverterBoolean.allocationSize(value.`forceSideNetwork`)
+            FfiConverterBoolean.allocationSize(value.`forceSideNetwork`) +
+            FfiConverterBoolean.allocationSize(value.`wordContinuations`)
     )
 
     override fun write(value: PersonalizeOptions, buf: ByteBuffer) {
@@ -3694,6 +3704,7 @@ public object FfiConverterTypePersonalizeOptions: FfiConverterRustBuffer<Persona
             FfiConverterULong.write(value.`seed`, buf)
             FfiConverterBoolean.write(value.`wordCache`, buf)
             FfiConverterBoolean.write(value.`forceSideNetwork`, buf)
+            FfiConverterBoolean.write(value.`wordContinuations`, buf)
     }
 }
 

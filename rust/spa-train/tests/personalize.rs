@@ -62,20 +62,26 @@ fn features_over_https_equal_local_features() {
         n_taps: taps.len(),
         width: 32,
     };
-    // The suggestion strip's features (hidden states of every position, taps) equal the
-    // server's.
+    // The suggestion strip's features (hidden states of every position, taps, the word
+    // continuations before every word start) equal the server's.
     let text = vec!["Call me Ishmael. Some years ago, never mind how long precisely.".to_string()];
     let tok = base.tokenizer();
-    let strip_remote = personalize::strip_docs(&mut remote, tok, &text, true).unwrap();
+    let strip_remote = personalize::strip_docs(&mut remote, tok, &text, true, true).unwrap();
     let mut local_src = LocalFeatures {
         base: &base,
         proj: &proj,
         quiet: true,
         window_mode: spa_model::ForwardMode::BatchInvariant,
     };
-    let strip_local = personalize::strip_docs(&mut local_src, tok, &text, true).unwrap();
+    let strip_local = personalize::strip_docs(&mut local_src, tok, &text, true, true).unwrap();
     assert_eq!(strip_remote, strip_local, "wire strip features differ");
     assert_eq!(strip_local[0].windows.len(), 1);
+    let w = &strip_local[0].windows[0];
+    assert!(w.word_targets.len() >= 8, "{:?}", w.word_targets);
+    assert_eq!(
+        w.cont_ids.len(),
+        w.word_targets.len() * spa_runtime::words::CONTINUATIONS
+    );
     let got = remote.features(&spec, 16).unwrap();
     assert_eq!(
         got[0], local[0].seqs[0],

@@ -292,9 +292,10 @@ fn corrupt_side_weight_files() {
     t.data.truncate(576 * 16);
     let e = load_side(&saved(&shrunk, "shrunk.safetensors"), "shrunk tensor");
     assert!(matches!(e, SpaError::WrongShape { .. }), "{e:?}");
-    // Metadata that disagrees with the tensors (width 64 recorded, 32 stored).
+    // Metadata that disagrees with the tensors (width 64 recorded, 32 stored; `save` records
+    // the weights' configuration).
     let mut lying = plugin.clone();
-    lying.meta.config.width = 64;
+    lying.weights.config.width = 64;
     let e = load_side(&saved(&lying, "lying.safetensors"), "meta width");
     assert!(matches!(e, SpaError::WrongShape { .. }), "{e:?}");
     // NaN weights.

@@ -84,7 +84,7 @@ pub fn frame(data: &[u8]) {
         }
         FrameKind::FeaturesResponse => {
             if let Ok(r) = decode_frame::<FeaturesResponse>(data, kind, &l) {
-                tensors([r.taps], &l);
+                tensors([r.taps, r.hidden, r.cont_hidden], &l);
             }
         }
         FrameKind::FeaturesRequest => {

@@ -282,6 +282,11 @@ impl BaseModel {
         if c == 0 {
             return Ok((ids, states));
         }
+        if starts.iter().filter(|&&s| s).count() < c {
+            return Err(SpaError::InvalidConfig(format!(
+                "the vocabulary has fewer than {c} word-start tokens"
+            )));
+        }
         let per_batch = (CONT_BATCH_ROWS / c).max(1);
         for group in positions.chunks(per_batch) {
             let mut toks: Vec<[u32; 1]> = Vec::with_capacity(group.len() * c);
@@ -294,19 +299,13 @@ impl BaseModel {
                         SpaError::InvalidConfig(format!("continuation position {p} has no state"))
                     })?;
                 let logits = self.last_logits(&Tensor::from_slice(row, (1, d), &Device::Cpu)?)?;
-                let mut order: Vec<u32> = (0..logits.len() as u32)
-                    .filter(|&i| starts.get(i as usize).copied().unwrap_or(false))
+                // The most likely word starts: every other token masked, then the shared top-k.
+                let masked: Vec<f32> = logits
+                    .iter()
+                    .zip(starts)
+                    .map(|(&l, &s)| if s { l } else { f32::NEG_INFINITY })
                     .collect();
-                if order.len() < c {
-                    return Err(SpaError::InvalidConfig(format!(
-                        "the vocabulary has fewer than {c} word-start tokens"
-                    )));
-                }
-                order.select_nth_unstable_by(c - 1, |&a, &b| {
-                    logits[b as usize].total_cmp(&logits[a as usize])
-                });
-                order.truncate(c);
-                order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+                let order = crate::head::top_k(&masked, c);
                 for &t in &order {
                     toks.push([t]);
                     caches.push(cache.fork_prefix(p as usize + 1, 1)?);

@@ -289,11 +289,13 @@ impl AdamW {
     }
 }
 
-fn objective(
+/// The padded batch of `seqs` for `graph` (its input: taps, or embeddings from its head) with
+/// `cfg`'s loss positions.
+fn batch_of(
     graph: &SideGraph,
     seqs: &[&SeqFeatures],
     cfg: &TrainConfig,
-) -> Result<(Tensor, EvalStats)> {
+) -> Result<crate::sidegrad::Batch> {
     let c = &graph.config;
     let emb = match graph.input {
         SideInput::Embeddings => Some(graph.head().cloned().ok_or_else(|| {
@@ -301,13 +303,21 @@ fn objective(
         })?),
         SideInput::BaseTaps => None,
     };
-    let batch = make_batch_masked(
+    make_batch_masked(
         seqs,
         c.taps.len(),
         c.width,
         emb.as_ref(),
         cfg.loss_targets.as_deref().map(|v| v.as_slice()),
-    )?;
+    )
+}
+
+fn objective(
+    graph: &SideGraph,
+    seqs: &[&SeqFeatures],
+    cfg: &TrainConfig,
+) -> Result<(Tensor, EvalStats)> {
+    let batch = batch_of(graph, seqs, cfg)?;
     let h = graph.heads(&batch)?;
     let n = batch.n as f64;
     let not_same = (1.0 - h.same_argmax.to_dtype(candle_core::DType::F32)?)?;
@@ -331,7 +341,7 @@ fn objective(
         // Emitted distribution: the gate's hard decision.
         let side = p_side
             .detach()
-            .gt(c.gate_threshold as f64)?
+            .gt(graph.config.gate_threshold as f64)?
             .to_dtype(candle_core::DType::F32)?;
         let emitted = ((&side * h.logp_side.detach())? + ((1.0 - &side)? * &h.logp_base)?)?;
         let nll = emitted.neg()?.mean_all()?.to_scalar::<f32>()? as f64;
@@ -433,11 +443,6 @@ pub fn gate_sweep(
     cfg: &TrainConfig,
     thresholds: &[f32],
 ) -> Result<Vec<GatePoint>> {
-    let c = &graph.config;
-    let emb = match graph.input {
-        SideInput::Embeddings => graph.head().cloned(),
-        SideInput::BaseTaps => None,
-    };
     let (mut hits, mut nll, mut side) = (
         vec![0usize; thresholds.len()],
         vec![0f64; thresholds.len()],
@@ -452,13 +457,7 @@ pub fn gate_sweep(
     };
     for chunk in set.chunks(cfg.batch.max(1)) {
         let refs: Vec<&SeqFeatures> = chunk.iter().collect();
-        let batch = make_batch_masked(
-            &refs,
-            c.taps.len(),
-            c.width,
-            emb.as_ref(),
-            cfg.loss_targets.as_deref().map(|v| v.as_slice()),
-        )?;
+        let batch = batch_of(graph, &refs, cfg)?;
         let (side_rows, p) = graph.scores(&batch)?;
         let base_rows: Vec<Vec<f32>> = batch.cand_logits.to_vec2()?;
         let targets: Vec<u32> = batch.target_idx.to_vec1()?;

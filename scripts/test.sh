@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 t_all=$SECONDS
 t_step=$SECONDS
-lap() { echo "-- test.sh: $1 took $((SECONDS - t_step)) s (total $((SECONDS - t_all)) s, target/ $(du -sh "${CARGO_TARGET_DIR:-target}" 2>/dev/null | cut -f1))"; t_step=$SECONDS; }
+lap() { echo "-- test.sh: $1 took $((SECONDS - t_step)) s (total $((SECONDS - t_all)) s, target/ $(du -sh "${CARGO_TARGET_DIR:-target}" 2>/dev/null | cut -f1), disk free $(df -h --output=avail . 2>/dev/null | tail -1 | tr -d ' '))"; t_step=$SECONDS; }
 
 echo "== fetch assets (model, Gemma, BIG-bench tasks, personal text) =="
 bash scripts/fetch-assets.sh model gemma data personal

@@ -725,15 +725,15 @@ pub fn personalize_cmd(a: PersonalizeArgs) -> Result<()> {
 /// Runs the trained SPA plugins through a real loopback HTTPS server and the device runtime and
 /// returns (measured, simulated) rounds per token per task.
 /// SPA's trained plugins through a real loopback HTTPS server and the device runtime (trained
-/// gate), on each task's first test prompts, at K = 4, 8, 16 and with the adaptive K: one row
-/// per (task, policy).
+/// gate), on each task's first test prompts, at K = 4, 8, 16 and with the adaptive K, and at
+/// K = 8 with int4 taps: one row per (task, policy).
 async fn measure_rounds(
     model: &std::path::Path,
     profile: &Profile,
     inputs: &[eval::ProtocolInput],
 ) -> Result<Vec<eval::RoundsRow>> {
     use spa_runtime::{
-        AdaptiveDraft, Client, ClientConfig, DeviceModel, Mode, RuntimeParams, SpaSession,
+        AdaptiveDraft, Client, ClientConfig, DeviceModel, Mode, RuntimeParams, SpaSession, TapBits,
     };
     use spa_server::{tls, AppState, Keys, ServerConfig};
     use std::sync::Arc;
@@ -759,11 +759,17 @@ async fn measure_rounds(
     cfg.extra_root_pem = Some(cert.cert_pem.clone());
     let client = Client::new(cfg)?;
     let assets_dev = DeviceAssets::load(model)?;
-    let policies: [(serde_json::Value, u32, Option<AdaptiveDraft>); 4] = [
-        (4.into(), 4, None),
-        (8.into(), 8, None),
-        (16.into(), 16, None),
-        ("adaptive".into(), 8, Some(AdaptiveDraft::default())),
+    let policies: [(serde_json::Value, u32, Option<AdaptiveDraft>, TapBits); 5] = [
+        (4.into(), 4, None, TapBits::Int8),
+        (8.into(), 8, None, TapBits::Int8),
+        (16.into(), 16, None, TapBits::Int8),
+        (
+            "adaptive".into(),
+            8,
+            Some(AdaptiveDraft::default()),
+            TapBits::Int8,
+        ),
+        (8.into(), 8, None, TapBits::Int4),
     ];
     for inp in inputs {
         let mut plugin = SidePlugin::load(&inp.plugin)?;
@@ -778,8 +784,9 @@ async fn measure_rounds(
             spa_model::PersonalVocab::default(),
         )?);
         dev.check_manifest(&client.manifest().await?)?;
-        for (k, draft, adaptive) in &policies {
+        for (k, draft, adaptive, bits) in &policies {
             let params = RuntimeParams {
+                tap_bits: *bits,
                 max_tokens: inp.max_new,
                 draft: *draft,
                 adaptive_draft: *adaptive,
@@ -811,6 +818,7 @@ async fn measure_rounds(
                 override_pct: 100.0 * sum.override_rate(),
                 prompts: inp.prompts.len(),
                 tokens: sum.tokens,
+                tap_bits: bits.wire(),
             });
         }
     }

@@ -117,6 +117,7 @@ impl GenerateParams {
                 top_p: self.top_p,
                 seed: self.seed,
             },
+            tap_bits: spa_runtime::TapBits::Int8,
         }
     }
 }

@@ -3,7 +3,8 @@
 //! Versioned, self-describing binary messages between the device runtime and the base-model
 //! server (protobuf via prost; the schema is `proto/spa.proto`, explained in docs/protocol.md,
 //! so a non-Rust server can implement it). Every HTTP body is one [`Frame`]: version, kind,
-//! payload and a CRC-32 of the payload. Tensor payloads are int8 with a per-row f16 scale, or f16.
+//! payload and a CRC-32 of the payload. Tensor payloads are int8 or int4 with a per-row f16 scale,
+//! or f16.
 //! Limits are checked before anything is allocated from untrusted lengths.
 //!
 //! ```
@@ -19,9 +20,13 @@
 mod codec;
 mod messages;
 pub mod sampling;
+mod states;
 
-pub use codec::{decode_i8_rows, decode_tensor, encode_f16, encode_i8_rows, TensorData};
+pub use codec::{
+    decode_i8_rows, decode_tensor, encode_f16, encode_i4_rows, encode_i8_rows, TensorData,
+};
 pub use messages::*;
+pub use states::{position_state, HeadState, TapBits};
 
 use prost::Message;
 
@@ -162,6 +167,7 @@ impl StepRequest {
                 "temperature and top_p must be finite and >= 0".into(),
             ));
         }
+        TapBits::from_wire(self.tap_bits)?;
         if self.draft == 0 || self.draft as usize > limits.max_draft {
             return Err(ProtocolError::Limit(format!(
                 "draft K = {} not in 1..={}",

@@ -38,6 +38,7 @@ pub enum TensorEncoding {
     Unspecified = 0,
     I8RowF16Scale = 1,
     F16 = 2,
+    I4RowF16Scale = 3,
 }
 
 /// A 2-D tensor on the wire.
@@ -134,6 +135,10 @@ pub struct StepRequest {
     pub top_p: f32,
     #[prost(uint64, tag = "7")]
     pub seed: u64,
+    /// Bits per tap value in the answer: 0 or 8 (int8 rows) or 4 (int4 rows, half the bytes);
+    /// see [`crate::TapBits`].
+    #[prost(uint32, tag = "8")]
+    pub tap_bits: u32,
 }
 
 /// Base-side data of one position.

@@ -41,6 +41,6 @@ pub use client::{Client, ClientConfig};
 pub use device::{untrained_plugin, Decision, DeviceModel, WireSampling};
 pub use error::{Result, RuntimeError};
 pub use session::{AdaptiveDraft, GenerationStats, RuntimeParams, SpaSession};
-pub use spa_protocol::{Manifest, Mode};
+pub use spa_protocol::{Manifest, Mode, TapBits};
 pub use suggest::{suggest, Suggester, Suggestions};
 pub use words::{RankedWords, WordCache, WordVocab};

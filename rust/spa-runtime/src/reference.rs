@@ -5,9 +5,10 @@
 use crate::device::DeviceModel;
 use crate::error::Result;
 use spa_model::{argmax, top_k, BaseModel, DownProjection};
-use spa_protocol::{encode_i8_rows, Limits, PositionState};
+use spa_protocol::{position_state, HeadState, Limits, TapBits};
 
-/// Greedy SPA decoding, one token per step, no network. Returns the generated ids.
+/// Greedy SPA decoding, one token per step, no network, taps at the wire's int8. Returns the
+/// generated ids.
 pub fn generate_local(
     base: &BaseModel,
     proj: &DownProjection,
@@ -17,11 +18,35 @@ pub fn generate_local(
     top: usize,
     stop: &[u32],
 ) -> Result<Vec<u32>> {
+    generate_local_with(
+        base,
+        proj,
+        device,
+        prompt,
+        max_tokens,
+        top,
+        stop,
+        TapBits::Int8,
+    )
+}
+
+/// [`generate_local`] with the taps encoded with `bits`, as a runtime asking the server for
+/// them (`RuntimeParams::tap_bits`) receives them.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_local_with(
+    base: &BaseModel,
+    proj: &DownProjection,
+    device: &DeviceModel,
+    prompt: &[u32],
+    max_tokens: usize,
+    top: usize,
+    stop: &[u32],
+    bits: TapBits,
+) -> Result<Vec<u32>> {
     let limits = Limits::default();
     let mut cache = base.new_cache();
     let mut side_cache = device.side.new_cache();
     let (n_taps, width) = (proj.meta().taps.len(), proj.meta().width);
-    let hidden_dim = base.config().hidden;
     let mut out = Vec::new();
     let mut feed: Vec<u32> = prompt.to_vec();
     while out.len() < max_tokens {
@@ -31,12 +56,8 @@ pub fn generate_local(
         let mut decision = None;
         for (i, zp) in z.iter().enumerate() {
             let flat: Vec<f32> = zp.iter().flatten().copied().collect();
-            let mut s = PositionState {
-                position: (pos0 + i) as u64,
-                taps: Some(encode_i8_rows(&flat, n_taps, width)),
-                ..Default::default()
-            };
-            if i + 1 == z.len() {
+            let pos = (pos0 + i) as u64;
+            let s = if i + 1 == z.len() {
                 let h = o
                     .hidden
                     .narrow(0, i, 1)
@@ -46,11 +67,18 @@ pub fn generate_local(
                     .and_then(|t| t.to_vec1())
                     .map_err(spa_model::SpaError::from)?;
                 let logits = base.last_logits(&h)?;
-                s.is_draft = true;
-                s.draft_token = argmax(&logits).unwrap_or(0) as u32;
-                s.topk_ids = top_k(&logits, top);
-                s.hidden = Some(encode_i8_rows(&hv, 1, hidden_dim));
-            }
+                let ids = top_k(&logits, top);
+                let lv: Vec<f32> = ids.iter().map(|&t| logits[t as usize]).collect();
+                let head = HeadState {
+                    hidden: &hv,
+                    topk_ids: &ids,
+                    topk_logits: &lv,
+                    draft_token: argmax(&logits).unwrap_or(0) as u32,
+                };
+                position_state(pos, &flat, n_taps, width, bits, Some(head))
+            } else {
+                position_state(pos, &flat, n_taps, width, bits, None)
+            };
             decision = device.process(&s, &mut side_cache, &limits)?;
         }
         let Some(d) = decision else { break };

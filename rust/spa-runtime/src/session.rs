@@ -13,7 +13,7 @@ use crate::client::Client;
 use crate::device::{DeviceModel, WireSampling};
 use crate::error::{Result, RuntimeError};
 use spa_model::SideCache;
-use spa_protocol::{Limits, Mode, StepRequest};
+use spa_protocol::{Limits, Mode, StepRequest, TapBits};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -126,6 +126,10 @@ pub struct RuntimeParams {
     pub stop_tokens: Vec<u32>,
     /// Sampling (temperature 0: greedy).
     pub sampling: WireSampling,
+    /// How the server encodes the taps it sends (every prompt position carries 30 rows of
+    /// them): [`TapBits::Int8`] (default) or [`TapBits::Int4`], half the bytes down for a small
+    /// loss of precision (README, "Training and evaluation", gives its ROUGE-L cost).
+    pub tap_bits: TapBits,
 }
 
 impl Default for RuntimeParams {
@@ -137,6 +141,7 @@ impl Default for RuntimeParams {
             top_k: 0,
             stop_tokens: Vec::new(),
             sampling: WireSampling::default(),
+            tap_bits: TapBits::Int8,
         }
     }
 }
@@ -292,6 +297,7 @@ impl SpaSession {
                 temperature: params.sampling.temperature,
                 top_p: params.sampling.top_p,
                 seed: params.sampling.seed,
+                tap_bits: params.tap_bits.wire(),
             };
             let t0 = Instant::now();
             let resp = match self.client.step(&id, &req).await {

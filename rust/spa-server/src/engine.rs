@@ -4,7 +4,7 @@
 
 use spa_model::{argmax, top_k, BaseModel, BaseOutput, DownProjection, KvCache, SpaError};
 use spa_protocol::{
-    encode_f16, encode_i8_rows, sampling, PositionState, StepRequest, StepResponse,
+    position_state, sampling, HeadState, ProtocolError, StepRequest, StepResponse, TapBits,
 };
 use std::time::Instant;
 
@@ -23,6 +23,9 @@ pub enum StepError {
     /// Model error (bad token id, context overflow...).
     #[error(transparent)]
     Model(#[from] SpaError),
+    /// A field of the request the handler's validation did not cover (e.g. `tap_bits`).
+    #[error(transparent)]
+    Request(#[from] ProtocolError),
 }
 
 /// Runs one step on `cache` (see module docs). Deterministic: the same request on the same
@@ -57,6 +60,7 @@ pub fn run_step_with(
         });
     }
     base.tokenizer().check_ids(&req.tokens)?;
+    let bits = TapBits::from_wire(req.tap_bits)?;
     let k = req.draft.max(1) as usize;
     let max = cache.max_len();
     let need = req.position as usize + req.tokens.len() + k - 1;
@@ -75,7 +79,6 @@ pub fn run_step_with(
     cache.truncate(req.position as usize);
     let width = proj.meta().width;
     let n_taps = proj.meta().taps.len();
-    let hidden_dim = base.config().hidden;
     let mut states = Vec::with_capacity(req.tokens.len() + k - 1);
     let mut out = forward(&req.tokens, cache)?;
     let mut pos = req.position;
@@ -84,13 +87,8 @@ pub fn run_step_with(
         let seq = z.len();
         for (i, zp) in z.iter().enumerate() {
             let flat: Vec<f32> = zp.iter().flatten().copied().collect();
-            let taps = Some(encode_i8_rows(&flat, n_taps, width));
             if i + 1 < seq {
-                states.push(PositionState {
-                    position: pos,
-                    taps,
-                    ..Default::default()
-                });
+                states.push(position_state(pos, &flat, n_taps, width, bits, None));
                 pos += 1;
                 continue;
             }
@@ -111,15 +109,13 @@ pub fn run_step_with(
             } else {
                 argmax(&logits).unwrap_or(0) as u32
             };
-            states.push(PositionState {
-                position: pos,
-                taps,
-                hidden: Some(encode_i8_rows(&hv, 1, hidden_dim)),
+            let head = HeadState {
+                hidden: &hv,
+                topk_ids: &ids,
+                topk_logits: &lv,
                 draft_token: draft,
-                topk_logits: Some(encode_f16(&lv, 1, lv.len())),
-                topk_ids: ids,
-                is_draft: true,
-            });
+            };
+            states.push(position_state(pos, &flat, n_taps, width, bits, Some(head)));
             pos += 1;
             if j + 1 < k {
                 out = forward(&[draft], cache)?;

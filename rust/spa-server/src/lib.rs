@@ -433,6 +433,7 @@ async fn step_h(
             ErrorCode::BadRequest,
             e.to_string(),
         )),
+        Err(StepError::Request(e)) => Err(bad_frame(e)),
     }
 }
 

@@ -84,6 +84,7 @@ fn write_seed_corpus() {
                     temperature: 0.7,
                     top_p: 0.9,
                     seed: 7,
+                    tap_bits: 4,
                 },
             ),
         ),

@@ -230,6 +230,22 @@ async fn limits_answer_413_and_429_with_retry_after() {
         assert_eq!(st, 413, "{} tokens, K {k}", tokens.len());
         assert_eq!(e.code, ErrorCode::Limit as i32);
     }
+    // Taps in an encoding the protocol does not have: a typed 400, nothing computed.
+    let bad_bits = spa_protocol::encode_frame(
+        spa_protocol::FrameKind::StepRequest,
+        &spa_protocol::StepRequest {
+            position: 0,
+            tokens: vec![1, 2],
+            draft: 2,
+            tap_bits: 3,
+            ..Default::default()
+        },
+    );
+    let r = step(bad_bits).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let e = error_frame(&r.bytes().await.unwrap());
+    assert_eq!(e.code, ErrorCode::BadRequest as i32);
+    assert!(e.message.contains("tap_bits 3"), "{}", e.message);
     // A prompt that fits the round but not the model's context is a typed 400.
     let ctx = common::world().base.max_positions() as u64;
     let r = step(step_body(ctx - 2, vec![1, 2], 4)).await.unwrap();

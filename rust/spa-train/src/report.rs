@@ -147,9 +147,9 @@ pub fn markdown(r: &Results) -> String {
         );
         let _ = writeln!(
             s,
-            "| task | K | mean K asked | rounds/token | KiB down/token (prompt taps included) | side usage % | override % | prompts | tokens |"
+            "| task | K | taps | mean K asked | rounds/token | KiB down/token (prompt taps included) | side usage % | override % | prompts | tokens |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
         for x in &r.rounds {
             let k = match &x.k {
                 serde_json::Value::String(v) => v.clone(),
@@ -157,8 +157,9 @@ pub fn markdown(r: &Results) -> String {
             };
             let _ = writeln!(
                 s,
-                "| {} | {k} | {:.1} | {:.3} | {:.1} | {:.1} | {:.1} | {} | {} |",
+                "| {} | {k} | int{} | {:.1} | {:.3} | {:.1} | {:.1} | {:.1} | {} | {} |",
                 x.task,
+                x.tap_bits,
                 x.mean_k,
                 x.rounds_per_token,
                 x.bytes_down_per_token / 1024.0,
@@ -501,10 +502,11 @@ mod tests {
             override_pct: 10.0,
             prompts: 3,
             tokens: 120,
+            tap_bits: 4,
         });
         let md = markdown(&r);
         assert!(
-            md.contains("| xsum | adaptive | 5.5 | 0.250 | 4.0 | 20.0 | 10.0 | 3 | 120 |"),
+            md.contains("| xsum | adaptive | int4 | 5.5 | 0.250 | 4.0 | 20.0 | 10.0 | 3 | 120 |"),
             "{md}"
         );
         let svg = rouge_vs_rounds_svg(&r);

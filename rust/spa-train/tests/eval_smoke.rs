@@ -31,7 +31,7 @@ fn quick_profile_slice_produces_every_table() {
     };
     let r = eval::run(&opts, &mut |l| eprintln!("{l}")).unwrap();
     let names: Vec<&str> = r.table3.iter().map(|m| m.method.as_str()).collect();
-    assert_eq!(names, ["spa", "lst", "full_separation", "base"]);
+    assert_eq!(names, ["spa", "spa_int4", "lst", "full_separation", "base"]);
     for m in &r.table3 {
         assert_eq!(m.rouge_l.len(), 4, "{}: {:?}", m.method, m.rouge_l);
         assert_eq!(m.rouge_l_ci95.len(), 4, "{m:?}");
@@ -75,7 +75,7 @@ fn quick_profile_slice_produces_every_table() {
         spa.val_loss
     );
     assert_eq!(
-        r.table3[1].rounds_per_token, 1.0,
+        r.table3[2].rounds_per_token, 1.0,
         "LST: one transmission per token"
     );
     assert_eq!(
@@ -84,17 +84,30 @@ fn quick_profile_slice_produces_every_table() {
     );
     assert!(!r.side_usage_by_position.is_empty());
     assert_eq!(r.protocol_inputs.len(), 4);
-    // Paired differences: SPA minus the base and minus LST on every task (full integration is
-    // skipped here), on the same test examples, so the mean difference is the difference of
-    // the means.
-    assert_eq!(r.paired.len(), 8, "{:?}", r.paired);
+    // SPA with int4 taps: the same trained network (the same validation figures), half the
+    // taps' bytes down.
+    let int4 = r.table3.iter().find(|x| x.method == "spa_int4").unwrap();
+    assert_eq!(int4.val_loss, spa.val_loss);
+    assert!(
+        int4.bytes_per_token < 0.7 * spa.bytes_per_token,
+        "int4 taps: {} bytes per token against {}",
+        int4.bytes_per_token,
+        spa.bytes_per_token
+    );
+    // Paired differences: SPA minus the base and minus LST, and SPA with int4 taps minus SPA,
+    // on every task (full integration is skipped here), on the same test examples, so the
+    // mean difference is the difference of the means.
+    assert_eq!(r.paired.len(), 12, "{:?}", r.paired);
     for d in &r.paired {
         let mean = |m: &str| r.table3.iter().find(|x| x.method == m).unwrap().rouge_l[&d.task];
-        assert_eq!(d.a, "spa");
-        assert!(["base", "lst"].contains(&d.b.as_str()), "{d:?}");
+        assert!(
+            (d.a == "spa" && ["base", "lst"].contains(&d.b.as_str()))
+                || (d.a == "spa_int4" && d.b == "spa"),
+            "{d:?}"
+        );
         assert_eq!(d.n, 2);
         assert!(
-            (d.mean_diff - (mean("spa") - mean(&d.b))).abs() < 1e-9,
+            (d.mean_diff - (mean(&d.a) - mean(&d.b))).abs() < 1e-9,
             "{d:?}"
         );
         assert!(
@@ -102,10 +115,10 @@ fn quick_profile_slice_produces_every_table() {
             "{d:?}"
         );
     }
-    // One run file per (task, method): 4 tasks x (spa, lst, full_separation, base) and SPA at
-    // Table 1's other widths on XSum.
+    // One run file per (task, method): 4 tasks x (spa, spa_int4, lst, full_separation, base)
+    // and SPA at Table 1's other widths on XSum.
     let n_files = std::fs::read_dir(&runs).unwrap().count();
-    assert_eq!(n_files, 18, "run files in {}", runs.display());
+    assert_eq!(n_files, 22, "run files in {}", runs.display());
     // Resumed: every result comes from the run files, and the tables are the same.
     let again = eval::run(&opts, &mut |l| eprintln!("{l}")).unwrap();
     assert_eq!(again.table3, r.table3);
@@ -115,7 +128,7 @@ fn quick_profile_slice_produces_every_table() {
         again
             .notes
             .iter()
-            .any(|n| n.contains("18 (task, method) results reused from finished runs, 0 computed")),
+            .any(|n| n.contains("22 (task, method) results reused from finished runs, 0 computed")),
         "{:?}",
         again.notes
     );

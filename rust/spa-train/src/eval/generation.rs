@@ -15,7 +15,7 @@ use crate::features;
 use crate::train::Method;
 use serde_json::json;
 use spa_model::{argmax, top_k, BaseModel, CandleTensor, DownProjection, ForwardMode, KvCache};
-use spa_protocol::{encode_i8_rows, Limits, PositionState};
+use spa_protocol::{position_state, HeadState, Limits, PositionState, TapBits};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -30,11 +30,12 @@ struct GenTrace {
     bytes: usize,
 }
 
-/// The base's state after a prompt: its KV cache, the wire state of every prompt position and
-/// the logits of the last one.
+/// The base's state after a prompt: its KV cache, the projected taps of every prompt position
+/// (`[n_taps * width]` each), and the last one's hidden state and logits.
 struct Prefill {
     cache: KvCache,
-    states: Vec<PositionState>,
+    taps: Vec<Vec<f32>>,
+    last_hidden: Vec<f32>,
     last_logits: Vec<f32>,
 }
 
@@ -56,39 +57,35 @@ fn tensor_rows(t: &CandleTensor) -> Result<Vec<Vec<f32>>> {
     Ok(t.to_vec2()?)
 }
 
+/// The wire state of `pos` as the server sends it: `taps` (`[n_taps * width]`) encoded with
+/// `bits` and, at the last position (`last`: hidden state, logits, top-k), the greedy draft.
 fn state_for(
     proj: &DownProjection,
-    base: &BaseModel,
-    z: &[Vec<f32>],
+    taps: &[f32],
     pos: usize,
+    bits: TapBits,
     last: Option<(&[f32], &[f32], usize)>,
 ) -> PositionState {
     let (n_taps, width) = (proj.meta().taps.len(), proj.meta().width);
-    let flat: Vec<f32> = z.iter().flatten().copied().collect();
-    let mut s = PositionState {
-        position: pos as u64,
-        taps: Some(encode_i8_rows(&flat, n_taps, width)),
-        ..Default::default()
+    let Some((hidden, logits, k)) = last else {
+        return position_state(pos as u64, taps, n_taps, width, bits, None);
     };
-    if let Some((h, logits, k)) = last {
-        s.is_draft = true;
-        s.draft_token = argmax(logits).unwrap_or(0) as u32;
-        s.topk_ids = top_k(logits, k);
-        s.hidden = Some(encode_i8_rows(h, 1, base.config().hidden));
-    }
-    s
+    let ids = top_k(logits, k);
+    let lv: Vec<f32> = ids.iter().map(|&i| logits[i as usize]).collect();
+    let head = HeadState {
+        hidden,
+        topk_ids: &ids,
+        topk_logits: &lv,
+        draft_token: argmax(logits).unwrap_or(0) as u32,
+    };
+    position_state(pos as u64, taps, n_taps, width, bits, Some(head))
 }
 
 /// Prefills `prompt` once (the fast forward: the test prompts need no re-prefill equality with
 /// the server, and it is several times faster on long prompts) and gives the base's state with
-/// the wire states of every prompt position for each of `projs` (one per side width; the KV
+/// the projected taps of every prompt position for each of `projs` (one per side width; the KV
 /// cache and logits are shared).
-fn prefill(
-    base: &BaseModel,
-    projs: &[&DownProjection],
-    prompt: &[u32],
-    k: usize,
-) -> Result<Vec<Prefill>> {
+fn prefill(base: &BaseModel, projs: &[&DownProjection], prompt: &[u32]) -> Result<Vec<Prefill>> {
     let mut cache = base.new_cache();
     let o = base.forward_with(prompt, &mut cache, ForwardMode::Fast)?;
     let hidden = tensor_rows(&o.hidden)?;
@@ -97,19 +94,15 @@ fn prefill(
     projs
         .iter()
         .map(|proj| {
-            let z = proj.apply_taps(&o.taps)?;
-            let n = z.len();
-            let states = z
-                .iter()
-                .enumerate()
-                .map(|(i, zp)| {
-                    let last = (i + 1 == n).then_some((&last_hidden[..], &last_logits[..], k));
-                    state_for(proj, base, zp, i, last)
-                })
+            let taps = proj
+                .apply_taps(&o.taps)?
+                .into_iter()
+                .map(|zp| zp.into_iter().flatten().collect())
                 .collect();
             Ok(Prefill {
                 cache: cache.fork()?,
-                states,
+                taps,
+                last_hidden: last_hidden.clone(),
                 last_logits: last_logits.clone(),
             })
         })
@@ -144,29 +137,34 @@ fn ladder_generate(
     let proj = setup.proj_of(lad.job.width);
     let limits = Limits::default();
     let (n_taps, width) = (proj.meta().taps.len(), proj.meta().width);
+    let bits = lad.job.tap_bits;
     let mut cache = pre.cache.fork()?;
     let mut side_cache = lad.device.side.new_cache();
     let mut tr = GenTrace::default();
     let stop = base.tokenizer().eos_ids().to_vec();
-    let sep_state = |s: &PositionState, tok: u32| -> PositionState {
-        let mut s = s.clone();
-        if let Some(sep) = &lad.sep_in {
-            let z = sep_taps(sep, &emb[tok as usize], n_taps, width);
-            let flat: Vec<f32> = z.iter().flatten().copied().collect();
-            s.taps = Some(encode_i8_rows(&flat, n_taps, width));
+    // The taps the device gets at a position of `tok`: the base's, or full separation's input.
+    let taps_of = |z: &[f32], tok: u32| -> Vec<f32> {
+        match &lad.sep_in {
+            Some(sep) => sep_taps(sep, &emb[tok as usize], n_taps, width)
+                .into_iter()
+                .flatten()
+                .collect(),
+            None => z.to_vec(),
         }
-        s
     };
     // Prompt positions: side cache only.
     let t0 = Instant::now();
     let mut decision = None;
-    for (i, s) in pre.states.iter().enumerate() {
-        let s = sep_state(s, prompt[i]);
+    let n = pre.taps.len();
+    let mut draft = 0;
+    for (i, z) in pre.taps.iter().enumerate() {
+        let last = (i + 1 == n).then_some((&pre.last_hidden[..], &pre.last_logits[..], top));
+        let s = state_for(proj, &taps_of(z, prompt[i]), i, bits, last);
+        draft = s.draft_token;
         tr.bytes += state_bytes(&s);
         decision = lad.device.process(&s, &mut side_cache, &limits)?;
     }
     tr.device_s += t0.elapsed().as_secs_f64();
-    let mut draft = pre.states.last().map(|s| s.draft_token).unwrap_or(0);
     while tr.tokens.len() < max_new {
         let Some(d) = decision else { break };
         tr.side.push(d.side);
@@ -181,8 +179,9 @@ fn ladder_generate(
         let h = tensor_rows(&o.hidden)?.pop().unwrap_or_default();
         let logits = base.last_logits(&o.hidden)?;
         tr.base_s += t1.elapsed().as_secs_f64();
-        let s = state_for(proj, base, &z[0], cache.len() - 1, Some((&h, &logits, top)));
-        let s = sep_state(&s, d.token);
+        let z0: Vec<f32> = z[0].iter().flatten().copied().collect();
+        let last = Some((&h[..], &logits[..], top));
+        let s = state_for(proj, &taps_of(&z0, d.token), cache.len() - 1, bits, last);
         draft = s.draft_token;
         tr.bytes += state_bytes(&s);
         let t2 = Instant::now();
@@ -275,7 +274,7 @@ fn generate(
         let pre_by_w: BTreeMap<usize, Prefill> = widths
             .iter()
             .copied()
-            .zip(prefill(base, &projs, &t.prompt, p.top_k)?)
+            .zip(prefill(base, &projs, &t.prompt)?)
             .collect();
         // The prefill is shared: its time is split evenly between the methods.
         let share = tp.elapsed().as_secs_f64() / (ladders.len() + with_base as usize).max(1) as f64;

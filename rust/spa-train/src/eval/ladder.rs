@@ -20,6 +20,7 @@ use spa_model::side::F32Tensor;
 use spa_model::{
     GateMode, PersonalVocab, QuantMode, SideConfig, SideNetwork, SidePlugin, SideWeights,
 };
+use spa_protocol::TapBits;
 use spa_runtime::DeviceModel;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -33,11 +34,21 @@ const GATE_RULE: &str = "validation-top1-sweep";
 pub(super) struct Job {
     pub(super) method: Method,
     pub(super) width: usize,
-    /// Row name: the method's name, with `_w{width}` for Table 1's other widths.
+    /// Row name: the method's name, with `_w{width}` for Table 1's other widths and `_int4`
+    /// for int4 taps.
     pub(super) name: String,
+    /// How the taps cross the wire in its generations (the training features are int8 in
+    /// every case: an int4 row is the same trained network receiving coarser taps).
+    pub(super) tap_bits: TapBits,
 }
 
 impl Job {
+    /// Name of its trained network: the row name without the wire variant, so that SPA with
+    /// int4 taps decodes with SPA's network.
+    fn trained_name(&self) -> &str {
+        self.name.strip_suffix(INT4_SUFFIX).unwrap_or(&self.name)
+    }
+
     /// The training configuration (the learning rate is chosen from the profile's `lrs`).
     fn config(&self, opts: &EvalOptions) -> TrainConfig {
         let p = &opts.profile;
@@ -95,12 +106,19 @@ impl Job {
             // The gate threshold is chosen on validation after training (GATE_RULE).
             s["gate_rule"] = json!(GATE_RULE);
         }
+        if self.tap_bits != TapBits::Int8 {
+            s["tap_bits"] = json!(self.tap_bits.wire());
+        }
         s
     }
 }
 
-/// The ladder methods of `task`: SPA, LST and full separation at the profile's width, and SPA
-/// at Table 1's other widths on Table 1's tasks.
+/// Suffix of the rows whose generations receive int4 taps.
+pub(super) const INT4_SUFFIX: &str = "_int4";
+
+/// The ladder methods of `task`: SPA, LST and full separation at the profile's width, SPA with
+/// int4 taps (the same network: the cost of halving the bytes down), and SPA at Table 1's other
+/// widths on Table 1's tasks.
 pub(super) fn jobs(opts: &EvalOptions, task: Task) -> Vec<Job> {
     let p = &opts.profile;
     let mut jobs: Vec<(Method, usize)> = vec![
@@ -115,7 +133,8 @@ pub(super) fn jobs(opts: &EvalOptions, task: Task) -> Vec<Job> {
             }
         }
     }
-    jobs.into_iter()
+    let mut jobs: Vec<Job> = jobs
+        .into_iter()
         .map(|(method, width)| Job {
             method,
             width,
@@ -124,8 +143,19 @@ pub(super) fn jobs(opts: &EvalOptions, task: Task) -> Vec<Job> {
             } else {
                 format!("{}_w{width}", method.name())
             },
+            tap_bits: TapBits::Int8,
         })
-        .collect()
+        .collect();
+    jobs.insert(
+        1,
+        Job {
+            method: Method::Spa,
+            width: p.width,
+            name: format!("{}{INT4_SUFFIX}", Method::Spa.name()),
+            tap_bits: TapBits::Int4,
+        },
+    );
+    jobs
 }
 
 /// A trained ladder method ready to generate.
@@ -310,7 +340,7 @@ pub(super) fn train(
         let cache = opts.work_dir.join("ladders").join(format!(
             "{}-{}-{hash}.safetensors",
             task.name(),
-            job.name
+            job.trained_name()
         ));
         let mut trained = match load_cached(&cache, &hash) {
             Some(t) => {
@@ -348,7 +378,7 @@ pub(super) fn train(
         if let Some((t, _)) = &trained.meta.gate {
             trained.weights.config.gate_threshold = *t;
         }
-        if method == Method::Spa && w == p.width {
+        if method == Method::Spa && w == p.width && job.tap_bits == TapBits::Int8 {
             let mut plugin = SidePlugin::init(base, proj, 17, 0.0)?;
             plugin.weights = trained.weights.clone();
             plugin.save(&plugin_path(

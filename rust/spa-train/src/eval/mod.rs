@@ -36,7 +36,7 @@ pub mod runs;
 mod tables;
 mod through_base;
 
-pub use tables::PAIRED_AGAINST;
+pub use tables::{PAIRED_AGAINST, PAIRED_VARIANTS};
 
 use crate::data::Task;
 use crate::error::Result;
@@ -200,9 +200,9 @@ pub struct MethodRow {
 /// jointly).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PairedRow {
-    /// Method whose scores are the minuend ("spa").
+    /// Method whose scores are the minuend ("spa", or "spa_int4" against "spa").
     pub a: String,
-    /// Method subtracted ("base" | "lst" | "full_integration").
+    /// Method subtracted ("base" | "lst" | "full_integration" | "spa").
     pub b: String,
     /// Task name.
     pub task: String,
@@ -237,6 +237,14 @@ pub struct RoundsRow {
     pub prompts: usize,
     /// Tokens generated over them.
     pub tokens: usize,
+    /// Bits per tap value the runtime asked for (8, or 4: `spa_runtime::TapBits::Int4`);
+    /// rows written before the choice existed are int8.
+    #[serde(default = "int8_bits")]
+    pub tap_bits: u32,
+}
+
+fn int8_bits() -> u32 {
+    8
 }
 
 /// Table 1 row: side usage by side size.

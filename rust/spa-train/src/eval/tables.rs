@@ -35,6 +35,10 @@ pub(super) struct BaseInfo {
 /// Methods compared with SPA in `Results::paired`.
 pub const PAIRED_AGAINST: [&str; 3] = ["base", "lst", "full_integration"];
 
+/// Other pairs in `Results::paired`: SPA with int4 taps minus SPA (the ROUGE-L cost of
+/// halving the taps' bytes).
+pub const PAIRED_VARIANTS: [(&str, &str); 1] = [("spa_int4", "spa")];
+
 fn ci(scores: &[f64]) -> Option<(f64, f64)> {
     stats::bootstrap_mean_ci(scores, stats::RESAMPLES, stats::SEED, stats::LEVEL).ok()
 }
@@ -57,27 +61,31 @@ fn pairs(a: &RunRecord, b: &RunRecord) -> (Vec<f64>, Vec<f64>) {
         .unzip()
 }
 
-/// Paired bootstraps of SPA minus each of [`PAIRED_AGAINST`] on every task where both ran.
+/// Paired bootstraps of SPA minus each of [`PAIRED_AGAINST`], and of each of
+/// [`PAIRED_VARIANTS`], on every task where both ran.
 fn paired(records: &[RunRecord], tasks: &[Task]) -> Vec<PairedRow> {
     let find = |task: &str, m: &str| records.iter().find(|r| r.task == task && r.method == m);
+    let pairs_of = PAIRED_AGAINST
+        .iter()
+        .map(|&b| ("spa", b))
+        .chain(PAIRED_VARIANTS);
     let mut out = Vec::new();
     for task in tasks.iter().map(|t| t.name()) {
-        let Some(spa) = find(task, "spa") else {
-            continue;
-        };
-        for b in PAIRED_AGAINST {
-            let Some(other) = find(task, b) else { continue };
-            let (x, y) = pairs(spa, other);
+        for (a, b) in pairs_of.clone() {
+            let (Some(ra), Some(rb)) = (find(task, a), find(task, b)) else {
+                continue;
+            };
+            let (x, y) = pairs(ra, rb);
             match stats::paired_bootstrap(&x, &y, stats::RESAMPLES, stats::SEED, stats::LEVEL) {
                 Ok(d) => out.push(PairedRow {
-                    a: "spa".into(),
+                    a: a.into(),
                     b: b.into(),
                     task: task.into(),
                     mean_diff: d.mean_diff,
                     ci95: d.ci,
                     n: d.n,
                 }),
-                Err(e) => log::warn!("{task}: spa - {b}: {e}"),
+                Err(e) => log::warn!("{task}: {a} - {b}: {e}"),
             }
         }
     }
@@ -265,6 +273,7 @@ pub(super) fn assemble(
     timings.insert("total_s".into(), t_all.elapsed().as_secs_f64());
     let order = [
         "spa",
+        "spa_int4",
         "lst",
         "lora",
         "adapter",

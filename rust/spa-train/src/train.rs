@@ -100,6 +100,11 @@ pub struct TrainConfig {
     /// 8 x 64 positions through 30 side blocks holds ~400 MB). Not part of the run's identity.
     #[serde(skip)]
     pub micro_batch: usize,
+    /// SPA only: train the gate classifier alone, the side network frozen at the weights the
+    /// graph starts from (the two-stage SPA of `spa eval`: an LST network, then its gate).
+    /// Absent from files when false, so the identities of earlier runs do not change.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gate_only: bool,
 }
 
 impl Default for TrainConfig {
@@ -119,6 +124,7 @@ impl Default for TrainConfig {
             gate_lr_mult: 30.0,
             loss_targets: None,
             micro_batch: 0,
+            gate_only: false,
         }
     }
 }
@@ -137,6 +143,12 @@ impl TrainConfig {
             || !(self.gate_lr_mult > 0.0 && self.gate_lr_mult <= 1000.0)
         {
             return Err(TrainError::Config("loss weights must be >= 0".into()));
+        }
+        if self.gate_only && !self.method.gated() {
+            return Err(TrainError::Config(format!(
+                "gate_only needs a gated method, not {}",
+                self.method.name()
+            )));
         }
         Ok(())
     }
@@ -578,7 +590,14 @@ pub fn train(
             .map_err(|_| TrainError::Tensor("poisoned".into()))?;
         let mut v: Vec<(String, Var)> = data
             .iter()
-            .filter(|(n, _)| cfg.method.gated() || !n.starts_with("gate."))
+            .filter(|(n, _)| {
+                let gate = n.starts_with("gate.");
+                if cfg.gate_only {
+                    gate
+                } else {
+                    cfg.method.gated() || !gate
+                }
+            })
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));

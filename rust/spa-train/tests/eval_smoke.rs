@@ -31,7 +31,17 @@ fn quick_profile_slice_produces_every_table() {
     };
     let r = eval::run(&opts, &mut |l| eprintln!("{l}")).unwrap();
     let names: Vec<&str> = r.table3.iter().map(|m| m.method.as_str()).collect();
-    assert_eq!(names, ["spa", "spa_int4", "lst", "full_separation", "base"]);
+    assert_eq!(
+        names,
+        [
+            "spa",
+            "spa_int4",
+            "spa_two_stage",
+            "lst",
+            "full_separation",
+            "base"
+        ]
+    );
     for m in &r.table3 {
         assert_eq!(m.rouge_l.len(), 4, "{}: {:?}", m.method, m.rouge_l);
         assert_eq!(m.rouge_l_ci95.len(), 4, "{m:?}");
@@ -75,7 +85,7 @@ fn quick_profile_slice_produces_every_table() {
         spa.val_loss
     );
     assert_eq!(
-        r.table3[2].rounds_per_token, 1.0,
+        r.table3[3].rounds_per_token, 1.0,
         "LST: one transmission per token"
     );
     assert_eq!(
@@ -94,15 +104,23 @@ fn quick_profile_slice_produces_every_table() {
         int4.bytes_per_token,
         spa.bytes_per_token
     );
-    // Paired differences: SPA minus the base and minus LST, and SPA with int4 taps minus SPA,
-    // on every task (full integration is skipped here), on the same test examples, so the
-    // mean difference is the difference of the means.
-    assert_eq!(r.paired.len(), 12, "{:?}", r.paired);
+    // Two-stage SPA: LST's network with a gate trained alone, the same architecture.
+    let two = r
+        .table3
+        .iter()
+        .find(|x| x.method == "spa_two_stage")
+        .unwrap();
+    assert_eq!(two.trainable_params, spa.trainable_params);
+    // Paired differences: SPA minus the base and minus LST, SPA with int4 taps minus SPA, and
+    // two-stage SPA minus LST and minus the base, on every task (full integration is skipped
+    // here), on the same test examples, so the mean difference is the difference of the means.
+    assert_eq!(r.paired.len(), 20, "{:?}", r.paired);
     for d in &r.paired {
         let mean = |m: &str| r.table3.iter().find(|x| x.method == m).unwrap().rouge_l[&d.task];
         assert!(
             (d.a == "spa" && ["base", "lst"].contains(&d.b.as_str()))
-                || (d.a == "spa_int4" && d.b == "spa"),
+                || (d.a == "spa_int4" && d.b == "spa")
+                || (d.a == "spa_two_stage" && ["base", "lst"].contains(&d.b.as_str())),
             "{d:?}"
         );
         assert_eq!(d.n, 2);
@@ -115,10 +133,10 @@ fn quick_profile_slice_produces_every_table() {
             "{d:?}"
         );
     }
-    // One run file per (task, method): 4 tasks x (spa, spa_int4, lst, full_separation, base)
-    // and SPA at Table 1's other widths on XSum.
+    // One run file per (task, method): 4 tasks x (spa, spa_int4, spa_two_stage, lst,
+    // full_separation, base) and SPA at Table 1's other widths on XSum.
     let n_files = std::fs::read_dir(&runs).unwrap().count();
-    assert_eq!(n_files, 22, "run files in {}", runs.display());
+    assert_eq!(n_files, 26, "run files in {}", runs.display());
     // Resumed: every result comes from the run files, and the tables are the same.
     let again = eval::run(&opts, &mut |l| eprintln!("{l}")).unwrap();
     assert_eq!(again.table3, r.table3);
@@ -128,7 +146,7 @@ fn quick_profile_slice_produces_every_table() {
         again
             .notes
             .iter()
-            .any(|n| n.contains("22 (task, method) results reused from finished runs, 0 computed")),
+            .any(|n| n.contains("26 (task, method) results reused from finished runs, 0 computed")),
         "{:?}",
         again.notes
     );

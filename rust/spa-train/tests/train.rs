@@ -1,7 +1,8 @@
 //! Trainer tests on the real base and real text (Moby Dick, from `scripts/fetch-assets.sh
 //! personal`): the differentiable graph equals the device's side network, training lowers
 //! validation loss, resume continues bit for bit, the usage cost moves side usage, stale caches
-//! are rejected, the gate threshold sweep spans base to side.
+//! are rejected, the gate threshold sweep spans base to side, the gate trains alone on a frozen
+//! LST network.
 
 use spa_model::{BaseModel, DownProjection, QuantMode, SideConfig, SideNetwork, SideWeights};
 use spa_train::features::{self, FeatureSet, SeqFeatures, SeqSpec};
@@ -392,6 +393,61 @@ fn micro_batches_give_the_whole_batch_update() {
             }
         }
     }
+}
+
+#[test]
+fn gate_only_trains_the_gate_of_a_frozen_lst_network() {
+    // Two-stage SPA: LST trains the side network; then SPA's objective trains the gate alone.
+    let (tr, va) = data();
+    let lst = graph(Method::Lst, 0.0);
+    train::train(&lst, tr, va, &cfg(Method::Lst, 10), None, &mut |_| true).unwrap();
+    let (side, _) = lst.to_weights().unwrap();
+    let g = SideGraph::new(
+        &side,
+        Method::Spa.input(),
+        base().head_weight_f32().expect("head"),
+        3,
+    )
+    .unwrap();
+    let c = TrainConfig {
+        gate_only: true,
+        ..cfg(Method::Spa, 10)
+    };
+    let r = train::train(&g, tr, va, &c, None, &mut |_| true).unwrap();
+    assert!(
+        r.best.loss < r.initial.loss,
+        "gate training did not lower the mixture loss: {} -> {}",
+        r.initial.loss,
+        r.best.loss
+    );
+    let (after, _) = g.to_weights().unwrap();
+    let (mut gate_moved, mut side_moved) = (0f32, 0f32);
+    for (name, t) in &side.tensors {
+        let d = t
+            .data
+            .iter()
+            .zip(&after.tensors[name].data)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        if name.starts_with("gate.") {
+            gate_moved = gate_moved.max(d);
+        } else {
+            side_moved = side_moved.max(d);
+        }
+    }
+    assert_eq!(side_moved, 0.0, "the frozen side network changed");
+    assert!(gate_moved > 1e-3, "the gate did not train ({gate_moved})");
+    // Only a gated method has a gate to train alone.
+    let bad = TrainConfig {
+        gate_only: true,
+        ..cfg(Method::Lst, 2)
+    };
+    assert!(bad.validate().is_err());
+    // Files of earlier runs keep their identity: the flag is absent when false.
+    let json = serde_json::to_string(&cfg(Method::Spa, 2)).unwrap();
+    assert!(!json.contains("gate_only"), "{json}");
+    assert!(serde_json::to_string(&c)
+        .unwrap()
+        .contains("\"gate_only\":true"));
 }
 
 #[test]

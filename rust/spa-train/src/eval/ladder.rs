@@ -40,6 +40,9 @@ pub(super) struct Job {
     /// How the taps cross the wire in its generations (the training features are int8 in
     /// every case: an int4 row is the same trained network receiving coarser taps).
     pub(super) tap_bits: TapBits,
+    /// Two-stage SPA: LST's trained side network, frozen, then only its gate trained with
+    /// SPA's objective ([`TrainConfig::gate_only`]).
+    pub(super) from_lst: bool,
 }
 
 impl Job {
@@ -58,8 +61,29 @@ impl Job {
             eval_every: (p.steps / 6).max(5),
             patience: 3,
             seed: 1,
+            gate_only: self.from_lst,
             ..Default::default()
         }
+    }
+
+    /// The plain job at this width that the two-stage job starts from (LST).
+    fn lst(&self) -> Job {
+        Job {
+            method: Method::Lst,
+            width: self.width,
+            name: Method::Lst.name().to_string(),
+            tap_bits: TapBits::Int8,
+            from_lst: false,
+        }
+    }
+
+    /// SPA at the profile's width, trained the paper's way, with int8 taps: the job whose
+    /// plugin the protocol measurement loads.
+    fn is_main_spa(&self, opts: &EvalOptions) -> bool {
+        self.method == Method::Spa
+            && self.width == opts.profile.width
+            && self.tap_bits == TapBits::Int8
+            && !self.from_lst
     }
 
     /// Everything the trained weights depend on.
@@ -71,7 +95,7 @@ impl Job {
         data: &TaskData,
     ) -> serde_json::Value {
         let p = &opts.profile;
-        json!({
+        let mut s = json!({
             "version": RUNS_VERSION,
             "kind": "ladder",
             "base": setup.base.identity(),
@@ -85,7 +109,13 @@ impl Job {
             "lrs": p.lrs,
             "init_seed": 17,
             "train_config": self.config(opts),
-        })
+        });
+        if self.from_lst {
+            s["init_from"] = json!(settings_hash(
+                &self.lst().train_settings(setup, opts, task, data)
+            ));
+        }
+        s
     }
 
     /// Everything the run's result depends on (training, test examples, decoding, protocol).
@@ -116,6 +146,9 @@ impl Job {
 /// Suffix of the rows whose generations receive int4 taps.
 pub(super) const INT4_SUFFIX: &str = "_int4";
 
+/// Row name of two-stage SPA (LST's network, then a gate trained alone).
+pub(super) const TWO_STAGE: &str = "spa_two_stage";
+
 /// The ladder methods of `task`: SPA, LST and full separation at the profile's width, SPA with
 /// int4 taps (the same network: the cost of halving the bytes down), and SPA at Table 1's other
 /// widths on Table 1's tasks.
@@ -144,6 +177,7 @@ pub(super) fn jobs(opts: &EvalOptions, task: Task) -> Vec<Job> {
                 format!("{}_w{width}", method.name())
             },
             tap_bits: TapBits::Int8,
+            from_lst: false,
         })
         .collect();
     jobs.insert(
@@ -153,6 +187,18 @@ pub(super) fn jobs(opts: &EvalOptions, task: Task) -> Vec<Job> {
             width: p.width,
             name: format!("{}{INT4_SUFFIX}", Method::Spa.name()),
             tap_bits: TapBits::Int4,
+            from_lst: false,
+        },
+    );
+    // After LST, whose network it starts from.
+    jobs.insert(
+        4,
+        Job {
+            method: Method::Spa,
+            width: p.width,
+            name: TWO_STAGE.to_string(),
+            tap_bits: TapBits::Int8,
+            from_lst: true,
         },
     );
     jobs
@@ -270,12 +316,18 @@ fn train_one(
     let t0 = Instant::now();
     let mut cfg = SideConfig::new(base.config().hidden, setup.n_layers, w);
     cfg.taps = setup.taps.clone();
-    let init = SideWeights::init(cfg, 17, 0.0)?;
+    let init = if job.from_lst {
+        let lst = job.lst();
+        let hash = settings_hash(&lst.train_settings(setup, opts, task, data));
+        trained(setup, opts, task, data, &lst, hash, log_progress, tally)?.weights
+    } else {
+        SideWeights::init(cfg, 17, 0.0)?
+    };
     let make = || SideGraph::new(&init, method.input(), setup.head_f32.clone(), 17);
     log_progress(&format!(
         "[{}] training {} (width {w})",
         task.name(),
-        method.name()
+        job.name
     ));
     let pb = features::progress(
         p.steps as u64 * p.lrs.len() as u64,
@@ -318,6 +370,43 @@ fn train_one(
     })
 }
 
+/// Where the trained network of `job` (trained under `hash`) is cached.
+fn cache_path(opts: &EvalOptions, task: Task, job: &Job, hash: &str) -> PathBuf {
+    opts.work_dir.join("ladders").join(format!(
+        "{}-{}-{hash}.safetensors",
+        task.name(),
+        job.trained_name()
+    ))
+}
+
+/// The cached trained network of `job` (under `hash`), or trains it and caches it.
+#[allow(clippy::too_many_arguments)]
+fn trained(
+    setup: &Setup,
+    opts: &EvalOptions,
+    task: Task,
+    data: &mut TaskData,
+    job: &Job,
+    hash: String,
+    log_progress: &mut dyn FnMut(&str),
+    tally: &mut Tally,
+) -> Result<Trained> {
+    let cache = cache_path(opts, task, job, &hash);
+    if let Some(t) = load_cached(&cache, &hash) {
+        log_progress(&format!(
+            "[{}] {} (width {}): trained network loaded from {}",
+            task.name(),
+            job.name,
+            job.width,
+            cache.display()
+        ));
+        return Ok(t);
+    }
+    let t = train_one(setup, opts, task, data, job, hash, log_progress, tally)?;
+    save_cached(&cache, &t)?;
+    Ok(t)
+}
+
 /// Trains (or loads the cached training of) each of `jobs` and makes it the device runtime's
 /// model; saves SPA's plugin at the profile's width for the protocol measurement.
 pub(super) fn train(
@@ -329,7 +418,6 @@ pub(super) fn train(
     log_progress: &mut dyn FnMut(&str),
     tally: &mut Tally,
 ) -> Result<Vec<Ladder>> {
-    let p = &opts.profile;
     let base = &setup.base;
     let t_train = Instant::now();
     let mut ladders: Vec<Ladder> = Vec::new();
@@ -337,27 +425,8 @@ pub(super) fn train(
         let (method, w) = (job.method, job.width);
         let proj = setup.proj_of(w);
         let hash = settings_hash(&job.train_settings(setup, opts, task, data));
-        let cache = opts.work_dir.join("ladders").join(format!(
-            "{}-{}-{hash}.safetensors",
-            task.name(),
-            job.trained_name()
-        ));
-        let mut trained = match load_cached(&cache, &hash) {
-            Some(t) => {
-                log_progress(&format!(
-                    "[{}] {} (width {w}): trained network loaded from {}",
-                    task.name(),
-                    method.name(),
-                    cache.display()
-                ));
-                t
-            }
-            None => {
-                let t = train_one(setup, opts, task, data, job, hash, log_progress, tally)?;
-                save_cached(&cache, &t)?;
-                t
-            }
-        };
+        let cache = cache_path(opts, task, job, &hash);
+        let mut trained = trained(setup, opts, task, data, job, hash, log_progress, tally)?;
         if method.gated() && trained.meta.gate.is_none() {
             data.ensure_features(setup, opts, task, tally)?;
             let graph =
@@ -378,7 +447,7 @@ pub(super) fn train(
         if let Some((t, _)) = &trained.meta.gate {
             trained.weights.config.gate_threshold = *t;
         }
-        if method == Method::Spa && w == p.width && job.tap_bits == TapBits::Int8 {
+        if job.is_main_spa(opts) {
             let mut plugin = SidePlugin::init(base, proj, 17, 0.0)?;
             plugin.weights = trained.weights.clone();
             plugin.save(&plugin_path(

@@ -36,8 +36,13 @@ pub(super) struct BaseInfo {
 pub const PAIRED_AGAINST: [&str; 3] = ["base", "lst", "full_integration"];
 
 /// Other pairs in `Results::paired`: SPA with int4 taps minus SPA (the ROUGE-L cost of
-/// halving the taps' bytes).
-pub const PAIRED_VARIANTS: [(&str, &str); 1] = [("spa_int4", "spa")];
+/// halving the taps' bytes), and two-stage SPA (LST's network, then its gate) minus LST and
+/// minus the base.
+pub const PAIRED_VARIANTS: [(&str, &str); 3] = [
+    ("spa_int4", "spa"),
+    ("spa_two_stage", "lst"),
+    ("spa_two_stage", "base"),
+];
 
 fn ci(scores: &[f64]) -> Option<(f64, f64)> {
     stats::bootstrap_mean_ci(scores, stats::RESAMPLES, stats::SEED, stats::LEVEL).ok()
@@ -274,6 +279,7 @@ pub(super) fn assemble(
     let order = [
         "spa",
         "spa_int4",
+        "spa_two_stage",
         "lst",
         "lora",
         "adapter",

@@ -4,7 +4,8 @@
 //! 206 with `Content-Range`; 416 when unsatisfiable), so an interrupted download resumes. The
 //! bytes are held once in memory and every answer is a slice of them (no copy per request).
 
-use crate::{auth, ApiError, AppState};
+use crate::handlers::auth;
+use crate::{ApiError, AppState};
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};

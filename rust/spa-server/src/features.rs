@@ -6,7 +6,9 @@
 //! at the requested positions (the device's LM head scores the whole vocabulary from it). The device trains its side network on these; weights, gradients
 //! and losses never come back.
 
-use crate::{auth, bad_frame, proto, ApiError, AppState};
+use crate::errors::{bad_frame, blocking};
+use crate::handlers::{auth, proto};
+use crate::{ApiError, AppState};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -71,7 +73,7 @@ pub(crate) async fn features_h(
         ));
     }
     let st2 = st.clone();
-    let res = tokio::task::spawn_blocking(move || -> Result<FeaturesResponse, ApiError> {
+    let res = blocking(move || -> Result<FeaturesResponse, ApiError> {
         let t0 = Instant::now();
         let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, m);
         let base = &st2.base;
@@ -135,13 +137,6 @@ pub(crate) async fn features_h(
         resp.compute_us = t0.elapsed().as_micros() as u64;
         Ok(resp)
     })
-    .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorCode::Internal,
-            e.to_string(),
-        )
-    })??;
+    .await??;
     Ok(proto(FrameKind::FeaturesResponse, &res, &st))
 }

@@ -7,8 +7,8 @@ use crate::error::Result;
 use spa_model::{argmax, top_k, BaseModel, DownProjection};
 use spa_protocol::{position_state, HeadState, Limits, TapBits};
 
-/// Greedy SPA decoding, one token per step, no network, taps at the wire's int8. Returns the
-/// generated ids.
+/// Greedy SPA decoding, one token per step, no network, with the taps a runtime with default
+/// [`RuntimeParams`](crate::RuntimeParams) receives. Returns the generated ids.
 pub fn generate_local(
     base: &BaseModel,
     proj: &DownProjection,
@@ -26,7 +26,7 @@ pub fn generate_local(
         max_tokens,
         top,
         stop,
-        TapBits::Int8,
+        crate::RuntimeParams::default().tap_bits,
     )
 }
 

@@ -110,7 +110,17 @@ async fn int4_taps_rounds_equal_local_decoding_at_half_the_bytes() {
         TapBits::Int4,
     )
     .unwrap();
-    let int8 = generate_local(&w.base, &w.proj, &dev, &prompt, max_tokens, 32, &[]).unwrap();
+    let int8 = generate_local_with(
+        &w.base,
+        &w.proj,
+        &dev,
+        &prompt,
+        max_tokens,
+        32,
+        &[],
+        TapBits::Int8,
+    )
+    .unwrap();
     let mut bytes = Vec::new();
     for bits in [TapBits::Int4, TapBits::Int8] {
         let mut s = SpaSession::new(

@@ -182,19 +182,35 @@ pub(super) fn assemble(
         .filter(|(m, _)| !m.contains("_w"))
         .map(|(m, recs)| (m.to_string(), row(m, recs)))
         .collect();
-    // Table 1: SPA by width on Table 1's tasks.
-    let mut table1 = Vec::new();
-    for (i, &w) in p.table1_widths.iter().enumerate() {
-        let name = if w == p.width {
+    // Table 1: SPA by width on Table 1's tasks, each row over the same tasks: those where
+    // every width ran (a width missing on one task would otherwise average other tasks).
+    let width_name = |w: usize| {
+        if w == p.width {
             "spa".to_string()
         } else {
             format!("spa_w{w}")
-        };
+        }
+    };
+    let complete: Vec<&str> = p
+        .table1_tasks
+        .iter()
+        .map(|t| t.name())
+        .filter(|&t| {
+            p.table1_widths.iter().all(|&w| {
+                by_method
+                    .get(width_name(w).as_str())
+                    .is_some_and(|v| v.iter().any(|r| r.task == t))
+            })
+        })
+        .collect();
+    let mut table1 = Vec::new();
+    for (i, &w) in p.table1_widths.iter().enumerate() {
+        let name = width_name(w);
         let recs: Vec<&RunRecord> = by_method
             .get(name.as_str())
             .map(|v| {
                 v.iter()
-                    .filter(|r| p.table1_tasks.iter().any(|t| t.name() == r.task))
+                    .filter(|r| complete.contains(&r.task.as_str()))
                     .copied()
                     .collect()
             })
@@ -327,6 +343,52 @@ mod tests {
             rouge_l: scores.to_vec(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn table1_rows_average_only_the_tasks_every_width_ran() {
+        // SPA at width 64 ran on XSum and CoQA, the other widths on XSum only: every row is
+        // XSum's, not the medium row an average of two tasks.
+        let mut recs = Vec::new();
+        for (m, task, usage) in [
+            ("spa_w32", "xsum", 40.0),
+            ("spa", "xsum", 30.0),
+            ("spa", "coqa", 10.0),
+            ("spa_w128", "xsum", 20.0),
+        ] {
+            let mut r = rec(task, m, &["a"], &[1.0]);
+            r.side_usage_pct = usage;
+            recs.push(r);
+        }
+        let mut profile = super::super::Profile::quick();
+        profile.tasks = vec![Task::Xsum, Task::Coqa];
+        profile.table1_tasks = vec![Task::Xsum, Task::Coqa];
+        let opts = EvalOptions {
+            profile,
+            spa_home: "/nonexistent".into(),
+            model: "/nonexistent".into(),
+            work_dir: "/nonexistent".into(),
+            skip_basegrad: true,
+            quiet: true,
+            runs_dir: None,
+            only_runs: true,
+        };
+        let base = BaseInfo {
+            label: "test".into(),
+            hidden: 8,
+        };
+        let tally = Tally {
+            records: recs,
+            ..Default::default()
+        };
+        let r = assemble(&base, &opts, tally, Instant::now());
+        let usage: Vec<(usize, f64)> = r
+            .table1
+            .iter()
+            .map(|t| (t.width, t.side_usage_pct))
+            .collect();
+        assert_eq!(usage, [(32, 40.0), (64, 30.0), (128, 20.0)]);
+        assert!(r.table1.iter().all(|t| t.rouge_l.keys().eq(["xsum"])));
     }
 
     #[test]

@@ -24,6 +24,12 @@ echo "== cargo test =="
 cargo test --workspace 2>&1 | tee /tmp/spa-test.log
 lap "cargo test"
 
+echo "== llama.cpp base engine: agreement with candle, and the server suite on it =="
+# Builds the vendored llama.cpp (cmake) and runs every spa-server test with its servers on the
+# llama.cpp engine (tests/common: SPA_ENGINE), plus tests/llamacpp_engine.rs (docs/serving.md).
+SPA_ENGINE=llamacpp cargo test -p spa-server --features llamacpp 2>&1 | tee -a /tmp/spa-test.log
+lap "llama.cpp engine"
+
 echo "== mobile bindings: Kotlin (JVM) + Swift (Linux) =="
 bash scripts/test-ffi.sh
 lap "Kotlin + Swift bindings"

@@ -39,6 +39,56 @@ pub struct ModelBenchArgs {
     /// Timed repetitions of the small kernels.
     #[arg(long, default_value_t = 200)]
     reps: usize,
+    /// Server base engines to time with taps on (comma separated; default: every engine of
+    /// this build, candle and, with `--features llamacpp`, llamacpp).
+    #[arg(long, value_delimiter = ',')]
+    engine: Vec<String>,
+    /// Layers of the llama.cpp engine on the GPU (GPU builds; -1: all).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    gpu_layers: i32,
+}
+
+/// Prefill (`text`, one call) and greedy decode (`n` one-token calls after `prompt`) speed in
+/// tokens/s of a server engine, every layer's taps and the final state captured, as a step of
+/// the server runs them.
+fn engine_speed(
+    engine: &dyn spa_server::BaseEngine,
+    base: &BaseModel,
+    text: &[u32],
+    prompt: &[u32],
+    n: usize,
+) -> Result<(f64, f64)> {
+    let next = |out: &spa_server::EngineOutput| -> Result<u32> {
+        let logits = match &out.last_logits {
+            Some(l) => l.clone(),
+            None => {
+                let rows = out.base.hidden.dim(0)?;
+                base.last_logits(&out.base.hidden.narrow(0, rows - 1, 1)?)?
+            }
+        };
+        Ok(argmax(&logits).unwrap_or(0) as u32)
+    };
+    let fwd =
+        |t: &[u32], s: &mut Box<dyn spa_server::Sequence>| -> Result<spa_server::EngineOutput> {
+            engine
+                .forward_batch(&mut [(t, s.as_mut())])?
+                .pop()
+                .ok_or_else(|| anyhow::anyhow!("no output"))
+        };
+    // Warm-up (first-call allocations), then prefill.
+    fwd(&text[..8.min(text.len())], &mut engine.new_sequence()?)?;
+    let mut s = engine.new_sequence()?;
+    let t = Instant::now();
+    fwd(text, &mut s)?;
+    let prefill = text.len() as f64 / t.elapsed().as_secs_f64();
+    drop(s);
+    let mut s = engine.new_sequence()?;
+    let mut tok = next(&fwd(prompt, &mut s)?)?;
+    let t = Instant::now();
+    for _ in 0..n {
+        tok = next(&fwd(&[tok], &mut s)?)?;
+    }
+    Ok((prefill, n as f64 / t.elapsed().as_secs_f64()))
 }
 
 fn time_us(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
@@ -50,7 +100,7 @@ fn time_us(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64() * 1e6 / reps as f64)
 }
 
-fn llamacpp_decode_tok_s(model: &std::path::Path, tokens: usize) -> Option<f64> {
+pub(crate) fn llamacpp_decode_tok_s(model: &std::path::Path, tokens: usize) -> Option<f64> {
     // Greedy decode through llama-cpp-python (2 threads), timed from the first streamed token
     // to the last, so prompt processing is excluded as in our decode figure.
     let script = format!(
@@ -178,6 +228,30 @@ pub fn model(a: ModelBenchArgs) -> Result<()> {
     let ratio = side_macs as f64 / cfg.layer_macs_per_token() as f64;
     let device_q4 = sides[2].bytes() + heads[2].bytes();
     let llamacpp = llamacpp_decode_tok_s(&path, a.tokens);
+    // The server's engines, taps on.
+    let engines: Vec<String> = if a.engine.is_empty() {
+        spa_server::ENGINES.iter().map(|s| s.to_string()).collect()
+    } else {
+        a.engine.clone()
+    };
+    let shared = std::sync::Arc::new(base);
+    let mut engine_rows = Vec::new();
+    for name in &engines {
+        let e = spa_server::engine_with(name, &shared, 256 << 20, a.gpu_layers)?;
+        let (pf, dc) = engine_speed(
+            e.as_ref(),
+            &shared,
+            &text_ids[..n_prefill],
+            &prompt,
+            a.tokens,
+        )?;
+        eprintln!("engine {name} (taps on): prefill {pf:.1} tok/s, decode {dc:.1} tok/s");
+        let mut r = json!({"engine": name, "prefill_tok_s": pf, "decode_tok_s": dc});
+        if let Some(x) = llamacpp {
+            r["decode_vs_llamacpp_python"] = json!(dc / x);
+        }
+        engine_rows.push(r);
+    }
     eprintln!(
         "side step (width {}, {} taps, ctx {ctx}): f32 {:.0} us, q8 {:.0} us, q4 {:.0} us",
         a.width,
@@ -228,6 +302,7 @@ pub fn model(a: ModelBenchArgs) -> Result<()> {
         "device_weights_bytes_q4": device_q4,
         "device_weights_bytes_q8": sides[1].bytes() + heads[1].bytes(),
     });
+    j["engines"] = json!(engine_rows);
     if let Some(x) = llamacpp {
         j["llamacpp_decode_tok_s"] = json!(x);
         j["decode_vs_llamacpp"] = json!(decode_tok_s / x);

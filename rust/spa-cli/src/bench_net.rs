@@ -89,19 +89,19 @@ async fn start_local(
     base: Arc<spa_model::BaseModel>,
     proj: Arc<spa_model::DownProjection>,
     max_sessions_per_key: usize,
+    engine: &str,
+    gpu_layers: i32,
 ) -> Result<(spa_server::RunningServer, Bench)> {
     let key = "bench-key".to_string();
     let cert = tls::dev_cert().map_err(anyhow::Error::msg)?;
     let assets = DeviceAssets::load(base.path())?;
-    let state = Arc::new(AppState::new(
-        base,
-        proj,
-        ServerConfig {
-            keys: Keys::new(std::slice::from_ref(&key)),
-            max_sessions_per_key,
-            ..ServerConfig::default()
-        },
-    ));
+    let cfg = ServerConfig {
+        keys: Keys::new(std::slice::from_ref(&key)),
+        max_sessions_per_key,
+        ..ServerConfig::default()
+    };
+    let engine = spa_server::engine_with(engine, &base, cfg.kv_budget_bytes, gpu_layers)?;
+    let state = Arc::new(AppState::with_engine(base, proj, engine, cfg));
     let srv = spa_server::start(state, "127.0.0.1:0".parse()?, Some(&cert))
         .await
         .map_err(anyhow::Error::msg)?;
@@ -158,7 +158,7 @@ async fn spa_run(
 
 pub async fn rounds(a: RoundsArgs) -> Result<()> {
     let (base, proj) = load_server_parts(a.model.as_deref(), 64, &a.projection)?;
-    let (srv, b) = start_local(base, proj, 64).await?;
+    let (srv, b) = start_local(base, proj, 64, "candle", 0).await?;
     let untrained = b.device(GateMode::Learned, 0.0)?;
     let side_random = b.device(GateMode::AlwaysSide, 1.0)?;
     let mut outputs = Vec::new();
@@ -247,9 +247,20 @@ pub struct ServeBenchArgs {
     /// GGUF base model.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Base kernels: f32 (f32 activations, default) or int8 (llama.cpp numerics).
+    /// Base kernels of the candle engine: f32 (f32 activations, default) or int8 (llama.cpp
+    /// numerics).
     #[arg(long, default_value = "f32")]
     kernel: String,
+    /// Base engines to measure, one server each (comma separated; default: every engine of
+    /// this build, candle and, with `--features llamacpp`, llamacpp).
+    #[arg(long, value_delimiter = ',')]
+    engine: Vec<String>,
+    /// Also time llama-cpp-python's single-stream decode of the same GGUF (if installed).
+    #[arg(long)]
+    llamacpp_python: bool,
+    /// Layers of the llama.cpp engine on the GPU (GPU builds; -1: all).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    gpu_layers: i32,
 }
 
 fn rss_bytes() -> u64 {
@@ -280,7 +291,42 @@ pub async fn serve(a: ServeBenchArgs) -> Result<()> {
     };
     let (base, proj) =
         crate::serve::load_server_parts_with(a.model.as_deref(), 64, "random:1", kernel)?;
-    let (srv, b) = start_local(base, proj, 1024).await?;
+    let engines: Vec<String> = if a.engine.is_empty() {
+        spa_server::ENGINES.iter().map(|s| s.to_string()).collect()
+    } else {
+        a.engine.clone()
+    };
+    let mut results = Vec::new();
+    for engine in &engines {
+        let (srv, b) = start_local(base.clone(), proj.clone(), 1024, engine, a.gpu_layers).await?;
+        results.extend(serve_sessions(&a, &b, engine).await?);
+        srv.shutdown().await;
+    }
+    let mut j = json!({"k": a.k, "kernel": a.kernel, "tokens_per_session": a.tokens, "results": results, "note": "loopback, no RTT; step latency = mean per round per session; RSS of the whole process (server and clients)"});
+    if a.llamacpp_python {
+        let path = base.path().to_path_buf();
+        if let Some(x) = crate::bench::llamacpp_decode_tok_s(&path, 64) {
+            j["llamacpp_python_decode_tok_s"] = json!(x);
+            for r in j["results"].as_array_mut().into_iter().flatten() {
+                let tps = r["tokens_per_s"].as_f64().unwrap_or(0.0);
+                r["vs_llamacpp_python_single"] = json!(tps / x);
+            }
+        }
+    }
+    if a.json {
+        println!("{j}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    }
+    Ok(())
+}
+
+/// Runs each session count of `a` against the server of `b`.
+async fn serve_sessions(
+    a: &ServeBenchArgs,
+    b: &Bench,
+    engine: &str,
+) -> Result<Vec<serde_json::Value>> {
     let dev = b.device(GateMode::AlwaysBase, 0.0)?;
     let mut results = Vec::new();
     let mut single = None;
@@ -316,6 +362,7 @@ pub async fn serve(a: ServeBenchArgs) -> Result<()> {
         let tps = toks as f64 / wall;
         single.get_or_insert(tps);
         let r = json!({
+            "engine": engine,
             "sessions": n,
             "tokens_per_s": tps,
             "speedup_vs_first": tps / single.unwrap_or(tps),
@@ -326,12 +373,5 @@ pub async fn serve(a: ServeBenchArgs) -> Result<()> {
         eprintln!("{r}");
         results.push(r);
     }
-    srv.shutdown().await;
-    let j = json!({"k": a.k, "kernel": a.kernel, "tokens_per_session": a.tokens, "results": results, "note": "loopback, no RTT; step latency = mean per round per session"});
-    if a.json {
-        println!("{j}");
-    } else {
-        println!("{}", serde_json::to_string_pretty(&j)?);
-    }
-    Ok(())
+    Ok(results)
 }

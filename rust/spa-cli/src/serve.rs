@@ -76,6 +76,15 @@ pub struct ServeArgs {
     /// cached in $SPA_HOME/projections.
     #[arg(long, default_value = "q8")]
     pub device_pack: String,
+    /// Base engine of the steps: `candle` (our kernels; batch-invariant, so a re-prefilled
+    /// session continues with exactly the same tokens) or `llamacpp` (llama.cpp, faster; in
+    /// builds with `--features llamacpp`, where it is the default; docs/serving.md).
+    #[arg(long, default_value = spa_server::DEFAULT_ENGINE)]
+    pub engine: String,
+    /// Layers of the llama.cpp engine on the GPU (builds with `--features cuda`, `metal` or
+    /// `vulkan`; -1: all).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub gpu_layers: i32,
 }
 
 /// The TLS certificate to serve with: `--tls-cert/--tls-key`, or a dev certificate written to
@@ -226,7 +235,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             QuantMode::parse(q)?,
         )?),
     };
-    let mut state = AppState::new(base, proj, cfg);
+    let engine =
+        spa_server::engine_with(&args.engine, &base, cfg.kv_budget_bytes, args.gpu_layers)?;
+    eprintln!("spa serve: base engine {}", engine.name());
+    let mut state = AppState::with_engine(base, proj, engine, cfg);
     if let Some(pack) = pack {
         eprintln!("spa serve: device pack {} bytes", pack.len());
         state = state.with_device_pack(pack);

@@ -330,12 +330,7 @@ async fn child_server_process() {
     if std::env::var(CHILD_ENV).is_err() {
         return;
     }
-    let w = common::world();
-    let state = Arc::new(spa_server::AppState::new(
-        w.base.clone(),
-        w.proj.clone(),
-        common::server_config(),
-    ));
+    let state = Arc::new(common::state(common::server_config()));
     let srv = spa_server::start(state, "127.0.0.1:0".parse().unwrap(), None)
         .await
         .unwrap();

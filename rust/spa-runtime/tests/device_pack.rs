@@ -8,7 +8,6 @@ use common::*;
 use spa_model::{DevicePack, GateMode, GgufFile, PersonalVocab, QuantMode};
 use spa_runtime::netsim::{Fault, FaultPlan, NetConfig, Proxy};
 use spa_runtime::{ClientConfig, DeviceModel, RuntimeError};
-use spa_server::AppState;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,10 +29,7 @@ async fn device_pack_downloads_resumes_verifies_and_is_reused() {
     let w = world();
     let bytes = pack_bytes();
     let total = bytes.len() as u64;
-    let state = Arc::new(
-        AppState::new(w.base.clone(), w.proj.clone(), server_config())
-            .with_device_pack(bytes.clone()),
-    );
+    let state = Arc::new(common::state(server_config()).with_device_pack(bytes.clone()));
     let srv = spa_server::start(state.clone(), "127.0.0.1:0".parse().unwrap(), Some(&w.cert))
         .await
         .unwrap();

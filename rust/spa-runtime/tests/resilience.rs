@@ -651,11 +651,7 @@ async fn server_restart_on_same_port_is_transparent() {
         // Leave the port closed for a moment: the client sees refused connections.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let w = common::world();
-        let state = Arc::new(AppState::new(
-            w.base.clone(),
-            w.proj.clone(),
-            common::server_config(),
-        ));
+        let state = Arc::new(common::state(common::server_config()));
         for attempt in 0.. {
             match spa_server::start(state.clone(), addr, Some(&w.cert)).await {
                 Ok(s) => return (s, state),

@@ -1,20 +1,23 @@
 //! Cross-session batching with a lane per API key: concurrent steps of one key submit their
 //! forward passes to that key's engine thread, which runs everything queued as one batch
-//! ([`BaseModel::forward_batch`]): every weight matrix is read once per batch instead of once
+//! ([`BaseEngine::forward_batch`]): every weight matrix is read once per batch instead of once
 //! per session. Keys do not share a queue: a key flooding the server fills its own lane, while
 //! another key's lane runs beside it on its own worker threads and the OS shares the cores
 //! between them, so one key's backlog cannot starve another.
 
-use spa_model::{BaseModel, BaseOutput, KvCache, Result as ModelResult, SpaError};
+use crate::base_engine::{BaseEngine, EngineOutput, Sequence};
+use spa_model::{BaseModel, Result as ModelResult, SpaError};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
+type Reply = (ModelResult<EngineOutput>, Box<dyn Sequence>);
+
 struct Job {
     tokens: Vec<u32>,
-    cache: KvCache,
-    reply: mpsc::Sender<(ModelResult<BaseOutput>, KvCache)>,
+    cache: Box<dyn Sequence>,
+    reply: mpsc::Sender<Reply>,
 }
 
 impl std::fmt::Debug for Job {
@@ -122,11 +125,12 @@ impl std::fmt::Debug for Batcher {
 }
 
 impl Batcher {
-    /// Batches forward passes over `base`, at most `max_batch` sequences per batch and lane.
-    pub fn start(base: Arc<BaseModel>, max_batch: usize) -> Self {
+    /// Batches forward passes of `engine` (ids checked against `base`'s tokenizer), at most
+    /// `max_batch` sequences per batch and lane.
+    pub fn start(base: Arc<BaseModel>, engine: Arc<dyn BaseEngine>, max_batch: usize) -> Self {
         let lanes = Lanes::new(
             max_batch,
-            Arc::new(move |jobs: Vec<Job>| run_batch(&base, jobs)),
+            Arc::new(move |jobs: Vec<Job>| run_batch(&base, engine.as_ref(), jobs)),
         );
         Self {
             max_batch_seen: lanes.max_batch_seen.clone(),
@@ -139,10 +143,10 @@ impl Batcher {
         &self,
         key: usize,
         tokens: &[u32],
-        cache: &mut KvCache,
-    ) -> ModelResult<BaseOutput> {
+        cache: &mut Box<dyn Sequence>,
+    ) -> ModelResult<EngineOutput> {
         let (rtx, rrx) = mpsc::channel();
-        let owned = std::mem::replace(cache, KvCache::new(0, 0));
+        let owned = std::mem::replace(cache, Box::new(Taken));
         let job = Job {
             tokens: tokens.to_vec(),
             cache: owned,
@@ -162,7 +166,27 @@ impl Batcher {
     }
 }
 
-fn run_batch(base: &BaseModel, jobs: Vec<Job>) {
+/// Stands in for a sequence while its job is on an engine lane.
+#[derive(Debug)]
+struct Taken;
+
+impl Sequence for Taken {
+    fn len(&self) -> usize {
+        0
+    }
+    fn max_len(&self) -> usize {
+        0
+    }
+    fn truncate(&mut self, _: usize) {}
+    fn capacity_bytes(&self) -> usize {
+        0
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+fn run_batch(base: &BaseModel, engine: &dyn BaseEngine, jobs: Vec<Job>) {
     // Validate each job alone so one bad request cannot fail the others.
     let mut ok = Vec::new();
     for j in jobs {
@@ -185,17 +209,17 @@ fn run_batch(base: &BaseModel, jobs: Vec<Job>) {
     if ok.is_empty() {
         return;
     }
-    let mut caches: Vec<KvCache> = ok
+    let mut caches: Vec<Box<dyn Sequence>> = ok
         .iter_mut()
-        .map(|j| std::mem::replace(&mut j.cache, KvCache::new(0, 0)))
+        .map(|j| std::mem::replace(&mut j.cache, Box::new(Taken)))
         .collect();
     let res = {
-        let mut pairs: Vec<(&[u32], &mut KvCache)> = ok
+        let mut pairs: Vec<(&[u32], &mut (dyn Sequence + 'static))> = ok
             .iter()
             .map(|j| j.tokens.as_slice())
-            .zip(caches.iter_mut())
+            .zip(caches.iter_mut().map(|c| c.as_mut()))
             .collect();
-        base.forward_batch(&mut pairs)
+        engine.forward_batch(&mut pairs)
     };
     match res {
         Ok(outs) => {

@@ -2,7 +2,8 @@
 //! device's position, append its tokens, draft K tokens greedily, and package per-position
 //! base states (projected taps, final hidden, draft token, top-k candidates).
 
-use spa_model::{argmax, top_k, BaseModel, BaseOutput, DownProjection, KvCache, SpaError};
+use crate::base_engine::{EngineOutput, Sequence};
+use spa_model::{argmax, top_k, BaseModel, DownProjection, KvCache, SpaError};
 use spa_protocol::{
     position_state, sampling, HeadState, ProtocolError, StepRequest, StepResponse, TapBits,
 };
@@ -28,6 +29,10 @@ pub enum StepError {
     Request(#[from] ProtocolError),
 }
 
+/// A forward pass over a session's sequence (the batcher's, or the engine's own).
+pub type ForwardFn<'a> =
+    dyn Fn(&[u32], &mut Box<dyn Sequence>) -> spa_model::Result<EngineOutput> + 'a;
+
 /// Runs one step on `cache` (see module docs). Deterministic: the same request on the same
 /// prefix gives the same response, which makes steps idempotent by position.
 pub fn run_step(
@@ -37,19 +42,33 @@ pub fn run_step(
     req: &StepRequest,
     default_top_k: usize,
 ) -> Result<StepResponse, StepError> {
-    run_step_with(base, proj, cache, req, default_top_k, &|t, c| {
-        base.forward(t, c)
-    })
+    let forward = |t: &[u32], c: &mut Box<dyn Sequence>| {
+        let cache = c
+            .as_kv_cache()
+            .ok_or_else(|| SpaError::InvalidConfig("not a candle sequence".into()))?;
+        Ok(EngineOutput {
+            base: base.forward(t, cache)?,
+            last_logits: None,
+        })
+    };
+    let mut boxed: Box<dyn Sequence> = Box::new(std::mem::replace(cache, KvCache::new(0, 0)));
+    let res = run_step_with(base, proj, &mut boxed, req, default_top_k, &forward);
+    if let Some(c) = boxed.as_any_mut().downcast_mut::<KvCache>() {
+        *cache = std::mem::replace(c, KvCache::new(0, 0));
+    }
+    res
 }
 
-/// [`run_step`] with the forward pass supplied by the caller (the server's batcher).
+/// [`run_step`] on any engine's sequence, with the forward pass supplied by the caller (the
+/// server's batcher). `base` gives the tokenizer (id checks) and, when the engine did not
+/// compute them, the last position's logits.
 pub fn run_step_with(
     base: &BaseModel,
     proj: &DownProjection,
-    cache: &mut KvCache,
+    cache: &mut Box<dyn Sequence>,
     req: &StepRequest,
     default_top_k: usize,
-    forward: &dyn Fn(&[u32], &mut KvCache) -> spa_model::Result<BaseOutput>,
+    forward: &ForwardFn<'_>,
 ) -> Result<StepResponse, StepError> {
     let t0 = Instant::now();
     let held = cache.len();
@@ -83,7 +102,7 @@ pub fn run_step_with(
     let mut out = forward(&req.tokens, cache)?;
     let mut pos = req.position;
     for j in 0..k {
-        let z = proj.apply_taps(&out.taps)?;
+        let z = proj.apply_taps(&out.base.taps)?;
         let seq = z.len();
         for (i, zp) in z.iter().enumerate() {
             let flat: Vec<f32> = zp.iter().flatten().copied().collect();
@@ -92,13 +111,20 @@ pub fn run_step_with(
                 pos += 1;
                 continue;
             }
-            let h = out.hidden.narrow(0, seq - 1, 1).map_err(SpaError::from)?;
+            let h = out
+                .base
+                .hidden
+                .narrow(0, seq - 1, 1)
+                .map_err(SpaError::from)?;
             let hv: Vec<f32> = h
                 .flatten_all()
                 .map_err(SpaError::from)?
                 .to_vec1()
                 .map_err(SpaError::from)?;
-            let logits = base.last_logits(&h)?;
+            let logits = match out.last_logits.take() {
+                Some(l) => l,
+                None => base.last_logits(&h)?,
+            };
             let ids = top_k(&logits, top);
             let lv: Vec<f32> = ids.iter().map(|&i| logits[i as usize]).collect();
             let draft = if req.temperature > 0.0 {

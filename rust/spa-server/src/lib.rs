@@ -12,12 +12,15 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod base_engine;
 pub mod batch;
 pub mod device_pack;
 pub mod engine;
 mod errors;
 pub mod features;
 mod handlers;
+#[cfg(feature = "llamacpp")]
+pub mod llamacpp;
 pub mod metrics;
 mod middleware;
 pub mod sessions;
@@ -32,6 +35,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use auth::Keys;
+pub use base_engine::{
+    engine_by_name, engine_with, BaseEngine, CandleEngine, EngineOutput, Sequence, DEFAULT_ENGINE,
+    ENGINES,
+};
 pub use engine::{run_step, run_step_with, StepError};
 pub use errors::ApiError;
 pub use middleware::ACCESS_LOG;

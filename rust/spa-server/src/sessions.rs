@@ -11,7 +11,7 @@
 //! request holds it (a step in flight); busy sessions are never expired or reclaimed, and are
 //! evicted only when idle ones cannot free enough memory.
 
-use spa_model::KvCache;
+use crate::base_engine::Sequence;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 /// One session's state; locked while a step runs.
 #[derive(Debug)]
 pub struct Session {
-    /// Base KV cache.
-    pub cache: KvCache,
+    /// Base KV cache (the engine's sequence; always a candle [`spa_model::KvCache`] for
+    /// layer-split sessions).
+    pub cache: Box<dyn Sequence>,
     /// Mode requested at creation (spa / lst / layer-split).
     pub mode: i32,
     /// Layer-split baseline: the residual stream of the token in flight.
@@ -274,7 +275,7 @@ mod tests {
 
     fn session() -> Session {
         Session {
-            cache: KvCache::new(1, 8),
+            cache: Box::new(spa_model::KvCache::new(1, 8)),
             mode: 0,
             layer_state: None,
         }

@@ -1,5 +1,6 @@
 //! The server's settings ([`ServerConfig`]) and the state its handlers share ([`AppState`]).
 
+use crate::base_engine::{BaseEngine, CandleEngine};
 use crate::{batch, device_pack, metrics, Keys, Sessions};
 use sha2::{Digest, Sha256};
 use spa_model::{BaseModel, DownProjection};
@@ -56,8 +57,11 @@ impl Default for ServerConfig {
 
 /// Shared state of a running server.
 pub struct AppState {
-    /// The frozen base.
+    /// The frozen base (tokenizer, manifest, the layer-split baseline, `/v1/features`).
     pub base: Arc<BaseModel>,
+    /// The engine that runs the steps' forward passes ([`CandleEngine`] over `base` unless
+    /// [`AppState::with_engine`] chose another).
+    pub engine: Arc<dyn BaseEngine>,
     /// The shared down-projection.
     pub proj: Arc<DownProjection>,
     /// Settings.
@@ -82,8 +86,20 @@ impl std::fmt::Debug for AppState {
 }
 
 impl AppState {
-    /// Builds the state and the manifest.
+    /// Builds the state and the manifest, with the candle engine over `base`.
     pub fn new(base: Arc<BaseModel>, proj: Arc<DownProjection>, config: ServerConfig) -> Self {
+        let engine = Arc::new(CandleEngine::new(base.clone()));
+        Self::with_engine(base, proj, engine, config)
+    }
+
+    /// [`AppState::new`] with the steps' forward passes on `engine` (which must run the same
+    /// model as `base`: same GGUF file).
+    pub fn with_engine(
+        base: Arc<BaseModel>,
+        proj: Arc<DownProjection>,
+        engine: Arc<dyn BaseEngine>,
+        config: ServerConfig,
+    ) -> Self {
         let cfg = base.config();
         let pm = proj.meta();
         let mut tok_hash = Sha256::new();
@@ -121,7 +137,8 @@ impl AppState {
             device_pack_bytes: 0,
         };
         Self {
-            batcher: batch::Batcher::start(base.clone(), 32),
+            batcher: batch::Batcher::start(base.clone(), engine.clone(), 32),
+            engine,
             base,
             proj,
             sessions: Mutex::new(Sessions::with_idle_ttl(config.session_idle_ttl)),

@@ -35,8 +35,9 @@ async fn info_logs_hold_no_keys_ids_or_tokens() {
     let wrong = "sk-wrong-4d1f9e0b2c7a";
     let (srv, state) = common::start(
         ServerConfig {
-            // Small enough that the second session evicts the first.
-            kv_budget_bytes: 1 << 20,
+            // Below one session's bytes on either engine (candle: ~2.9 MB at once; llama.cpp:
+            // 23 KB per position), so the second session evicts the first.
+            kv_budget_bytes: 64 << 10,
             body_timeout: Duration::from_secs(1),
             limits: spa_protocol::Limits {
                 max_frame_bytes: 64 << 10,

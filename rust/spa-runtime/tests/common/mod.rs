@@ -74,9 +74,26 @@ pub fn server_config() -> ServerConfig {
     }
 }
 
+/// The base engine the servers of these tests run: `$SPA_ENGINE` (`candle`, the default, or
+/// `llamacpp` when built with `--features spa-server/llamacpp`), one instance per process.
+pub fn engine() -> Arc<dyn spa_server::BaseEngine> {
+    static E: OnceLock<Arc<dyn spa_server::BaseEngine>> = OnceLock::new();
+    E.get_or_init(|| {
+        let name = std::env::var("SPA_ENGINE").unwrap_or_else(|_| "candle".into());
+        spa_server::engine_by_name(&name, &world().base, 512 << 20).expect("SPA_ENGINE")
+    })
+    .clone()
+}
+
+/// A server state over the test world on [`engine`].
+pub fn state(cfg: ServerConfig) -> AppState {
+    let w = world();
+    AppState::with_engine(w.base.clone(), w.proj.clone(), engine(), cfg)
+}
+
 pub async fn start_server(cfg: ServerConfig) -> (RunningServer, Arc<AppState>) {
     let w = world();
-    let state = Arc::new(AppState::new(w.base.clone(), w.proj.clone(), cfg));
+    let state = Arc::new(state(cfg));
     let srv = spa_server::start(state.clone(), "127.0.0.1:0".parse().unwrap(), Some(&w.cert))
         .await
         .unwrap();

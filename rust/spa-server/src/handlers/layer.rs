@@ -34,19 +34,23 @@ pub(crate) async fn layer_h(
         let t0 = Instant::now();
         let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, m);
         let mut s = sess.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &mut *s;
+        let cache = s.cache.as_kv_cache().ok_or_else(|| {
+            bad("layer requests need a layer-split session (mode LAYER_SPLIT)".into())
+        })?;
         let base = &st2.base;
         let n_layers = base.config().n_layers as u32;
         let hidden = base.config().hidden;
         let pos = req.position as usize;
         let mut x: Vec<f32> = if req.layer == 0 {
-            if pos > s.cache.len() {
+            if pos > cache.len() {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     ErrorCode::PositionAhead,
                     "position ahead; re-prefill",
                 ));
             }
-            s.cache.truncate(pos);
+            cache.truncate(pos);
             let e = base.embed(&[req.token]).map_err(|e| bad(e.to_string()))?;
             e.flatten_all()
                 .and_then(|t| t.to_vec1())
@@ -80,7 +84,7 @@ pub(crate) async fn layer_h(
             });
         }
         let y = base
-            .layer_forward(req.layer as usize, &t, pos, &mut s.cache)
+            .layer_forward(req.layer as usize, &t, pos, cache)
             .map_err(|e| bad(e.to_string()))?;
         let yv: Vec<f32> = y
             .flatten_all()

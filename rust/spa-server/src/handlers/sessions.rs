@@ -3,13 +3,13 @@
 
 use super::{auth, proto};
 use crate::errors::bad_frame;
-use crate::{ApiError, AppState, Lookup, Session};
+use crate::{ApiError, AppState, Lookup, Sequence, Session};
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use spa_protocol::{
-    decode_frame, CreateSessionRequest, CreateSessionResponse, ErrorCode, FrameKind,
+    decode_frame, CreateSessionRequest, CreateSessionResponse, ErrorCode, FrameKind, Mode,
 };
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
@@ -61,10 +61,30 @@ pub(crate) async fn create_h(
         st.metrics.limited.fetch_add(1, Relaxed);
         return Err(e);
     }
+    // The layer-split baseline runs layer by layer on the candle engine; every other mode
+    // runs on the server's engine.
+    let cache: Box<dyn Sequence> = if req.mode == Mode::LayerSplit as i32 {
+        Box::new(st.base.new_cache())
+    } else {
+        match st.engine.new_sequence() {
+            Ok(c) => c,
+            Err(e) => {
+                drop(s);
+                let mut e = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Limit,
+                    format!("the base engine cannot take another session: {e}"),
+                );
+                e.frame.retry_after_ms = 1000;
+                st.metrics.limited.fetch_add(1, Relaxed);
+                return Err(e);
+            }
+        }
+    };
     let id = s.create(
         owner,
         Session {
-            cache: st.base.new_cache(),
+            cache,
             mode: req.mode,
             layer_state: None,
         },

@@ -3,7 +3,7 @@
 use super::sessions::session;
 use super::{auth, proto};
 use crate::errors::{bad_frame, blocking};
-use crate::{run_step_with, ApiError, AppState};
+use crate::{run_step_with, ApiError, AppState, Sequence};
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -42,7 +42,7 @@ pub(crate) async fn step_h(
         } else {
             0
         };
-        let fwd = |t: &[u32], c: &mut spa_model::KvCache| st2.batcher.forward(lane, t, c);
+        let fwd = |t: &[u32], c: &mut Box<dyn Sequence>| st2.batcher.forward(lane, t, c);
         let r = run_step_with(
             &st2.base,
             &st2.proj,

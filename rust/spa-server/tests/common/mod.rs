@@ -51,10 +51,40 @@ pub fn config() -> ServerConfig {
     }
 }
 
-/// Starts a server over TLS (or plain HTTP when `tls` is false).
+/// The base engine the servers of these tests run: `$SPA_ENGINE` (`candle`, the default, or
+/// `llamacpp` in a build with `--features llamacpp`), one instance per test process.
+pub fn engine() -> Arc<dyn spa_server::BaseEngine> {
+    static E: OnceLock<Arc<dyn spa_server::BaseEngine>> = OnceLock::new();
+    E.get_or_init(|| {
+        let name = std::env::var("SPA_ENGINE").unwrap_or_else(|_| "candle".into());
+        // 512 MiB of KV cache for every server of the process (the llama.cpp engine allocates
+        // it up front).
+        spa_server::engine_by_name(&name, &world().base, 512 << 20).expect("SPA_ENGINE")
+    })
+    .clone()
+}
+
+/// Bytes a session of [`engine`] holds after `positions` positions: the unit of these tests' KV
+/// budgets, since the engines count differently (candle: f32 K and V grown in steps of at least
+/// 64 positions; llama.cpp: f16 K and V per position).
+pub fn session_bytes(positions: usize) -> usize {
+    let e = engine();
+    let mut s = e.new_sequence().expect("a sequence");
+    let tokens = vec![1u32; positions];
+    e.forward_batch(&mut [(tokens.as_slice(), s.as_mut())])
+        .expect("forward");
+    s.capacity_bytes()
+}
+
+/// Starts a server over TLS (or plain HTTP when `tls` is false) on [`engine`].
 pub async fn start(cfg: ServerConfig, tls: bool) -> (RunningServer, Arc<AppState>) {
     let w = world();
-    let state = Arc::new(AppState::new(w.base.clone(), w.proj.clone(), cfg));
+    let state = Arc::new(AppState::with_engine(
+        w.base.clone(),
+        w.proj.clone(),
+        engine(),
+        cfg,
+    ));
     let srv = spa_server::start(
         state.clone(),
         "127.0.0.1:0".parse().unwrap(),

@@ -77,8 +77,8 @@ pub struct ServeArgs {
     #[arg(long, default_value = "q8")]
     pub device_pack: String,
     /// Base engine of the steps: `candle` (our kernels; batch-invariant, so a re-prefilled
-    /// session continues with exactly the same tokens) or `llamacpp` (llama.cpp, faster; in
-    /// builds with `--features llamacpp`, where it is the default; docs/serving.md).
+    /// session continues with exactly the same tokens) or `llamacpp` (llama.cpp, faster, not
+    /// batch-invariant; in builds with `--features llamacpp`; docs/serving.md).
     #[arg(long, default_value = spa_server::DEFAULT_ENGINE)]
     pub engine: String,
     /// Layers of the llama.cpp engine on the GPU (builds with `--features cuda`, `metal` or

@@ -58,23 +58,10 @@ fn engine_speed(
     prompt: &[u32],
     n: usize,
 ) -> Result<(f64, f64)> {
-    let next = |out: &spa_server::EngineOutput| -> Result<u32> {
-        let logits = match &out.last_logits {
-            Some(l) => l.clone(),
-            None => {
-                let rows = out.base.hidden.dim(0)?;
-                base.last_logits(&out.base.hidden.narrow(0, rows - 1, 1)?)?
-            }
-        };
-        Ok(argmax(&logits).unwrap_or(0) as u32)
+    let next = |mut out: spa_server::EngineOutput| -> Result<u32> {
+        Ok(argmax(&out.take_last_logits(base)?).unwrap_or(0) as u32)
     };
-    let fwd =
-        |t: &[u32], s: &mut Box<dyn spa_server::Sequence>| -> Result<spa_server::EngineOutput> {
-            engine
-                .forward_batch(&mut [(t, s.as_mut())])?
-                .pop()
-                .ok_or_else(|| anyhow::anyhow!("no output"))
-        };
+    let fwd = |t: &[u32], s: &mut Box<dyn spa_server::Sequence>| engine.forward(t, s.as_mut());
     // Warm-up (first-call allocations), then prefill.
     fwd(&text[..8.min(text.len())], &mut engine.new_sequence()?)?;
     let mut s = engine.new_sequence()?;
@@ -83,10 +70,10 @@ fn engine_speed(
     let prefill = text.len() as f64 / t.elapsed().as_secs_f64();
     drop(s);
     let mut s = engine.new_sequence()?;
-    let mut tok = next(&fwd(prompt, &mut s)?)?;
+    let mut tok = next(fwd(prompt, &mut s)?)?;
     let t = Instant::now();
     for _ in 0..n {
-        tok = next(&fwd(&[tok], &mut s)?)?;
+        tok = next(fwd(&[tok], &mut s)?)?;
     }
     Ok((prefill, n as f64 / t.elapsed().as_secs_f64()))
 }

@@ -84,6 +84,18 @@ pub struct EngineOutput {
     pub last_logits: Option<Vec<f32>>,
 }
 
+impl EngineOutput {
+    /// Logits of the last new position: the engine's own (moved out, not copied), else
+    /// `base`'s LM head over the last final state.
+    pub fn take_last_logits(&mut self, base: &BaseModel) -> Result<Vec<f32>> {
+        if let Some(l) = self.last_logits.take() {
+            return Ok(l);
+        }
+        let rows = self.base.hidden.dim(0)?;
+        base.last_logits(&self.base.hidden.narrow(0, rows - 1, 1)?)
+    }
+}
+
 /// A base model engine (see the module docs).
 pub trait BaseEngine: Send + Sync {
     /// Short name (`candle`, `llamacpp`), as `spa serve --engine` takes it.
@@ -97,6 +109,12 @@ pub trait BaseEngine: Send + Sync {
         &self,
         jobs: &mut [(&[u32], &mut (dyn Sequence + 'static))],
     ) -> Result<Vec<EngineOutput>>;
+    /// [`BaseEngine::forward_batch`] of one sequence.
+    fn forward(&self, tokens: &[u32], seq: &mut (dyn Sequence + 'static)) -> Result<EngineOutput> {
+        self.forward_batch(&mut [(tokens, seq)])?
+            .pop()
+            .ok_or_else(|| SpaError::InvalidConfig("the engine returned no output".into()))
+    }
 }
 
 /// The candle engine: [`BaseModel`]'s batch-invariant forward over [`KvCache`]s.

@@ -121,10 +121,7 @@ pub fn run_step_with(
                 .map_err(SpaError::from)?
                 .to_vec1()
                 .map_err(SpaError::from)?;
-            let logits = match out.last_logits.take() {
-                Some(l) => l,
-                None => base.last_logits(&h)?,
-            };
+            let logits = out.take_last_logits(base)?;
             let ids = top_k(&logits, top);
             let lv: Vec<f32> = ids.iter().map(|&i| logits[i as usize]).collect();
             let draft = if req.temperature > 0.0 {

@@ -29,23 +29,12 @@ fn llama() -> &'static LlamaCppEngine {
 }
 
 fn forward(e: &dyn BaseEngine, tokens: &[u32], seq: &mut Box<dyn Sequence>) -> EngineOutput {
-    e.forward_batch(&mut [(tokens, seq.as_mut())])
-        .unwrap()
-        .pop()
-        .unwrap()
+    e.forward(tokens, seq.as_mut()).unwrap()
 }
 
 /// The next greedy token after `out`: the engine's own logits, else candle's head.
-fn next(base: &BaseModel, out: &EngineOutput) -> u32 {
-    let logits = match &out.last_logits {
-        Some(l) => l.clone(),
-        None => {
-            let n = out.base.hidden.dim(0).unwrap();
-            base.last_logits(&out.base.hidden.narrow(0, n - 1, 1).unwrap())
-                .unwrap()
-        }
-    };
-    argmax(&logits).unwrap() as u32
+fn next(base: &BaseModel, out: &mut EngineOutput) -> u32 {
+    argmax(&out.take_last_logits(base).unwrap()).unwrap() as u32
 }
 
 /// Greedy decode of `n` tokens after `prompt`.
@@ -54,7 +43,7 @@ fn greedy(e: &dyn BaseEngine, base: &BaseModel, prompt: &[u32], n: usize) -> Vec
     let mut out = forward(e, prompt, &mut seq);
     let mut toks = Vec::new();
     for _ in 0..n {
-        let t = next(base, &out);
+        let t = next(base, &mut out);
         toks.push(t);
         out = forward(e, &[t], &mut seq);
     }
@@ -210,7 +199,7 @@ fn golden_greedy_tokens_and_reprefill() {
         let mut out = forward(e, &prefix, &mut seq);
         let mut cont = Vec::new();
         for _ in half..got.len() {
-            let t = next(base, &out);
+            let t = next(base, &mut out);
             cont.push(t);
             out = forward(e, &[t], &mut seq);
         }
@@ -248,7 +237,7 @@ fn batched_sequences_match_single_ones() {
     let mut feed: Vec<Vec<u32>> = prompts.clone();
     let mut got: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
     for _ in 0..8 {
-        let outs = {
+        let mut outs = {
             let mut jobs: Vec<(&[u32], &mut (dyn Sequence + 'static))> = feed
                 .iter()
                 .map(|f| f.as_slice())
@@ -256,7 +245,7 @@ fn batched_sequences_match_single_ones() {
                 .collect();
             e.forward_batch(&mut jobs).unwrap()
         };
-        for (i, out) in outs.iter().enumerate() {
+        for (i, out) in outs.iter_mut().enumerate() {
             let t = next(base, out);
             got[i].push(t);
             feed[i] = vec![t];

@@ -284,19 +284,9 @@ mod tests {
     }
 
     #[test]
-    fn proto_file_matches_field_numbers() {
-        // The .proto is the contract for other implementations: spot-check it against prost tags.
-        let proto = include_str!("../proto/spa.proto");
-        for line in [
-            "uint64 position = 1;         // absolute position of tokens[0]",
-            "repeated PositionState states = 1;",
-            "Tensor taps = 2;",
-            "uint32 crc32 = 4;",
-            "I8_ROW_F16_SCALE = 1;",
-            "SESSION_GONE = 4;",
-        ] {
-            assert!(proto.contains(line), "{line}");
-        }
+    fn generated_messages_keep_the_wire_format() {
+        // The messages are generated from proto/spa.proto (build.rs). Devices and servers already
+        // deployed speak these exact bytes: a renumbered field or enum value fails here.
         let s = PositionState {
             position: 7,
             draft_token: 9,
@@ -305,5 +295,55 @@ mod tests {
         };
         // position=1 (varint tag 0x08), draft_token=4 (tag 0x20), is_draft=7 (tag 0x38)
         assert_eq!(s.encode_to_vec(), vec![0x08, 7, 0x20, 9, 0x38, 1]);
+        let f = Frame {
+            version: 1,
+            kind: FrameKind::StepRequest as i32,
+            payload: vec![1, 2],
+            crc32: 5,
+        };
+        assert_eq!(
+            f.encode_to_vec(),
+            vec![0x08, 1, 0x10, 4, 0x1a, 2, 1, 2, 0x20, 5]
+        );
+        let e = ErrorFrame {
+            code: ErrorCode::SessionGone as i32,
+            message: "x".into(),
+            retry_after_ms: 3,
+        };
+        assert_eq!(e.encode_to_vec(), vec![0x08, 4, 0x12, 1, b'x', 0x18, 3]);
+        // Packed repeated tokens (tag 2), tap_bits (tag 8).
+        let r = StepRequest {
+            tokens: vec![1, 2],
+            tap_bits: 4,
+            ..Default::default()
+        };
+        assert_eq!(r.encode_to_vec(), vec![0x12, 2, 1, 2, 0x40, 4]);
+        // A two-byte key: field 17.
+        let m = Manifest {
+            device_pack_bytes: 1,
+            ..Default::default()
+        };
+        assert_eq!(m.encode_to_vec(), vec![0x88, 0x01, 1]);
+        let c = FeaturesRequest {
+            continuation_positions: vec![3],
+            ..Default::default()
+        };
+        assert_eq!(c.encode_to_vec(), vec![0x32, 1, 3]);
+        let t = Tensor {
+            shape: vec![1, 2],
+            encoding: TensorEncoding::I4RowF16Scale as i32,
+            ..Default::default()
+        };
+        assert_eq!(t.encode_to_vec(), vec![0x0a, 2, 1, 2, 0x10, 3]);
+        assert_eq!(
+            CreateSessionRequest {
+                mode: Mode::LayerSplit as i32
+            }
+            .encode_to_vec(),
+            vec![0x08, 2]
+        );
+        assert_eq!(FrameKind::FeaturesResponse as i32, 10);
+        assert_eq!(ErrorCode::Internal as i32, 7);
+        assert_eq!(TensorEncoding::F16 as i32, 2);
     }
 }

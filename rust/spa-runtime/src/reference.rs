@@ -4,7 +4,7 @@
 
 use crate::device::DeviceModel;
 use crate::error::Result;
-use spa_model::{argmax, top_k, BaseModel, DownProjection};
+use spa_model::{argmax, top_k, BaseModel, BaseOutput, DownProjection};
 use spa_protocol::{position_state, HeadState, Limits, TapBits};
 
 /// Greedy SPA decoding, one token per step, no network, with the taps a runtime with default
@@ -43,15 +43,43 @@ pub fn generate_local_with(
     stop: &[u32],
     bits: TapBits,
 ) -> Result<Vec<u32>> {
-    let limits = Limits::default();
     let mut cache = base.new_cache();
+    let forward = |tokens: &[u32]| -> spa_model::Result<(BaseOutput, Vec<f32>)> {
+        let o = base.forward(tokens, &mut cache)?;
+        let rows = o.hidden.dim(0)?;
+        let logits = base.last_logits(&o.hidden.narrow(0, rows - 1, 1)?)?;
+        Ok((o, logits))
+    };
+    generate_local_on(forward, proj, device, prompt, max_tokens, top, stop, bits)
+}
+
+/// The same greedy SPA decoding over any base forward pass: `forward(tokens)` advances one
+/// sequence of the base by `tokens` and returns the base's output for them (every layer's
+/// residual stream, the final normed states) and the logits of the last of them. A server that
+/// runs another engine (llama.cpp, with its own numerics) gives the tokens of local decoding on
+/// that engine when its forward pass is passed here.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_local_on<F>(
+    mut forward: F,
+    proj: &DownProjection,
+    device: &DeviceModel,
+    prompt: &[u32],
+    max_tokens: usize,
+    top: usize,
+    stop: &[u32],
+    bits: TapBits,
+) -> Result<Vec<u32>>
+where
+    F: FnMut(&[u32]) -> spa_model::Result<(BaseOutput, Vec<f32>)>,
+{
+    let limits = Limits::default();
     let mut side_cache = device.side.new_cache();
     let (n_taps, width) = (proj.meta().taps.len(), proj.meta().width);
     let mut out = Vec::new();
     let mut feed: Vec<u32> = prompt.to_vec();
+    let mut pos0 = 0usize;
     while out.len() < max_tokens {
-        let pos0 = cache.len();
-        let o = base.forward(&feed, &mut cache)?;
+        let (o, logits) = forward(&feed)?;
         let z = proj.apply_taps(&o.taps)?;
         let mut decision = None;
         for (i, zp) in z.iter().enumerate() {
@@ -66,7 +94,6 @@ pub fn generate_local_with(
                     .flatten_all()
                     .and_then(|t| t.to_vec1())
                     .map_err(spa_model::SpaError::from)?;
-                let logits = base.last_logits(&h)?;
                 let ids = top_k(&logits, top);
                 let lv: Vec<f32> = ids.iter().map(|&t| logits[t as usize]).collect();
                 let head = HeadState {
@@ -81,6 +108,7 @@ pub fn generate_local_with(
             };
             decision = device.process(&s, &mut side_cache, &limits)?;
         }
+        pos0 += feed.len();
         let Some(d) = decision else { break };
         if stop.contains(&d.token) {
             break;

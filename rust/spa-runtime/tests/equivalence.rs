@@ -1,9 +1,9 @@
 //! Speculative rounds (K = 1, 4, 16 and the adaptive K) over real HTTPS produce exactly the
-//! tokens of plain token-by-token SPA decoding with the same side network run locally.
+//! tokens of plain token-by-token SPA decoding with the same side network run locally, on the
+//! servers' base engine (`common::local`: candle, or llama.cpp with `SPA_ENGINE=llamacpp`).
 
 mod common;
 use spa_model::GateMode;
-use spa_runtime::reference::{generate_local, generate_local_with};
 use spa_runtime::{AdaptiveDraft, Mode, RuntimeParams, SpaSession, TapBits};
 use std::sync::Arc;
 
@@ -23,7 +23,7 @@ async fn speculative_rounds_equal_local_decoding() {
         GateMode::AlwaysBase,
     ] {
         let dev = Arc::new(common::device(gate, &prompt));
-        let want = generate_local(&w.base, &w.proj, &dev, &prompt, max_tokens, 32, &[]).unwrap();
+        let want = common::local(&dev, &prompt, max_tokens, RuntimeParams::default().tap_bits);
         assert_eq!(want.len(), max_tokens);
         let adaptive = Some(AdaptiveDraft { min: 2, max: 16 });
         for (k, adaptive_draft) in [(1u32, None), (4, None), (16, None), (8, adaptive)] {
@@ -99,28 +99,8 @@ async fn int4_taps_rounds_equal_local_decoding_at_half_the_bytes() {
         .unwrap();
     let max_tokens = 16;
     let dev = Arc::new(common::device(GateMode::AlwaysSide, &prompt));
-    let want = generate_local_with(
-        &w.base,
-        &w.proj,
-        &dev,
-        &prompt,
-        max_tokens,
-        32,
-        &[],
-        TapBits::Int4,
-    )
-    .unwrap();
-    let int8 = generate_local_with(
-        &w.base,
-        &w.proj,
-        &dev,
-        &prompt,
-        max_tokens,
-        32,
-        &[],
-        TapBits::Int8,
-    )
-    .unwrap();
+    let want = common::local(&dev, &prompt, max_tokens, TapBits::Int4);
+    let int8 = common::local(&dev, &prompt, max_tokens, TapBits::Int8);
     let mut bytes = Vec::new();
     for bits in [TapBits::Int4, TapBits::Int8] {
         let mut s = SpaSession::new(
@@ -200,7 +180,7 @@ async fn sampled_rounds_do_not_depend_on_k() {
     );
     let (b1, _) = run(1, 8).await;
     assert_ne!(a1, b1, "another seed should sample another text");
-    let greedy = generate_local(&w.base, &w.proj, &dev, &prompt, 20, 32, &[]).unwrap();
+    let greedy = common::local(&dev, &prompt, 20, RuntimeParams::default().tap_bits);
     assert_ne!(a1, greedy, "sampling at T=0.9 should differ from greedy");
     srv.shutdown().await;
 }

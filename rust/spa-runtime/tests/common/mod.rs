@@ -85,6 +85,37 @@ pub fn engine() -> Arc<dyn spa_server::BaseEngine> {
     .clone()
 }
 
+/// The local reference on the servers' engine ([`engine`]): plain token-by-token SPA decoding
+/// whose base forward passes run on a sequence of that engine, so that rounds through a server
+/// on llama.cpp are compared with llama.cpp's numerics, and rounds on candle with candle's (the
+/// same as `spa_runtime::reference::generate_local_with` over the in-process base).
+pub fn local(
+    dev: &DeviceModel,
+    prompt: &[u32],
+    max_tokens: usize,
+    bits: spa_runtime::TapBits,
+) -> Vec<u32> {
+    let w = world();
+    let e = engine();
+    let mut seq = e.new_sequence().unwrap();
+    let forward = |tokens: &[u32]| -> spa_model::Result<(spa_model::BaseOutput, Vec<f32>)> {
+        let mut o = e.forward(tokens, &mut *seq)?;
+        let logits = o.take_last_logits(&w.base)?;
+        Ok((o.base, logits))
+    };
+    spa_runtime::reference::generate_local_on(
+        forward,
+        &w.proj,
+        dev,
+        prompt,
+        max_tokens,
+        32,
+        &[],
+        bits,
+    )
+    .unwrap()
+}
+
 /// A server state over the test world on [`engine`].
 pub fn state(cfg: ServerConfig) -> AppState {
     let w = world();

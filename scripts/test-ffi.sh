@@ -139,10 +139,7 @@ record() {
 if [ "$run_kotlin" = 1 ]; then
 	echo "== ffi: Kotlin (JVM) =="
 	t0=$(date +%s)
-	KOTLIN_HOME="$SPA_HOME/tools/kotlin/node_modules/kotlin-compiler"
-	if [ ! -x "$KOTLIN_HOME/bin/kotlinc" ]; then
-		npm install --no-audit --no-fund --silent --prefix "$SPA_HOME/tools/kotlin" kotlin-compiler@2.4 >&2
-	fi
+	KOTLIN_HOME=$(bash scripts/ffi-tools.sh kotlin)
 	JNA=/usr/share/java/jna.jar
 	[ -f "$JNA" ] || { echo "missing $JNA (apt-get install libjna-java)" >&2; exit 3; }
 	CP="$JNA:$KOTLIN_HOME/lib/kotlinx-coroutines-core-jvm.jar"
@@ -184,7 +181,7 @@ fi
 if [ "$run_swift" = 1 ]; then
 	echo "== ffi: Swift (Linux, trixie chroot) =="
 	t0=$(date +%s)
-	ROOT=$(bash scripts/swift-chroot.sh)
+	ROOT=$(bash scripts/ffi-tools.sh swift)
 	D=/opt/spa-ffi-test
 	rm -rf "$ROOT$D" && mkdir -p "$ROOT$D/lib"
 	cp "$LIB" "$ROOT$D/lib/"

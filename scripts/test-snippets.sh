@@ -293,10 +293,7 @@ status=0
 if [ "$run_kotlin" = 1 ]; then
 	echo "== snippets: Kotlin (kotlinc) =="
 	# kotlinc and JNA as in scripts/test-ffi.sh.
-	KOTLIN_HOME="${KOTLIN_HOME:-$SPA_HOME/tools/kotlin/node_modules/kotlin-compiler}"
-	if [ ! -x "$KOTLIN_HOME/bin/kotlinc" ]; then
-		npm install --no-audit --no-fund --silent --prefix "$SPA_HOME/tools/kotlin" kotlin-compiler@2.4 >&2
-	fi
+	KOTLIN_HOME="${KOTLIN_HOME:-$(bash scripts/ffi-tools.sh kotlin)}"
 	JNA=/usr/share/java/jna.jar
 	[ -f "$JNA" ] || { echo "missing $JNA (apt-get install libjna-java)" >&2; exit 3; }
 	CP="$JNA:$KOTLIN_HOME/lib/kotlinx-coroutines-core-jvm.jar"

@@ -12,6 +12,11 @@ echo "== fetch assets (model, Gemma, BIG-bench tasks, personal text) =="
 bash scripts/fetch-assets.sh model gemma data personal
 lap assets
 
+# The bindings' compilers (kotlinc from npm, a Debian chroot with Swift: ~1.3 GB, mostly
+# downloads) are fetched while cargo compiles; the bindings' step waits for them.
+bash scripts/ffi-tools.sh all >/tmp/spa-ffi-tools.log 2>&1 &
+ffi_tools=$!
+
 echo "== cargo fmt --check =="
 cargo fmt --all -- --check
 lap fmt
@@ -31,6 +36,10 @@ SPA_ENGINE=llamacpp cargo test -p spa-server --features llamacpp 2>&1 | tee -a /
 lap "llama.cpp engine"
 
 echo "== mobile bindings: Kotlin (JVM) + Swift (Linux) =="
+# The background fetch must be done (test-ffi.sh would otherwise start a second one); if it
+# failed, say why: test-ffi.sh then tries once more itself.
+wait "$ffi_tools" || { echo "bindings' toolchain fetch failed:"; tail -20 /tmp/spa-ffi-tools.log; }
+lap "waiting for the bindings' toolchains"
 bash scripts/test-ffi.sh
 lap "Kotlin + Swift bindings"
 bash scripts/test-cross.sh # aarch64 tests under qemu, android/ios release staticlibs, packaging

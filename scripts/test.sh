@@ -29,10 +29,17 @@ echo "== cargo test =="
 cargo test --workspace 2>&1 | tee /tmp/spa-test.log
 lap "cargo test"
 
-echo "== llama.cpp base engine: agreement with candle, and the server suite on it =="
+echo "== llama.cpp base engine: agreement with candle, the server and runtime suites on it =="
 # Builds the vendored llama.cpp (cmake) and runs every spa-server test with its servers on the
 # llama.cpp engine (tests/common: SPA_ENGINE), plus tests/llamacpp_engine.rs (docs/serving.md).
 SPA_ENGINE=llamacpp cargo test -p spa-server --features llamacpp 2>&1 | tee -a /tmp/spa-test.log
+# The device runtime's suites against servers on llama.cpp, their local reference on llama.cpp
+# too (tests/common: `local`). One test at a time: llama.cpp's kernels depend on what else is in
+# the batch and the cache (docs/serving.md, "Exactness"), so a session's tokens are llama.cpp's
+# own only while it is alone on the server. The chaos test's concurrent lanes are that case
+# (they run on candle in `cargo test` above).
+SPA_ENGINE=llamacpp cargo test -p spa-runtime --features spa-server/llamacpp -- --test-threads=1 \
+	--skip randomized_faults_never_duplicate_or_lose_tokens 2>&1 | tee -a /tmp/spa-test.log
 lap "llama.cpp engine"
 
 echo "== mobile bindings: Kotlin (JVM) + Swift (Linux) =="

@@ -164,11 +164,12 @@ impl BaseEngine for CandleEngine {
 
 /// The engine `spa serve` runs by default: candle, also in builds with the `llamacpp` feature.
 /// llama.cpp is faster (82.9 against 48.9 tok/s of decode with taps, 85.3 against 71.6 tok/s at
-/// 32 sessions on a 2-core machine, docs/serving.md) but not batch-invariant and not the numerics
-/// of the device's local reference: the runtime's guarantees that speculative rounds give the
-/// tokens of local decoding and that a re-prefill after eviction continues with the same tokens
-/// hold only on candle (spa-runtime's equivalence, resilience and chaos suites fail on llama.cpp).
-/// Operators who want the speed ask for it with `--engine llamacpp`.
+/// 32 sessions on a 2-core machine, docs/serving.md) but not batch-invariant: the runtime's
+/// guarantees that speculative rounds give the tokens of local decoding on the same engine and
+/// that a re-prefill after eviction continues with the same tokens hold on llama.cpp only while a
+/// session is alone on the server (its kernels depend on the batch and the cache; spa-runtime's
+/// suites pass on it one test at a time), on candle under any load. Operators who want the speed
+/// ask for it with `--engine llamacpp`.
 pub const DEFAULT_ENGINE: &str = "candle";
 
 /// Engine names `engine_by_name` knows, in this build.
@@ -187,6 +188,17 @@ pub fn engine_by_name(
     kv_budget_bytes: usize,
 ) -> Result<Arc<dyn BaseEngine>> {
     engine_with(name, base, kv_budget_bytes, 0)
+}
+
+/// The engine named by the environment variable `SPA_ENGINE` (`candle` when unset), as the
+/// test suites choose the engine of their servers (`SPA_ENGINE=llamacpp cargo test ...` in a
+/// build with the `llamacpp` feature), with `kv_budget_bytes` of KV cache.
+pub fn engine_from_env(
+    base: &Arc<BaseModel>,
+    kv_budget_bytes: usize,
+) -> Result<Arc<dyn BaseEngine>> {
+    let name = std::env::var("SPA_ENGINE").unwrap_or_else(|_| "candle".into());
+    engine_by_name(&name, base, kv_budget_bytes)
 }
 
 /// [`engine_by_name`] with `gpu_layers` layers of the llama.cpp engine on a GPU (builds with

@@ -36,8 +36,8 @@ use std::time::Duration;
 
 pub use auth::Keys;
 pub use base_engine::{
-    engine_by_name, engine_with, BaseEngine, CandleEngine, EngineOutput, Sequence, DEFAULT_ENGINE,
-    ENGINES,
+    engine_by_name, engine_from_env, engine_with, BaseEngine, CandleEngine, EngineOutput, Sequence,
+    DEFAULT_ENGINE, ENGINES,
 };
 pub use engine::{run_step, run_step_with, StepError};
 pub use errors::ApiError;

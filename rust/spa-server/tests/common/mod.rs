@@ -56,10 +56,9 @@ pub fn config() -> ServerConfig {
 pub fn engine() -> Arc<dyn spa_server::BaseEngine> {
     static E: OnceLock<Arc<dyn spa_server::BaseEngine>> = OnceLock::new();
     E.get_or_init(|| {
-        let name = std::env::var("SPA_ENGINE").unwrap_or_else(|_| "candle".into());
         // 512 MiB of KV cache for every server of the process (the llama.cpp engine allocates
         // it up front).
-        spa_server::engine_by_name(&name, &world().base, 512 << 20).expect("SPA_ENGINE")
+        spa_server::engine_from_env(&world().base, 512 << 20).expect("SPA_ENGINE")
     })
     .clone()
 }

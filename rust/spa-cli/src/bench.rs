@@ -65,8 +65,9 @@ fn engine_speed(
     // Warm-up (first-call allocations), then prefill.
     fwd(&text[..8.min(text.len())], &mut engine.new_sequence()?)?;
     let mut s = engine.new_sequence()?;
+    // Prefill up to the first token's logits, as a server step needs them.
     let t = Instant::now();
-    fwd(text, &mut s)?;
+    next(fwd(text, &mut s)?)?;
     let prefill = text.len() as f64 / t.elapsed().as_secs_f64();
     drop(s);
     let mut s = engine.new_sequence()?;
@@ -223,8 +224,26 @@ pub fn model(a: ModelBenchArgs) -> Result<()> {
     };
     let shared = std::sync::Arc::new(base);
     let mut engine_rows = Vec::new();
+    let mut runs: Vec<(String, std::sync::Arc<dyn spa_server::BaseEngine>)> = Vec::new();
     for name in &engines {
         let e = spa_server::engine_with(name, &shared, 256 << 20, a.gpu_layers)?;
+        runs.push((name.clone(), e));
+        // The llama.cpp engine with the logits from the base's head over its final norm (the
+        // graph stopped there, `LlamaCppConfig::llama_head: false`), against the default
+        // (llama.cpp's own head) in the same run.
+        #[cfg(feature = "llamacpp")]
+        if name == "llamacpp" {
+            use spa_server::llamacpp::{LlamaCppConfig, LlamaCppEngine};
+            let cfg = LlamaCppConfig {
+                n_gpu_layers: a.gpu_layers,
+                llama_head: false,
+                ..LlamaCppConfig::for_budget(shared.config(), 256 << 20)
+            };
+            let e = LlamaCppEngine::load(shared.path(), shared.config(), &cfg)?;
+            runs.push(("llamacpp-base-head".into(), std::sync::Arc::new(e)));
+        }
+    }
+    for (name, e) in &runs {
         let (pf, dc) = engine_speed(
             e.as_ref(),
             &shared,

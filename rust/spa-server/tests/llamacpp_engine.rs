@@ -100,7 +100,7 @@ fn taps_and_drafts_agree_with_candle_on_real_text() {
     let (mut agree, mut max_diff, mut sum_diff, mut n_vals) = (0usize, 0f32, 0f64, 0usize);
     let (mut over_step, mut max_hidden) = (0usize, 0f32);
     for p in 0..1000 {
-        let out = forward(e, &ids[p..p + 1], &mut lseq);
+        let mut out = forward(e, &ids[p..p + 1], &mut lseq);
         let lz = w.proj.apply_taps(&out.base.taps).unwrap();
         for (lt, ct) in lz[0].iter().zip(&cz[p]) {
             // The wire's int8 step for this tap row (encode_i8_rows: scale = max|x| / 127).
@@ -124,7 +124,7 @@ fn taps_and_drafts_agree_with_candle_on_real_text() {
                 .last_logits(&cout.base.hidden.narrow(0, p, 1).unwrap())
                 .unwrap(),
         );
-        let ldraft = argmax(out.last_logits.as_ref().unwrap());
+        let ldraft = argmax(&out.take_last_logits(base).unwrap());
         agree += usize::from(cdraft == ldraft);
         let idraft = argmax(
             &base_i8
@@ -166,33 +166,65 @@ fn ids_of(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-/// The golden prompts (numpy float64 reference): llama.cpp's greedy tokens follow the reference
-/// for at least `GOLDEN_PREFIX` tokens (its CPU kernels quantize activations to 8 bits, so they
-/// part from the float64 reference where two candidates are close; the candle engine, f32
-/// activations, matches it exactly), and a sequence rebuilt by one prefill of prompt + output
-/// (re-prefill after eviction) continues with the tokens the one-by-one decode gave.
+/// The golden prompts (numpy float64 reference), teacher-forced: fed the reference's own
+/// greedy continuation one token at a time, llama.cpp ranks the reference's next token among its
+/// top 3 at every step, and where it prefers another one, only by a near tie; at the prompt's
+/// last positions its logits of the reference's top 5 are close to the reference's. (Its CPU kernels quantize
+/// activations to 8 bits, and which kernels run depends on the CPU's SIMD level, so a
+/// free-running greedy decode parts from the float64 reference wherever two candidates are
+/// close: after 3 to 8 tokens, depending on the machine. Teacher forcing checks every step
+/// without that cascade; the candle engine, f32 activations, matches the greedy tokens exactly.)
+/// Then a sequence rebuilt by one prefill of prompt + output (re-prefill after eviction)
+/// continues with the tokens llama.cpp's own one-by-one decode gave.
 #[test]
 fn golden_greedy_tokens_and_reprefill() {
     let _serial = serial();
-    const GOLDEN_PREFIX: usize = 5;
     let base = &common::world().base;
     let e = llama();
+    let (mut steps, mut first, mut worst_logit, mut worst_gap) = (0usize, 0usize, 0f32, 0f32);
     for p in golden()["prompts"].as_array().unwrap() {
         let ids = ids_of(&p["token_ids"]);
         let want = ids_of(&p["greedy"]["ids"]);
-        let got = greedy(e, base, &ids, want.len());
-        let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        // The prompt's last positions against the reference's top-5 logits.
+        for lp in p["last_positions"].as_array().unwrap() {
+            let pos = lp["position"].as_u64().unwrap() as usize;
+            let mut seq = e.new_sequence().unwrap();
+            let logits = forward(e, &ids[..=pos], &mut seq)
+                .take_last_logits(base)
+                .unwrap();
+            for t in lp["top5"].as_array().unwrap() {
+                let id = t["id"].as_u64().unwrap() as usize;
+                let d = (logits[id] - t["logit"].as_f64().unwrap() as f32).abs();
+                worst_logit = worst_logit.max(d);
+            }
+        }
+        // Teacher forcing over the reference's greedy continuation.
+        let mut seq = e.new_sequence().unwrap();
+        let mut out = forward(e, &ids, &mut seq);
+        let mut same = 0;
+        for (i, &t) in want.iter().enumerate() {
+            let logits = out.take_last_logits(base).unwrap();
+            let top = spa_model::top_k(&logits, 3);
+            assert!(
+                top.contains(&t),
+                "{:?} step {i}: the reference's {t} is not in llama.cpp's top 3 {top:?}",
+                p["prompt"]
+            );
+            same += usize::from(top[0] == t);
+            // Where llama.cpp prefers another token, it sees a near tie.
+            worst_gap = worst_gap.max(logits[top[0] as usize] - logits[t as usize]);
+            out = forward(e, &[t], &mut seq);
+        }
         eprintln!(
-            "{:?}: llama.cpp follows the float64 reference for {same}/{} greedy tokens",
+            "{:?}: llama.cpp's greedy choice is the float64 reference's at {same}/{} teacher-forced steps",
             p["prompt"],
             want.len()
         );
-        assert!(
-            same >= GOLDEN_PREFIX.min(want.len()),
-            "greedy ids for {:?}: {got:?} vs {want:?}",
-            p["prompt"]
-        );
-        // Re-prefill: prompt + the first half of the output in one call, then decode on.
+        steps += want.len();
+        first += same;
+        // Re-prefill: llama.cpp's own greedy output, rebuilt from prompt + its first half in
+        // one call, continues the same.
+        let got = greedy(e, base, &ids, want.len());
         let half = got.len() / 2;
         let mut seq = e.new_sequence().unwrap();
         let prefix: Vec<u32> = ids.iter().chain(&got[..half]).copied().collect();
@@ -205,6 +237,18 @@ fn golden_greedy_tokens_and_reprefill() {
         }
         assert_eq!(cont, got[half..], "re-prefilled {:?}", p["prompt"]);
     }
+    eprintln!(
+        "golden: the reference's token first at {first}/{steps} steps, at most {worst_gap:.3} \
+         below llama.cpp's first elsewhere; max |logit diff| over the reference's top 5 at the \
+         prompts' last positions {worst_logit:.3}"
+    );
+    // Measured on an AVX2 machine: 22/24 steps, gap 0.36, logit diff 0.70 (logits are ~15-25;
+    // a wrong layer or tensor moves them by several units).
+    assert!(
+        worst_gap < 1.0,
+        "llama.cpp prefers another token by {worst_gap}"
+    );
+    assert!(worst_logit < 1.5, "max |logit diff| {worst_logit}");
 }
 
 /// Several sequences advanced in one batch (different lengths, a truncation, a dropped one)
@@ -281,4 +325,72 @@ fn sequence_ids_run_out_cleanly_and_come_back() {
     // More positions than the KV cache holds: a typed error.
     let err = c.check_room(1100).unwrap_err().to_string();
     assert!(err.contains("1024"), "{err}");
+}
+
+/// `LlamaCppConfig::llama_head: false` stops llama.cpp's graph at the final norm and takes the
+/// logits from the base's head over it: no llama.cpp logits come back, the taps and final
+/// states are exactly those of the default engine (llama.cpp's own head), and the logits of both
+/// agree (the same greedy token, the top 10 and their values within llama.cpp's 8-bit
+/// activation rounding) on real text.
+#[test]
+fn base_head_over_llamacpp_norm_matches_llamacpp_head() {
+    let _serial = serial();
+    let base = &common::world().base;
+    let base_head = LlamaCppEngine::load(
+        base.path(),
+        base.config(),
+        &LlamaCppConfig {
+            kv_cells: 4096,
+            max_sessions: 4,
+            llama_head: false,
+            ..LlamaCppConfig::default()
+        },
+    )
+    .unwrap();
+    let ids = real_text_tokens(64);
+    let (mut s1, mut s2) = (
+        base_head.new_sequence().unwrap(),
+        llama().new_sequence().unwrap(),
+    );
+    let (mut worst, mut same_top, mut shared10, mut n) = (0f32, 0usize, 0usize, 0usize);
+    // A prompt, then token by token: every position's logits both ways.
+    let mut a = forward(&base_head, &ids[..16], &mut s1);
+    let mut b = forward(llama(), &ids[..16], &mut s2);
+    for t in 16..ids.len() {
+        assert!(
+            a.last_logits.is_none(),
+            "llama_head: false ran llama.cpp's head"
+        );
+        assert!(b.last_logits.is_some());
+        for (x, y) in a.base.taps.iter().zip(&b.base.taps) {
+            let d = (x - y).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "taps differ at {t}");
+        }
+        let la = a.take_last_logits(base).unwrap();
+        let lb = b.take_last_logits(base).unwrap();
+        let ta = spa_model::top_k(&la, 10);
+        let tb = spa_model::top_k(&lb, 10);
+        same_top += (ta[0] == tb[0]) as usize;
+        shared10 += ta.iter().filter(|i| tb.contains(i)).count();
+        for &i in &ta {
+            worst = worst.max((la[i as usize] - lb[i as usize]).abs());
+        }
+        n += 1;
+        a = forward(&base_head, &ids[t..t + 1], &mut s1);
+        b = forward(llama(), &ids[t..t + 1], &mut s2);
+    }
+    let overlap = shared10 as f64 / (10 * n) as f64;
+    eprintln!(
+        "base head vs llama.cpp head: same greedy token {same_top}/{n}, top-10 overlap {:.1} %, \
+         max |logit diff| in the top-10 {worst:.4}",
+        100.0 * overlap
+    );
+    // Measured: 48/48, 97.5 %, 0.20 (llama.cpp's head quantizes the norm to 8 bits).
+    assert!(
+        same_top + 1 >= n,
+        "greedy tokens differ at {} of {n}",
+        n - same_top
+    );
+    assert!(overlap >= 0.95, "top-10 overlap {overlap}");
+    assert!(worst < 0.5, "max |logit diff| {worst}");
 }

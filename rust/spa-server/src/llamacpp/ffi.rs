@@ -26,6 +26,8 @@ pub(crate) struct ContextParams {
     pub n_seq_max: u32,
     pub n_threads: i32,
     pub n_gpu_layers: i32,
+    /// Run llama.cpp's LM head; without it the graph stops after `result_norm`.
+    pub head: bool,
 }
 
 /// Tensors captured during one `llama_decode`: every layer's output (`l_out-<layer>`) and the
@@ -38,6 +40,9 @@ pub(crate) struct Capture {
     /// Set when a tensor could not be read (wrong type or layout): the decode's results are
     /// not used.
     pub error: Option<String>,
+    /// Stop the graph once `result_norm` is captured: the LM head (`result_output`, the last
+    /// node) is not computed.
+    pub stop_at_norm: bool,
 }
 
 impl Capture {
@@ -60,7 +65,10 @@ fn wanted(name: &[u8]) -> Option<Option<usize>> {
 }
 
 /// `ggml_backend_sched_eval_callback`: with `ask`, says whether `t` is wanted; without, copies
-/// a computed wanted tensor into the [`Capture`] at `user_data`. Always continues the graph.
+/// a computed wanted tensor into the [`Capture`] at `user_data`. Continues the graph, except
+/// after `result_norm` when [`Capture::stop_at_norm`] is set: returning false there ends the
+/// graph's computation (ggml's scheduler stops at that node; `llama_decode` still succeeds,
+/// and its logits buffer, never read then, holds whatever was there).
 unsafe extern "C" fn eval_callback(
     t: *mut sys::ggml_tensor,
     ask: bool,
@@ -99,7 +107,7 @@ unsafe extern "C" fn eval_callback(
     unsafe {
         sys::ggml_backend_tensor_get(t, dst[start..].as_mut_ptr() as *mut c_void, 0, n * 4);
     }
-    true
+    !(which.is_none() && cap.stop_at_norm)
 }
 
 /// llama.cpp's log lines go to the `log` crate (debug; warnings and errors as such).
@@ -221,6 +229,7 @@ impl Context {
         let batch = unsafe { sys::llama_batch_init(p.n_batch as i32, 0, 1) };
         let n_layer = n_layer.max(0) as usize;
         capture.reset(n_layer);
+        capture.stop_at_norm = !p.head;
         Ok(Self {
             model,
             ctx,
@@ -251,7 +260,8 @@ impl Context {
 
     /// Decodes `tokens` (`(token, position, sequence)`, at most [`Context::n_batch`]), every
     /// one an output; returns the captured taps and norms (one row per token, in order) and
-    /// the logits of the positions in `logits_of` (indices into `tokens`).
+    /// the logits of the positions in `logits_of` (indices into `tokens`), or no logits at all
+    /// when the context runs without its LM head ([`ContextParams::head`]).
     pub fn decode(
         &mut self,
         tokens: &[(u32, usize, i32)],
@@ -301,6 +311,9 @@ impl Context {
             )));
         }
         let mut logits = Vec::with_capacity(logits_of.len());
+        if self.capture.stop_at_norm {
+            return Ok((&self.capture, logits));
+        }
         for &i in logits_of {
             // SAFETY: every token was an output; i < tokens.len(); the row has n_vocab floats
             // and stays valid until the next decode (we copy it out now).

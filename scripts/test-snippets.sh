@@ -315,7 +315,7 @@ if [ "$run_swift" = 1 ]; then
 	echo "== snippets: Swift (swiftc -typecheck, Swift 6 language mode) =="
 	R=${SWIFT_ROOT:-$SPA_HOME/swift-root}
 	if mountpoint -q "$R/proc" 2>/dev/null; then had_proc=1; else had_proc=0; fi
-	ROOT=$(bash scripts/swift-chroot.sh)
+	ROOT=$(bash scripts/ffi-tools.sh swift)
 	[ "$had_proc" = 1 ] || unmount_proc=1
 	SD=$(mktemp -d "$ROOT/opt/spa-snippets.XXXXXX")
 	SD=${SD#"$ROOT"}

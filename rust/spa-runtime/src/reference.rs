@@ -1,6 +1,7 @@
-//! The local reference: plain token-by-token SPA decoding with the base in-process and the same
-//! side network, wire quantization and decision rule as the speculative runtime. Used to check
-//! that speculative rounds (any K) produce exactly the same tokens.
+//! The local reference: plain token-by-token SPA decoding with the same side network, wire
+//! quantization and decision rule as the speculative runtime, over the base in-process
+//! ([`generate_local`]) or any engine's forward pass ([`generate_local_on`]). Used to check that
+//! speculative rounds (any K) produce exactly the same tokens.
 
 use crate::device::DeviceModel;
 use crate::error::Result;

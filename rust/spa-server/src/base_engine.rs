@@ -168,7 +168,8 @@ impl BaseEngine for CandleEngine {
 /// guarantees that speculative rounds give the tokens of local decoding on the same engine and
 /// that a re-prefill after eviction continues with the same tokens hold on llama.cpp only while a
 /// session is alone on the server (its kernels depend on the batch and the cache; spa-runtime's
-/// suites pass on it one test at a time), on candle under any load. Operators who want the speed
+/// suites pass on it one test at a time, all but the two that run sessions side by side: chaos
+/// lanes and eviction), on candle under any load. Operators who want the speed
 /// ask for it with `--engine llamacpp`.
 pub const DEFAULT_ENGINE: &str = "candle";
 

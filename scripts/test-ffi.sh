@@ -74,7 +74,8 @@ open(sys.argv[2], "w", encoding="utf-8").write("".join(out))
 PY
 
 echo "== ffi: build libspa_ffi + uniffi-bindgen + spa (debug) =="
-# One invocation, so both share one feature resolution (and one set of dependency builds).
+# One invocation, so both share one feature resolution (and one set of dependency builds): the
+# features of scripts/test.sh's `cargo test`, so after it only these three are compiled here.
 cargo build -q -p spa-ffi -p spa-cli --features spa-ffi/bindgen
 LIB="$TARGET/debug/libspa_ffi.so"
 BINDGEN="$TARGET/debug/uniffi-bindgen"

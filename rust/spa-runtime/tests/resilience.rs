@@ -620,16 +620,37 @@ async fn eviction_is_transparently_reprefilled() {
         clean_a.stats.rounds,
         clean_b.stats.rounds
     );
-    assert_eq!(ra.tokens, clean_a.tokens);
-    assert_eq!(rb.tokens, clean_b.tokens);
     assert!(evictions >= 1);
     assert!(ra.stats.reprefills + rb.stats.reprefills >= 1);
-    // A re-prefill round decides the same draft positions as the round it replaces (the
-    // request that found the session gone is not a round), so the round count is unchanged.
-    assert_eq!(
-        ra.stats.rounds + rb.stats.rounds,
-        clean_a.stats.rounds + clean_b.stats.rounds
-    );
+    // `run` checked that every token was streamed once and the history has no gap.
+    if common::engine().batch_invariant() {
+        assert_eq!(ra.tokens, clean_a.tokens);
+        assert_eq!(rb.tokens, clean_b.tokens);
+        // A re-prefill round decides the same draft positions as the round it replaces (the
+        // request that found the session gone is not a round), so the round count is unchanged.
+        assert_eq!(
+            ra.stats.rounds + rb.stats.rounds,
+            clean_a.stats.rounds + clean_b.stats.rounds
+        );
+    } else {
+        // llama.cpp: two sessions side by side, each re-prefilled in one batch, are computed
+        // by other kernels than a lone run's rounds (docs/serving.md, "Exactness"), so a near
+        // tie can go the other way (CI's machine: after 17 tokens). Still SPA decoding: both
+        // runs complete, each with as many tokens as asked unless its own text ended.
+        for (r, clean) in [(&ra, &clean_a), (&rb, &clean_b)] {
+            let same = r
+                .tokens
+                .iter()
+                .zip(&clean.tokens)
+                .take_while(|(a, b)| a == b);
+            eprintln!(
+                "  llama.cpp: {} of {} tokens as alone",
+                same.count(),
+                clean.tokens.len()
+            );
+            assert!(!r.tokens.is_empty() && r.tokens.len() <= params().max_tokens);
+        }
+    }
     bounded("server shutdown", srv.shutdown()).await;
 }
 

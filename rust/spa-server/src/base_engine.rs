@@ -100,6 +100,14 @@ impl EngineOutput {
 pub trait BaseEngine: Send + Sync {
     /// Short name (`candle`, `llamacpp`), as `spa serve --engine` takes it.
     fn name(&self) -> &'static str;
+    /// Whether a position's outputs depend only on its sequence's tokens, not on what else is
+    /// in the batch or the cache, nor on how the sequence was split into steps (a re-prefill
+    /// in one batch gives the numbers its rounds gave). Then every guarantee of the device
+    /// runtime is exact under any load (docs/serving.md, "Exactness"): `true` for candle,
+    /// `false` (the default) for llama.cpp and any engine that has not shown it.
+    fn batch_invariant(&self) -> bool {
+        false
+    }
     /// A new, empty sequence.
     fn new_sequence(&self) -> Result<Box<dyn Sequence>>;
     /// Advances each sequence by its tokens (all non-empty, ids valid, room checked by the
@@ -135,6 +143,10 @@ impl BaseEngine for CandleEngine {
         "candle"
     }
 
+    fn batch_invariant(&self) -> bool {
+        true
+    }
+
     fn new_sequence(&self) -> Result<Box<dyn Sequence>> {
         Ok(Box::new(self.base.new_cache()))
     }
@@ -168,8 +180,8 @@ impl BaseEngine for CandleEngine {
 /// guarantees that speculative rounds give the tokens of local decoding on the same engine and
 /// that a re-prefill after eviction continues with the same tokens hold on llama.cpp only while a
 /// session is alone on the server (its kernels depend on the batch and the cache; spa-runtime's
-/// suites pass on it one test at a time, all but the two that run sessions side by side: chaos
-/// lanes and eviction), on candle under any load. Operators who want the speed
+/// suites pass on it one test at a time, comparing tokens in all but the two that run sessions
+/// side by side; see [`BaseEngine::batch_invariant`]), on candle under any load. Operators who want the speed
 /// ask for it with `--engine llamacpp`.
 pub const DEFAULT_ENGINE: &str = "candle";
 

@@ -181,8 +181,8 @@ impl BaseEngine for CandleEngine {
 /// that a re-prefill after eviction continues with the same tokens hold on llama.cpp only while a
 /// session is alone on the server (its kernels depend on the batch and the cache; spa-runtime's
 /// suites pass on it one test at a time, comparing tokens in all but the two that run sessions
-/// side by side; see [`BaseEngine::batch_invariant`]), on candle under any load. Operators who want the speed
-/// ask for it with `--engine llamacpp`.
+/// side by side; see [`BaseEngine::batch_invariant`]), on candle under any load. Operators who
+/// want the speed ask for it with `--engine llamacpp`.
 pub const DEFAULT_ENGINE: &str = "candle";
 
 /// Engine names `engine_by_name` knows, in this build.
